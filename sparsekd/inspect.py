@@ -1,0 +1,217 @@
+"""`sparsekd inspect`: what is in a cache, whether it is intact, and what it looks like.
+
+- `cache_stats(cache)`: one pass over every shard; the JSON keys of `inspect --json`.
+- `verify_cache(path)`: every problem found (schema, checksums, row and token counts,
+  metadata, shards missing from disk or from the manifest), as a list of one-line messages.
+- `plot_cache(cache, png)`: histograms of teacher NLL, tail mass and support size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from sparsekd.schemas import format as F
+from sparsekd.schemas.cache import Cache, open_cache
+from sparsekd.schemas.manifest import MANIFEST, CacheError, read_json, sha256_file
+
+
+def _position_arrays(cache: Cache, max_positions: int | None = None):
+    """Yield per-sequence (nll [L], mass [L], support [L], top1_hit [L])."""
+    seen = 0
+    for seq in cache:
+        offsets, ids, probs = seq.targets()
+        L = len(seq.input_ids)
+        pos = np.repeat(np.arange(L), seq.support_size)
+        mass = np.bincount(pos, weights=probs, minlength=L)
+        # The most likely stored id of each position: sort by (position, -prob).
+        order = np.lexsort((-probs, pos))
+        first = offsets[:-1][seq.support_size > 0]
+        top1 = np.full(L, -1, dtype=np.int64)
+        top1[seq.support_size > 0] = ids[order[first]]
+        yield -seq.token_logprobs, mass, seq.support_size, top1 == seq.labels
+        seen += L
+        if max_positions is not None and seen >= max_positions:
+            return
+
+
+def cache_stats(cache: Cache) -> dict:
+    n = 0
+    nll_sum = mass_sum = support_sum = top1_sum = 0.0
+    for nll, mass, support, hit in _position_arrays(cache):
+        n += len(nll)
+        nll_sum += float(nll.sum())
+        mass_sum += float(mass.sum())
+        support_sum += float(support.sum())
+        top1_sum += float(hit.sum())
+    m = cache.manifest
+    meta = cache.meta
+    n = max(n, 1)
+    return {
+        "mode": meta["mode"],
+        "k": meta.get("k"),
+        "sequences": m["num_sequences"],
+        "tokens": m["num_tokens"],
+        "shards": len(cache.shards),
+        "bytes": m["bytes"],
+        "bytes_per_token": m["bytes"] / max(m["num_tokens"], 1),
+        "mean_support": support_sum / n,
+        "teacher_nll": nll_sum / n,
+        "tail_mass": 1.0 - mass_sum / n,
+        "top1_agreement": top1_sum / n,
+        "teacher": meta["teacher"],
+        "tokenizer_hash": meta["tokenizer_hash"],
+        "vocab_size": meta["vocab_size"],
+        "seq_len": meta["seq_len"],
+        "engine": meta["engine"],
+        "bad_lines": m.get("bad_lines"),
+    }
+
+
+def format_stats(s: dict, path: str) -> str:
+    lines = [
+        f"sparsekd cache {path}",
+        f"  mode {s['mode']}, K = {s['k']}, teacher {s['teacher']} (engine {s['engine']}), "
+        f"vocab {s['vocab_size']}, seq_len {s['seq_len']}",
+        f"  {s['sequences']} sequences, {s['tokens']} tokens in {s['shards']} shards, "
+        f"{s['bytes'] / 1e6:.2f} MB = {s['bytes_per_token']:.2f} bytes/token",
+        f"  stored ids per position {s['mean_support']:.2f}, tail mass outside them "
+        f"{s['tail_mass']:.4f}",
+        f"  teacher NLL of the data {s['teacher_nll']:.4f} nats/token, top-1 = next token "
+        f"{100 * s['top1_agreement']:.2f} %",
+        f"  tokenizer {s['tokenizer_hash'][:16]}",
+    ]
+    if s.get("bad_lines"):
+        lines.append(f"  corpus lines skipped as malformed: {s['bad_lines']}")
+    return "\n".join(lines)
+
+
+def _verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
+    problems = []
+    name = entry["file"]
+    meta = manifest["meta"]
+    L = int(meta["seq_len"])
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        problems.append(f"{name}: size {size} bytes, manifest says {entry['bytes']} (truncated?)")
+    if sha256_file(path) != entry["sha256"]:
+        problems.append(f"{name}: checksum mismatch (file changed or corrupted)")
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+        expected = F.arrow_schema(meta["mode"])
+        if not schema.remove_metadata().equals(expected):
+            problems.append(f"{name}: schema differs from the {meta['mode']} shard schema")
+        md = (schema.metadata or {}).get(F.META_KEY)
+        if md is None:
+            problems.append(f"{name}: no sparsekd metadata")
+        else:
+            import json
+
+            sm = json.loads(md)
+            if sm.get("fingerprint") != manifest["fingerprint"]:
+                problems.append(f"{name}: metadata fingerprint differs from the manifest's")
+            if sm.get("unit") != entry["unit"]:
+                problems.append(f"{name}: metadata unit {sm.get('unit')} != {entry['unit']}")
+        if pf.metadata.num_rows != entry["rows"]:
+            problems.append(f"{name}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
+        table = pf.read()
+    except Exception as e:  # any decode failure is a finding, not a crash
+        problems.append(f"{name}: unreadable Parquet ({type(e).__name__}: {str(e)[:120]})")
+        return problems
+
+    def lens(col):
+        return np.diff(table.column(col).combine_chunks().offsets.to_numpy())
+
+    seq = table.column(F.COL_SEQ_ID).to_numpy()
+    if not np.array_equal(seq, np.arange(entry["first_seq"], entry["first_seq"] + len(seq))):
+        problems.append(f"{name}: seq_id not consecutive from {entry['first_seq']}")
+    for col in (F.COL_INPUT_IDS, F.COL_TOKEN_LOGPROB, F.COL_SUPPORT_SIZE):
+        if np.any(lens(col) != L):
+            problems.append(f"{name}: {col} rows are not {L} long")
+    support = table.column(F.COL_SUPPORT_SIZE).combine_chunks().values.to_numpy()
+    per_row = np.add.reduceat(support.astype(np.int64), np.arange(0, len(support), L)) \
+        if len(support) else np.zeros(0, np.int64)
+    if not np.array_equal(lens(F.COL_IDS), per_row) or not np.array_equal(
+        lens(F.COL_LOGPROBS), per_row
+    ):
+        problems.append(f"{name}: ids/logprobs lengths do not match support_size")
+    ids = table.column(F.COL_IDS).combine_chunks().values.to_numpy()
+    if len(ids) and (ids.min() < 0 or ids.max() >= int(meta["vocab_size"])):
+        problems.append(f"{name}: ids outside the vocabulary [0, {meta['vocab_size']})")
+    if len(seq) * L != entry["tokens"]:
+        problems.append(f"{name}: {len(seq) * L} tokens, manifest says {entry['tokens']}")
+    return problems
+
+
+def verify_cache(path: str | os.PathLike) -> list[str]:
+    """Every problem found in the cache at `path` (empty when it is intact)."""
+    p = Path(path)
+    if not (p / MANIFEST).exists():
+        try:
+            open_cache(p)
+        except CacheError as e:
+            return [str(e)]
+    try:
+        manifest = read_json(p / MANIFEST, "manifest")
+        open_cache(p)
+    except CacheError as e:
+        return [str(e)]
+    problems = []
+    listed = {e["file"] for e in manifest["shards"]}
+    for entry in manifest["shards"]:
+        sp = p / entry["file"]
+        if not sp.exists():
+            problems.append(f"{entry['file']}: listed in the manifest but missing on disk")
+            continue
+        problems.extend(_verify_shard(sp, entry, manifest))
+    for f in sorted(p.glob("shard-*.parquet")):
+        if f.name not in listed:
+            problems.append(f"{f.name}: on disk but not in the manifest")
+    rows = sum(e["rows"] for e in manifest["shards"])
+    if rows != manifest["num_sequences"]:
+        problems.append(f"manifest: shards hold {rows} rows, num_sequences says "
+                        f"{manifest['num_sequences']}")
+    expect = 0
+    for e in sorted(manifest["shards"], key=lambda e: e["first_seq"]):
+        if e["first_seq"] != expect:
+            problems.append(f"manifest: sequences {expect}..{e['first_seq'] - 1} are in no shard")
+        expect = e["first_seq"] + e["rows"]
+    tokens = sum(e["tokens"] for e in manifest["shards"])
+    if tokens != manifest["num_tokens"]:
+        problems.append(f"manifest: shards hold {tokens} tokens, num_tokens says "
+                        f"{manifest['num_tokens']}")
+    return problems
+
+
+def plot_cache(cache: Cache, png: str | os.PathLike, max_positions: int = 2_000_000) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nll, mass, support = [], [], []
+    for a, b, c, _ in _position_arrays(cache, max_positions):
+        nll.append(a)
+        mass.append(b)
+        support.append(c)
+    nll, mass, support = map(np.concatenate, (nll, mass, support))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].hist(nll, bins=60, color="#3b6ea8")
+    axes[0].set(title=f"teacher NLL of the next token (mean {nll.mean():.3f})",
+                xlabel="-log p (nats)", ylabel="positions")
+    axes[1].hist(1.0 - mass, bins=60, color="#c05a3c")
+    axes[1].set(title=f"tail mass outside the stored ids (mean {1 - mass.mean():.3f})",
+                xlabel="1 - sum p", ylabel="positions")
+    axes[2].hist(support, bins=np.arange(support.min(), support.max() + 2) - 0.5,
+                 color="#5a9a5a")
+    axes[2].set(title=f"stored ids per position (mean {support.mean():.2f})",
+                xlabel="ids", ylabel="positions")
+    fig.suptitle(f"{cache.path} ({cache.meta['mode']}, teacher {cache.meta['teacher']}, "
+                 f"{len(nll)} positions)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
