@@ -55,12 +55,16 @@ def encode(name: str, ids_NLK, lp_NLK, tok_lp_NL, input_ids_NL) -> int:
         cols["logprobs"] = _lists(F.quantize_logprobs(lp), n, pa.uint16())
         cols["token_logprob"] = _lists(F.quantize_logprobs(tok_lp_NL.reshape(-1)), n, pa.uint16())
     if "parquet-delta" in name:
-        opts["column_encoding"] = {"ids.list.element": "DELTA_BINARY_PACKED",
-                                   "input_ids.list.element": "DELTA_BINARY_PACKED"}
+        opts["column_encoding"] = {
+            "ids.list.element": "DELTA_BINARY_PACKED",
+            "input_ids.list.element": "DELTA_BINARY_PACKED",
+        }
     if "bss" in name:
-        opts["column_encoding"] = {"ids.list.element": "BYTE_STREAM_SPLIT",
-                                   "logprobs.list.element": "BYTE_STREAM_SPLIT",
-                                   "token_logprob.list.element": "BYTE_STREAM_SPLIT"}
+        opts["column_encoding"] = {
+            "ids.list.element": "BYTE_STREAM_SPLIT",
+            "logprobs.list.element": "BYTE_STREAM_SPLIT",
+            "token_logprob.list.element": "BYTE_STREAM_SPLIT",
+        }
     if "zstd3" in name:
         opts["compression_level"] = 3
     if "dict" in name:
@@ -94,8 +98,11 @@ def main():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.teacher)
-    seqs = list(pack_sequences(CorpusConfig(seq_len=args.seq_len, max_sequences=args.sequences),
-                               tok, tok.eos_token_id))
+    seqs = list(
+        pack_sequences(
+            CorpusConfig(seq_len=args.seq_len, max_sequences=args.sequences), tok, tok.eos_token_id
+        )
+    )
     engine = HfEngine(TeacherConfig(path=args.teacher, engine="hf"), k=64, seq_len=args.seq_len)
     tb = engine.run([s[1] for s in seqs], [s[2] for s in seqs])
     ids64 = np.stack(tb.topk_ids)
@@ -119,24 +126,29 @@ def main():
     qerr = np.abs(F.dequantize_logprobs(F.quantize_logprobs(lp64)) - lp64).max()
     f16err = np.abs(lp64.astype(np.float16).astype(np.float32) - lp64).max()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    lines = [
-        "# Shard encodings: bytes per token (SmolLM2-135M-Instruct, built-in corpus)",
-        "",
-        f"{args.sequences} sequences x {args.seq_len} tokens = {tokens} tokens; every variant "
-        "stores input_ids, token log-prob, ids and log-probs; written with pyarrow "
-        f"{pa.__version__} on {platform.machine()} ({platform.python_version()}), commit "
-        f"{commit}. Command: `python benchmarks/bench_encodings.py --teacher teacher/`.",
-        "",
-        "| K | encoding | bytes/token |",
-        "|---|---|---|",
-    ] + [f"| {k} | {name} | {bpt:.2f} |" for k, name, bpt in rows] + [
-        "",
-        f"Max abs log-prob error: uint16 fixed point (1/{int(F.LOGPROB_SCALE)}) {qerr:.2e}; "
-        f"float16 {f16err:.2e}.",
-        "",
-    ]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    lines = (
+        [
+            "# Shard encodings: bytes per token (SmolLM2-135M-Instruct, built-in corpus)",
+            "",
+            f"{args.sequences} sequences x {args.seq_len} tokens = {tokens} tokens; every variant "
+            "stores input_ids, token log-prob, ids and log-probs; written with pyarrow "
+            f"{pa.__version__} on {platform.machine()} ({platform.python_version()}), commit "
+            f"{commit}. Command: `python benchmarks/bench_encodings.py --teacher teacher/`.",
+            "",
+            "| K | encoding | bytes/token |",
+            "|---|---|---|",
+        ]
+        + [f"| {k} | {name} | {bpt:.2f} |" for k, name, bpt in rows]
+        + [
+            "",
+            f"Max abs log-prob error: uint16 fixed point (1/{int(F.LOGPROB_SCALE)}) {qerr:.2e}; "
+            f"float16 {f16err:.2e}.",
+            "",
+        ]
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))

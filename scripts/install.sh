@@ -5,7 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-pip_() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+export PIP_ROOT_USER_ACTION=ignore
+# pip warns once per package about this machine's local index folders; show the rest.
+pip_() {
+  local log rc=0
+  log=$(mktemp)
+  "$PY" -m pip install --disable-pip-version-check -q "$@" >"$log" 2>&1 || rc=$?
+  grep -v "is ignored: it is neither" "$log" >&2 || true
+  rm -f "$log"
+  return "$rc"
+}
 
 # 1. CPU torch first, so nothing later resolves torch to a multi-GB CUDA build.
 pip_ "torch==2.13.0"

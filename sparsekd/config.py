@@ -67,7 +67,8 @@ def build(cls, values: dict, where: str = ""):
     unknown = set(values) - set(fields)
     if unknown:
         raise ValueError(
-            f"unknown config key {where}{sorted(unknown)[0]!r}; allowed: {', '.join(sorted(fields))}"
+            f"unknown config key {where}{sorted(unknown)[0]!r}; "
+            f"allowed: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, value in values.items():
@@ -85,8 +86,9 @@ def resolve(cls, flags: dict, config_file: str | None, sets) -> object:
     """defaults < YAML < flags (None means 'not given') < --set."""
 
     def drop_none(d):
-        return {k: drop_none(v) if isinstance(v, dict) else v
-                for k, v in d.items() if v is not None}
+        return {
+            k: drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None
+        }
 
     values = _merge(_merge(load_yaml(config_file), drop_none(flags)), parse_sets(sets))
     return build(cls, values)

@@ -15,7 +15,12 @@ import click
 
 
 def run_demo(out: Path, *, quick: bool = False, engine: str = "vllm") -> dict:
-    from sparsekd.cache_builder.build import BuildConfig, EncoderConfig, WriterConfig, format_summary
+    from sparsekd.cache_builder.build import (
+        BuildConfig,
+        EncoderConfig,
+        WriterConfig,
+        format_summary,
+    )
     from sparsekd.cache_builder.build import run as build_cache
     from sparsekd.cache_builder.corpus import CorpusConfig
     from sparsekd.cache_builder.engines import TeacherConfig
@@ -33,8 +38,10 @@ def run_demo(out: Path, *, quick: bool = False, engine: str = "vllm") -> dict:
     timings["prepare_teacher_s"] = round(time.perf_counter() - t, 1)
 
     seq_len, n_seq = (128, 24) if quick else (256, 128)
-    click.echo(f"[2/3] building a top-K cache (K = 12, {n_seq} sequences x {seq_len} tokens, "
-               f"engine {engine}) ...")
+    click.echo(
+        f"[2/3] building a top-K cache (K = 12, {n_seq} sequences x {seq_len} tokens, "
+        f"engine {engine}) ..."
+    )
     t = time.perf_counter()
     cfg = BuildConfig(
         teacher=TeacherConfig(path=str(teacher), engine=engine),

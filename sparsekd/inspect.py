@@ -133,8 +133,11 @@ def _verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
         if np.any(lens(col) != L):
             problems.append(f"{name}: {col} rows are not {L} long")
     support = table.column(F.COL_SUPPORT_SIZE).combine_chunks().values.to_numpy()
-    per_row = np.add.reduceat(support.astype(np.int64), np.arange(0, len(support), L)) \
-        if len(support) else np.zeros(0, np.int64)
+    per_row = (
+        np.add.reduceat(support.astype(np.int64), np.arange(0, len(support), L))
+        if len(support)
+        else np.zeros(0, np.int64)
+    )
     if not np.array_equal(lens(F.COL_IDS), per_row) or not np.array_equal(
         lens(F.COL_LOGPROBS), per_row
     ):
@@ -173,8 +176,9 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
             problems.append(f"{f.name}: on disk but not in the manifest")
     rows = sum(e["rows"] for e in manifest["shards"])
     if rows != manifest["num_sequences"]:
-        problems.append(f"manifest: shards hold {rows} rows, num_sequences says "
-                        f"{manifest['num_sequences']}")
+        problems.append(
+            f"manifest: shards hold {rows} rows, num_sequences says {manifest['num_sequences']}"
+        )
     expect = 0
     for e in sorted(manifest["shards"], key=lambda e: e["first_seq"]):
         if e["first_seq"] != expect:
@@ -182,8 +186,9 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
         expect = e["first_seq"] + e["rows"]
     tokens = sum(e["tokens"] for e in manifest["shards"])
     if tokens != manifest["num_tokens"]:
-        problems.append(f"manifest: shards hold {tokens} tokens, num_tokens says "
-                        f"{manifest['num_tokens']}")
+        problems.append(
+            f"manifest: shards hold {tokens} tokens, num_tokens says {manifest['num_tokens']}"
+        )
     return problems
 
 
@@ -201,17 +206,27 @@ def plot_cache(cache: Cache, png: str | os.PathLike, max_positions: int = 2_000_
     nll, mass, support = map(np.concatenate, (nll, mass, support))
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].hist(nll, bins=60, color="#3b6ea8")
-    axes[0].set(title=f"teacher NLL of the next token (mean {nll.mean():.3f})",
-                xlabel="-log p (nats)", ylabel="positions")
+    axes[0].set(
+        title=f"teacher NLL of the next token (mean {nll.mean():.3f})",
+        xlabel="-log p (nats)",
+        ylabel="positions",
+    )
     axes[1].hist(1.0 - mass, bins=60, color="#c05a3c")
-    axes[1].set(title=f"tail mass outside the stored ids (mean {1 - mass.mean():.3f})",
-                xlabel="1 - sum p", ylabel="positions")
-    axes[2].hist(support, bins=np.arange(support.min(), support.max() + 2) - 0.5,
-                 color="#5a9a5a")
-    axes[2].set(title=f"stored ids per position (mean {support.mean():.2f})",
-                xlabel="ids", ylabel="positions")
-    fig.suptitle(f"{cache.path} ({cache.meta['mode']}, teacher {cache.meta['teacher']}, "
-                 f"{len(nll)} positions)")
+    axes[1].set(
+        title=f"tail mass outside the stored ids (mean {1 - mass.mean():.3f})",
+        xlabel="1 - sum p",
+        ylabel="positions",
+    )
+    axes[2].hist(support, bins=np.arange(support.min(), support.max() + 2) - 0.5, color="#5a9a5a")
+    axes[2].set(
+        title=f"stored ids per position (mean {support.mean():.2f})",
+        xlabel="ids",
+        ylabel="positions",
+    )
+    fig.suptitle(
+        f"{cache.path} ({cache.meta['mode']}, teacher {cache.meta['teacher']}, "
+        f"{len(nll)} positions)"
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

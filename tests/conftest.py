@@ -32,9 +32,17 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
-        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.float32)
@@ -51,7 +59,11 @@ def run_cli(*args, check: bool = False, timeout: int = 600, **kw) -> subprocess.
     env = {**os.environ, **kw.pop("env", {})}
     proc = subprocess.run(
         [sys.executable, "-m", "sparsekd", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env, **kw,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kw,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"sparsekd {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
@@ -72,11 +84,13 @@ def hf_topk_cache(tmp_path_factory, smollm2_dir) -> Path:
     from sparsekd.cache_builder.engines import TeacherConfig
 
     out = tmp_path_factory.mktemp("caches") / "hf-topk"
-    run(BuildConfig(
-        teacher=TeacherConfig(path=str(smollm2_dir), engine="hf"),
-        corpus=CorpusConfig(seq_len=64, max_sequences=10),
-        encoder=EncoderConfig(mode="topk", k=8),
-        writer=WriterConfig(out=str(out), shard_sequences=4),
-        progress=False,
-    ))
+    run(
+        BuildConfig(
+            teacher=TeacherConfig(path=str(smollm2_dir), engine="hf"),
+            corpus=CorpusConfig(seq_len=64, max_sequences=10),
+            encoder=EncoderConfig(mode="topk", k=8),
+            writer=WriterConfig(out=str(out), shard_sequences=4),
+            progress=False,
+        )
+    )
     return out

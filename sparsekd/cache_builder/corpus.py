@@ -37,16 +37,82 @@ DEFAULT_CORPUS = "builtin:stdlib-docs"
 
 # Pure-Python modules with long, natural-English docstrings; fixed order for determinism.
 _STDLIB_DOC_MODULES = (
-    "argparse", "asyncio.events", "base64", "bisect", "calendar", "collections", "configparser",
-    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message",
-    "enum", "fileinput", "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext",
-    "glob", "gzip", "heapq", "hmac", "html.parser", "http.client", "http.server", "imaplib",
-    "inspect", "ipaddress", "json", "locale", "logging", "mailbox", "netrc", "numbers",
-    "optparse", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "sched",
-    "selectors", "shelve", "shlex", "shutil", "smtplib", "socketserver", "statistics",
-    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit",
-    "tokenize", "trace", "traceback", "turtle", "typing", "unittest.case", "urllib.parse",
-    "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom", "zipfile",
+    "argparse",
+    "asyncio.events",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email.message",
+    "enum",
+    "fileinput",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "getopt",
+    "gettext",
+    "glob",
+    "gzip",
+    "heapq",
+    "hmac",
+    "html.parser",
+    "http.client",
+    "http.server",
+    "imaplib",
+    "inspect",
+    "ipaddress",
+    "json",
+    "locale",
+    "logging",
+    "mailbox",
+    "netrc",
+    "numbers",
+    "optparse",
+    "os",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "smtplib",
+    "socketserver",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "traceback",
+    "turtle",
+    "typing",
+    "unittest.case",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "xml.dom.minidom",
+    "zipfile",
 )
 
 
@@ -93,9 +159,7 @@ def resolve_inputs(paths: tuple[str, ...]) -> list[str]:
             files.append(p)
             continue
         if os.path.isdir(p):
-            found = sorted(
-                str(f) for f in Path(p).rglob("*") if f.is_file() and _suffix(str(f))
-            )
+            found = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and _suffix(str(f)))
             if not found:
                 raise CorpusError(f"corpus directory {p} holds no {'/'.join(SUFFIXES)} file")
             files.extend(found)
@@ -226,7 +290,10 @@ def corpus_fingerprint(cfg: CorpusConfig) -> str:
 
 
 def pack_sequences(
-    cfg: CorpusConfig, tokenizer, eos_id: int, stats: CorpusStats | None = None,
+    cfg: CorpusConfig,
+    tokenizer,
+    eos_id: int,
+    stats: CorpusStats | None = None,
     batch_docs: int = 256,
 ) -> Iterator[tuple[int, np.ndarray, int]]:
     """Yield `(seq_id, input_ids[int32, L], next_token)` in stream order."""

@@ -91,7 +91,9 @@ class VllmEngine:
             logprobs_mode="raw_logprobs",
             tensor_parallel_size=cfg.tensor_parallel_size,
             seed=seed,
-            skip_tokenizer_init=False,
+            # Every packed sequence is unique, so a prefix cache only costs memory; it would
+            # also make a repeated prompt (a benchmark's baseline) nearly free.
+            enable_prefix_caching=False,
         )
         if cpu:
             kwargs["enforce_eager"] = True  # torch.compile warm-up costs more than it saves
@@ -101,11 +103,20 @@ class VllmEngine:
         if cfg.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         self.llm = LLM(**kwargs)
-        self.k = k
-        self.params = SamplingParams(
-            prompt_logprobs=k, flat_logprobs=True, detokenize=False, max_tokens=1
-        )
+        self.k = k  # the largest K this engine serves (vLLM's max_logprobs)
+        self._params = {}
         self.prefill_params = SamplingParams(detokenize=False, max_tokens=1)
+
+    def _sampling_params(self, k: int):
+        from vllm import SamplingParams
+
+        if k > self.k:
+            raise ValueError(f"K = {k} is above this engine's max_logprobs ({self.k})")
+        if k not in self._params:
+            self._params[k] = SamplingParams(
+                prompt_logprobs=k, flat_logprobs=True, detokenize=False, max_tokens=1
+            )
+        return self._params[k]
 
     def _prompts(self, input_ids: list[np.ndarray], next_tokens: list[int]):
         from vllm.inputs import TokensPrompt
@@ -117,13 +128,17 @@ class VllmEngine:
 
     def prefill(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> None:
         """The same forward with no log-probs returned (the benchmark's baseline)."""
-        self.llm.generate(self._prompts(input_ids, next_tokens), self.prefill_params,
-                          use_tqdm=False)
+        self.llm.generate(
+            self._prompts(input_ids, next_tokens), self.prefill_params, use_tqdm=False
+        )
 
-    def run(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> TeacherBatch:
-        outs = self.llm.generate(self._prompts(input_ids, next_tokens), self.params,
-                                 use_tqdm=False)
-        K = self.k
+    def run(
+        self, input_ids: list[np.ndarray], next_tokens: list[int], k: int | None = None
+    ) -> TeacherBatch:
+        K = k or self.k
+        outs = self.llm.generate(
+            self._prompts(input_ids, next_tokens), self._sampling_params(K), use_tqdm=False
+        )
         batch = TeacherBatch([], [], [])
         for ids, out in zip(input_ids, outs):
             L = len(ids)
@@ -174,8 +189,11 @@ class HfEngine:
         self.k = k
         self.batch_size = cfg.batch_size
 
-    def run(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> TeacherBatch:
+    def run(
+        self, input_ids: list[np.ndarray], next_tokens: list[int], k: int | None = None
+    ) -> TeacherBatch:
         torch = self.torch
+        K = k or self.k
         batch = TeacherBatch([], [], [])
         for b0 in range(0, len(input_ids), self.batch_size):
             ids_BL = torch.from_numpy(np.stack(input_ids[b0 : b0 + self.batch_size])).long()
@@ -184,7 +202,7 @@ class HfEngine:
             with torch.no_grad():
                 logits_BLV = self.model(ids_BL.to(self.device)).logits.float()
                 logp_BLV = torch.log_softmax(logits_BLV, dim=-1)
-                top_lp, top_ids = logp_BLV.topk(self.k, dim=-1)
+                top_lp, top_ids = logp_BLV.topk(K, dim=-1)
                 tok_lp = logp_BLV.gather(-1, labels_BL.to(self.device)[..., None])[..., 0]
             for i in range(ids_BL.shape[0]):
                 ids_LK, lp_LK = _sort_by_id(top_ids[i].cpu().numpy(), top_lp[i].cpu().numpy())

@@ -59,9 +59,7 @@ def _unpermute_rotary(w_OI: np.ndarray, n_heads: int) -> np.ndarray:
     # transformers' Llama expects the two halves of each head contiguous.
     out, inp = w_OI.shape
     head_dim = out // n_heads
-    return (
-        w_OI.reshape(n_heads, head_dim // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
-    )
+    return w_OI.reshape(n_heads, head_dim // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
 _LAYER_MAP = {

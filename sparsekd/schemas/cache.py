@@ -91,8 +91,9 @@ class Cache:
         except FileNotFoundError as e:
             raise CacheError(f"shard {path} listed in the manifest is missing") from e
         except OSError as e:  # pyarrow raises ArrowInvalid (an OSError subclass) on corruption
-            raise CacheError(f"shard {path} cannot be read ({e}); run `sparsekd inspect "
-                             f"{self.path} --verify`") from e
+            raise CacheError(
+                f"shard {path} cannot be read ({e}); run `sparsekd inspect {self.path} --verify`"
+            ) from e
 
     def _rows(self, table) -> Iterator[Sequence]:
         mode = self.meta["mode"]

@@ -21,14 +21,26 @@ from sparsekd.cache_builder.corpus import CorpusConfig
 from sparsekd.cache_builder.engines import TeacherConfig
 from tests.conftest import error_line, run_cli
 
-BASE = ["--engine", "hf", "--k", "4", "--seq-len", "32", "--max-sequences", "24",
-        "--shard-sequences", "3", "--quiet"]
+BASE = [
+    "--engine",
+    "hf",
+    "--k",
+    "4",
+    "--seq-len",
+    "32",
+    "--max-sequences",
+    "24",
+    "--shard-sequences",
+    "3",
+    "--quiet",
+]
 
 
 def _files(d: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.glob("shard-*.parquet"))} | {
-        "manifest.json": hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.glob("shard-*.parquet"))
+    } | {"manifest.json": hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()}
 
 
 def _cfg(teacher, out, **writer):
@@ -48,13 +60,22 @@ def reference_cache(tmp_path_factory, smollm2_dir):
     return out
 
 
-def test_kill_the_process_and_resume_gives_identical_shards(tmp_path, smollm2_dir,
-                                                            reference_cache):
+def test_kill_the_process_and_resume_gives_identical_shards(tmp_path, smollm2_dir, reference_cache):
     out = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "sparsekd", "build-cache", "--teacher", str(smollm2_dir),
-           "--out", str(out), *BASE]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sparsekd",
+        "build-cache",
+        "--teacher",
+        str(smollm2_dir),
+        "--out",
+        str(out),
+        *BASE,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(list(out.glob("shard-*.parquet"))) < 2:
         time.sleep(0.05)
@@ -74,14 +95,14 @@ def test_kill_the_process_and_resume_gives_identical_shards(tmp_path, smollm2_di
 
 def test_rerun_of_a_complete_cache_writes_nothing(reference_cache, smollm2_dir):
     before = {p.name: p.stat().st_mtime_ns for p in reference_cache.glob("shard-*")}
-    proc = run_cli("build-cache", "--teacher", smollm2_dir, "--out", reference_cache, *BASE,
-                   check=True)
+    proc = run_cli(
+        "build-cache", "--teacher", smollm2_dir, "--out", reference_cache, *BASE, check=True
+    )
     assert "wrote 0 shards" in proc.stdout and "cache complete" in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in reference_cache.glob("shard-*")} == before
 
 
-def test_workers_are_disjoint_complete_and_equal_one_worker(tmp_path, smollm2_dir,
-                                                            reference_cache):
+def test_workers_are_disjoint_complete_and_equal_one_worker(tmp_path, smollm2_dir, reference_cache):
     out = tmp_path / "cache"
     W = 3
     for i in range(W):
@@ -95,8 +116,18 @@ def test_workers_are_disjoint_complete_and_equal_one_worker(tmp_path, smollm2_di
 
 
 def test_worker_index_must_be_in_range(tmp_path, smollm2_dir):
-    proc = run_cli("build-cache", "--teacher", smollm2_dir, "--out", tmp_path / "c", *BASE,
-                   "--num-workers", "2", "--worker-index", "2")
+    proc = run_cli(
+        "build-cache",
+        "--teacher",
+        smollm2_dir,
+        "--out",
+        tmp_path / "c",
+        *BASE,
+        "--num-workers",
+        "2",
+        "--worker-index",
+        "2",
+    )
     assert proc.returncode == 2 and "worker_index must be in 0..1" in error_line(proc)
 
 
@@ -110,14 +141,17 @@ def test_different_configuration_is_refused_and_nothing_is_touched(reference_cac
     assert _files(reference_cache) == before
 
 
-@pytest.mark.parametrize("extra, expect", [
-    (["--teacher", "/nonexistent/teacher"], "teacher folder not found"),
-    (["--corpus", "/nonexistent/corpus.jsonl"], "corpus path not found"),
-    (["--k", "5000"], "encoder.k must be in 1..1024"),
-    (["--k", "0"], "encoder.k must be in 1..1024"),
-    (["--seq-len", "1"], "corpus.seq_len must be >= 2"),
-    (["--set", "encoder.nope=1"], "unknown config key encoder.'nope'"),
-])
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        (["--teacher", "/nonexistent/teacher"], "teacher folder not found"),
+        (["--corpus", "/nonexistent/corpus.jsonl"], "corpus path not found"),
+        (["--k", "5000"], "encoder.k must be in 1..1024"),
+        (["--k", "0"], "encoder.k must be in 1..1024"),
+        (["--seq-len", "1"], "corpus.seq_len must be >= 2"),
+        (["--set", "encoder.nope=1"], "unknown config key encoder.'nope'"),
+    ],
+)
 def test_bad_inputs_fail_in_one_line(tmp_path, smollm2_dir, extra, expect):
     args = ["build-cache", "--teacher", smollm2_dir, "--out", tmp_path / "c", *BASE, *extra]
     proc = run_cli(*args)
@@ -131,8 +165,20 @@ def test_malformed_corpus_line_and_skip_bad_lines(tmp_path, smollm2_dir):
     corpus = tmp_path / "c.jsonl"
     good = [json.dumps({"text": "The teacher reads every line of this file. " * 8})] * 6
     corpus.write_text("\n".join(good[:3] + ["{oops"] + good[3:]) + "\n")
-    args = ["build-cache", "--teacher", smollm2_dir, "--corpus", corpus, "--engine", "hf",
-            "--k", "2", "--seq-len", "16", "--quiet"]
+    args = [
+        "build-cache",
+        "--teacher",
+        smollm2_dir,
+        "--corpus",
+        corpus,
+        "--engine",
+        "hf",
+        "--k",
+        "2",
+        "--seq-len",
+        "16",
+        "--quiet",
+    ]
     proc = run_cli(*args, "--out", tmp_path / "a")
     assert proc.returncode == 2 and f"{corpus}:4: malformed JSON" in error_line(proc)
     proc = run_cli(*args, "--out", tmp_path / "b", "--skip-bad-lines", check=True)

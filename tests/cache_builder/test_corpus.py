@@ -55,8 +55,15 @@ def test_all_formats_pack_to_the_expected_stream(tmp_path, tok):
 def test_packing_is_deterministic_and_glob_matches_files(tmp_path, tok):
     _write_all_formats(tmp_path)
     a = _pack(tok, [tmp_path])
-    b = _pack(tok, [tmp_path / "*.jsonl", tmp_path / "b.jsonl.zst", tmp_path / "c.txt",
-                    tmp_path / "d.parquet"])
+    b = _pack(
+        tok,
+        [
+            tmp_path / "*.jsonl",
+            tmp_path / "b.jsonl.zst",
+            tmp_path / "c.txt",
+            tmp_path / "d.parquet",
+        ],
+    )
     assert [(s, x.tobytes(), n) for s, x, n in a] == [(s, x.tobytes(), n) for s, x, n in b]
     cfg = CorpusConfig(paths=(str(tmp_path),), seq_len=32)
     assert corpus_fingerprint(cfg) == corpus_fingerprint(cfg)
@@ -90,13 +97,19 @@ def test_malformed_line_names_file_and_line(tmp_path, tok):
     assert stats.bad_lines == 2 and stats.documents == 1
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda d: d / "missing.jsonl", "corpus path not found"),
-    (lambda d: (d / "x.csv").write_text("a") and d / "x.csv", "unsupported type"),
-    (lambda d: (d / "b.txt").write_bytes(b"\xff\xfe\xfa") and d / "b.txt", "not UTF-8"),
-    (lambda d: (d / "z.jsonl.zst").write_bytes(b"garbage") and d / "z.jsonl.zst", "cannot read"),
-    (lambda d: str(d / "*.nothing"), "matches no"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda d: d / "missing.jsonl", "corpus path not found"),
+        (lambda d: (d / "x.csv").write_text("a") and d / "x.csv", "unsupported type"),
+        (lambda d: (d / "b.txt").write_bytes(b"\xff\xfe\xfa") and d / "b.txt", "not UTF-8"),
+        (
+            lambda d: (d / "z.jsonl.zst").write_bytes(b"garbage") and d / "z.jsonl.zst",
+            "cannot read",
+        ),
+        (lambda d: str(d / "*.nothing"), "matches no"),
+    ],
+)
 def test_unreadable_corpus_inputs(tmp_path, tok, make, match):
     with pytest.raises(CorpusError, match=match):
         _pack(tok, [make(tmp_path)])

@@ -23,7 +23,8 @@ def _sequences(model_dir, L=48, n=6):
 
 def _compare(model_dir):
     ids, nxt = _sequences(model_dir)
-    hf = HfEngine(TeacherConfig(path=str(model_dir), engine="hf"), k=K + 1, seq_len=48).run(ids, nxt)
+    oracle = HfEngine(TeacherConfig(path=str(model_dir), engine="hf"), k=K + 1, seq_len=48)
+    hf = oracle.run(ids, nxt)
     eng = VllmEngine(TeacherConfig(path=str(model_dir)), k=K, seq_len=48)
     try:
         vl = eng.run(ids, nxt)

@@ -3,7 +3,6 @@ loading, and bad inputs fail in one line."""
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.conftest import error_line, run_cli
@@ -15,8 +14,9 @@ def test_logits_equal_transformers_gguf_loading(smollm2_dir):
     from sparsekd.cache_builder.teacher import default_gguf_path
 
     gguf = default_gguf_path()
-    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                               dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
     ours = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     ref_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

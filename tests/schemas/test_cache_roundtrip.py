@@ -28,19 +28,27 @@ def test_writer_to_open_cache_round_trip(tmp_path):
     seq_ids = list(range(n))
     ids = [rng.integers(0, V, size=L).astype(np.int32) for _ in range(n)]
     nxt = [int(x) for x in rng.integers(0, V, size=n)]
-    top_ids = [np.sort(np.stack([rng.choice(V, K, replace=False) for _ in range(L)]), 1)
-               .astype(np.int32) for _ in range(n)]
-    top_lp = [np.log(rng.dirichlet(np.ones(K + 3), size=L)[:, :K]).astype(np.float32)
-              for _ in range(n)]
+    top_ids = [
+        np.sort(np.stack([rng.choice(V, K, replace=False) for _ in range(L)]), 1).astype(np.int32)
+        for _ in range(n)
+    ]
+    top_lp = [
+        np.log(rng.dirichlet(np.ones(K + 3), size=L)[:, :K]).astype(np.float32) for _ in range(n)
+    ]
     tok_lp = [-rng.exponential(2, size=L).astype(np.float32) for _ in range(n)]
     meta = {"mode": "topk", "seq_len": L, "fingerprint": "f" * 64, "vocab_size": V}
     shards = {}
     for unit, (a, b) in enumerate([(0, 4), (4, 8), (8, 9)]):
-        t = encode_topk_table("topk", seq_ids[a:b], ids[a:b], nxt[a:b], top_ids[a:b],
-                              top_lp[a:b], tok_lp[a:b])
+        t = encode_topk_table(
+            "topk", seq_ids[a:b], ids[a:b], nxt[a:b], top_ids[a:b], top_lp[a:b], tok_lp[a:b]
+        )
         shards[unit] = write_shard(tmp_path, unit, t, meta)
-    atomic_write_json(tmp_path / "manifest.json", build_manifest(
-        meta, "f" * 64, shards, {"num_units": 3, "num_sequences": n, "bad_lines": 0}))
+    atomic_write_json(
+        tmp_path / "manifest.json",
+        build_manifest(
+            meta, "f" * 64, shards, {"num_units": 3, "num_sequences": n, "bad_lines": 0}
+        ),
+    )
 
     cache = open_cache(tmp_path)
     assert len(cache) == n and cache.num_tokens == n * L and cache.meta["mode"] == "topk"
@@ -57,9 +65,15 @@ def test_writer_to_open_cache_round_trip(tmp_path):
         np.testing.assert_allclose(np.log(probs), top_lp[i].reshape(-1), atol=5e-4)
     # any Parquet reader sees the documented columns and the metadata
     pf = pq.ParquetFile(tmp_path / "shard-00000.parquet")
-    assert pf.schema_arrow.names == [F.COL_SEQ_ID, F.COL_INPUT_IDS, F.COL_NEXT_TOKEN,
-                                     F.COL_TOKEN_LOGPROB, F.COL_SUPPORT_SIZE, F.COL_IDS,
-                                     F.COL_LOGPROBS]
+    assert pf.schema_arrow.names == [
+        F.COL_SEQ_ID,
+        F.COL_INPUT_IDS,
+        F.COL_NEXT_TOKEN,
+        F.COL_TOKEN_LOGPROB,
+        F.COL_SUPPORT_SIZE,
+        F.COL_IDS,
+        F.COL_LOGPROBS,
+    ]
     md = json.loads(pf.schema_arrow.metadata[F.META_KEY])
     assert md["unit"] == 0 and md["rows"] == 4 and md["fingerprint"] == "f" * 64
 
@@ -97,5 +111,7 @@ def test_real_cache_targets_are_the_teachers_top_k(hf_topk_cache, smollm2_dir):
         assert set(ids[sl].tolist()) == expect
         np.testing.assert_allclose(np.log(probs[sl]), logp[p][ids[sl]].numpy(), atol=1e-3)
     np.testing.assert_allclose(
-        seq.token_logprobs, logp.gather(1, torch.from_numpy(seq.labels)[:, None].long())[:, 0],
-        atol=1e-3)
+        seq.token_logprobs,
+        logp.gather(1, torch.from_numpy(seq.labels)[:, None].long())[:, 0],
+        atol=1e-3,
+    )

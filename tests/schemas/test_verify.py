@@ -18,12 +18,23 @@ def cache(tmp_path, hf_topk_cache):
 
 def test_intact_cache_verifies_and_inspect_json(cache, tmp_path):
     assert verify_cache(cache) == []
-    proc = run_cli("inspect", cache, "--verify", "--json", "--plot", tmp_path / "p.png",
-                   check=True)
+    proc = run_cli("inspect", cache, "--verify", "--json", "--plot", tmp_path / "p.png", check=True)
     stats = json.loads(proc.stdout)
-    for key in ("mode", "sequences", "tokens", "shards", "bytes", "bytes_per_token",
-                "mean_support", "teacher_nll", "tail_mass", "top1_agreement", "teacher",
-                "tokenizer_hash", "seq_len"):
+    for key in (
+        "mode",
+        "sequences",
+        "tokens",
+        "shards",
+        "bytes",
+        "bytes_per_token",
+        "mean_support",
+        "teacher_nll",
+        "tail_mass",
+        "top1_agreement",
+        "teacher",
+        "tokenizer_hash",
+        "seq_len",
+    ):
         assert key in stats, key
     assert stats["mode"] == "topk" and stats["sequences"] == 10 and stats["tokens"] == 640
     assert stats["mean_support"] == 8.0 and 0 < stats["tail_mass"] < 1
@@ -37,16 +48,27 @@ def _flip_byte(p):
     p.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("corrupt, expect", [
-    (lambda d: (d / "shard-00001.parquet").write_bytes(
-        (d / "shard-00001.parquet").read_bytes()[:-100]), "shard-00001.parquet: size"),
-    (lambda d: _flip_byte(d / "shard-00000.parquet"), "shard-00000.parquet: checksum mismatch"),
-    (lambda d: shutil.copy(d / "shard-00000.parquet", d / "shard-00007.parquet"),
-     "shard-00007.parquet: on disk but not in the manifest"),
-    (lambda d: (d / "shard-00002.parquet").unlink(),
-     "shard-00002.parquet: listed in the manifest but missing on disk"),
-    (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
-])
+@pytest.mark.parametrize(
+    "corrupt, expect",
+    [
+        (
+            lambda d: (d / "shard-00001.parquet").write_bytes(
+                (d / "shard-00001.parquet").read_bytes()[:-100]
+            ),
+            "shard-00001.parquet: size",
+        ),
+        (lambda d: _flip_byte(d / "shard-00000.parquet"), "shard-00000.parquet: checksum mismatch"),
+        (
+            lambda d: shutil.copy(d / "shard-00000.parquet", d / "shard-00007.parquet"),
+            "shard-00007.parquet: on disk but not in the manifest",
+        ),
+        (
+            lambda d: (d / "shard-00002.parquet").unlink(),
+            "shard-00002.parquet: listed in the manifest but missing on disk",
+        ),
+        (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
+    ],
+)
 def test_verify_names_each_corruption(cache, corrupt, expect):
     corrupt(cache)
     problems = verify_cache(cache)

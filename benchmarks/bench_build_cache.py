@@ -1,0 +1,170 @@
+"""build-cache throughput against the bare vLLM prefill of the same engine, in one run.
+
+One vLLM engine (SmolLM2-135M-Instruct, log-prob path) serves both sides:
+- baseline: `prefill` -- the same prompts, no log-probs returned, nothing written;
+- candidate: `sparsekd.cache_builder.build.run` -- the whole build (packing, prompt
+  log-probs, encoding, zstd Parquet, checksums, manifest) into a fresh cache.
+Each K is measured as prefill, build, prefill; the ratio divides build tokens/s by the mean
+of the two prefill rates around it. Bytes/token come from the caches written.
+
+    python benchmarks/bench_build_cache.py --teacher teacher/ [--sequences 32 --seq-len 512]
+
+Appends to benchmarks/results/build_cache.csv and rewrites build_cache.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main():
+    from transformers import AutoTokenizer
+
+    from sparsekd.cache_builder.build import (
+        BuildConfig,
+        EncoderConfig,
+        WriterConfig,
+        _versions,
+        run,
+    )
+    from sparsekd.cache_builder.corpus import CorpusConfig, pack_sequences
+    from sparsekd.cache_builder.engines import TeacherConfig, VllmEngine
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--sequences", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--ks", default="8,64")
+    args = ap.parse_args()
+    ks = [int(k) for k in args.ks.split(",")]
+
+    corpus = CorpusConfig(seq_len=args.seq_len, max_sequences=args.sequences)
+    tok = AutoTokenizer.from_pretrained(args.teacher)
+    seqs = list(pack_sequences(corpus, tok, tok.eos_token_id))
+    ids, nxt = [s[1] for s in seqs], [s[2] for s in seqs]
+    tokens = sum(len(x) for x in ids)
+
+    teacher = TeacherConfig(path=args.teacher, engine="vllm")
+    engine = VllmEngine(teacher, k=max(ks), seq_len=args.seq_len)
+    engine.prefill(ids[:4], nxt[:4])  # warm-up
+
+    def prefill_rate():
+        t = time.perf_counter()
+        engine.prefill(ids, nxt)
+        return tokens / (time.perf_counter() - t)
+
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench-build-"))
+    try:
+        for k in ks:
+            before = prefill_rate()
+            out = tmp / f"k{k}"
+            cfg = BuildConfig(
+                teacher=teacher,
+                corpus=corpus,
+                encoder=EncoderConfig(k=k),
+                writer=WriterConfig(out=str(out), shard_sequences=16),
+                progress=False,
+            )
+            t = time.perf_counter()
+            summary = run(cfg, engine=engine)
+            build = tokens / (time.perf_counter() - t)
+            after = prefill_rate()
+            base = (before + after) / 2
+            rows.append(
+                {
+                    "k": k,
+                    "tokens": tokens,
+                    "prefill_tok_s": round(base, 1),
+                    "build_tok_s": round(build, 1),
+                    "ratio": round(build / base, 3),
+                    "bytes_per_token": summary["bytes_per_token"],
+                }
+            )
+            print(rows[-1], flush=True)
+    finally:
+        engine.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    v = _versions()
+    machine = f"{platform.machine()} CPU x{os.cpu_count()} (no GPU)"
+    RESULTS.mkdir(exist_ok=True)
+    csv_path = RESULTS / "build_cache.csv"
+    new = not csv_path.exists()
+    with open(csv_path, "a", newline="") as fh:
+        w = csv.writer(fh)
+        if new:
+            w.writerow(
+                [
+                    "commit",
+                    "machine",
+                    "vllm",
+                    "torch",
+                    "teacher",
+                    "seq_len",
+                    "k",
+                    "tokens",
+                    "prefill_tok_s",
+                    "build_tok_s",
+                    "ratio",
+                    "bytes_per_token",
+                ]
+            )
+        for r in rows:
+            w.writerow(
+                [
+                    commit,
+                    machine,
+                    v.get("vllm"),
+                    v.get("torch"),
+                    "SmolLM2-135M-Instruct",
+                    args.seq_len,
+                    r["k"],
+                    r["tokens"],
+                    r["prefill_tok_s"],
+                    r["build_tok_s"],
+                    r["ratio"],
+                    r["bytes_per_token"],
+                ]
+            )
+    md = (
+        [
+            "# build-cache throughput vs bare vLLM prefill (same engine, same run)",
+            "",
+            f"Machine: {machine}; vllm {v.get('vllm')}, torch {v.get('torch')}; commit {commit}.",
+            f"Teacher SmolLM2-135M-Instruct (float32), built-in corpus, {args.sequences} sequences "
+            f"x {args.seq_len} tokens. Command: `python benchmarks/bench_build_cache.py "
+            f"--teacher teacher/ --sequences {args.sequences} --seq-len {args.seq_len}`.",
+            "",
+            "| K | prefill tok/s | build-cache tok/s | ratio | bytes/token |",
+            "|---|---|---|---|---|",
+        ]
+        + [
+            f"| {r['k']} | {r['prefill_tok_s']} | {r['build_tok_s']} | {r['ratio']} | "
+            f"{r['bytes_per_token']} |"
+            for r in rows
+        ]
+        + [""]
+    )
+    (RESULTS / "build_cache.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
