@@ -1,0 +1,199 @@
+"""Plain-torch sparse-KL loss: the dense oracle and the chunked CPU path.
+
+Shapes: N rows (tokens), D hidden, V vocabulary, S support size per row.
+
+Student logits z = (hidden @ weight.T + bias) / T, q = softmax(z) over all V. The teacher
+target is sparse: ids [N, S] (-1 = padding) with probabilities p [N, S] (may sum to < 1).
+With q_S = sum over the support of q:
+
+    fkl       sum_S p log(p / q)
+    ghost     fkl + p_t log(p_t / q_t),  p_t = 1 - sum_S p, q_t = 1 - q_S
+    skew_fkl  sum_S p log(p / m),  m = b p + (1 - b) q
+    skew_rkl  sum_S q log(q / m) + (1 - q_S) log(1 / b),  m = (1 - b) p + b q
+    jsd       b sum_S q log(q / m) + (1 - b) sum_S p log(p / m) + b (1 - q_S) log(1 / b),
+              m = (1 - b) p + b q
+
+Gradient, one form for all: with g_i = dL/dq_i on the support and g_out the (constant)
+dL/dq_i outside it, dL/dz_j = q_j (g_j - G), G = sum_S q_i g_i + (1 - q_S) g_out:
+
+    fkl       g = -p / q                                   g_out = 0
+    ghost     g = -p / q                                   g_out = -p_t / q_t
+    skew_fkl  g = -(1 - b) p / m                           g_out = 0
+    skew_rkl  g = log(q / m) + (1 - b) p / m               g_out = log(1 / b)
+    jsd       g = b log(q / m)                             g_out = b log(1 / b)
+
+Loss = kd_weight * mean over rows with any support of KD + ce_weight * mean over labelled
+rows of -log q[label]. `sparse_kl_loss_ref` computes it densely in the input dtype (the test
+oracle, run in float64); `sparse_kl_chunked_fwd` never holds more than [chunk, V].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DIVERGENCES = ("fkl", "ghost", "skew_fkl", "skew_rkl", "jsd")
+_TINY = 1e-30
+
+
+def _support_terms(divergence: str, p_NS, q_NS, mask_NS, beta: float):
+    """Per-row KD loss [N] and (g_NS, g_out_N) for the gradient formula above."""
+    p = torch.where(mask_NS, p_NS, torch.zeros_like(p_NS))
+    q = torch.where(mask_NS, q_NS, torch.ones_like(q_NS))
+    q_S = (q_NS * mask_NS).sum(-1)
+    zero = torch.zeros_like(q_S)
+    xlogx = lambda a, b: torch.where(
+        a > 0,
+        a * (torch.log(a.clamp_min(_TINY)) - torch.log(b)),  # noqa: E731
+        torch.zeros_like(a),
+    )
+    if divergence in ("fkl", "ghost"):
+        loss = xlogx(p, q).sum(-1)
+        g = -p / q
+        g_out = zero
+        if divergence == "ghost":
+            p_t = (1.0 - p.sum(-1)).clamp_min(0.0)
+            q_t = (1.0 - q_S).clamp_min(_TINY)
+            loss = loss + xlogx(p_t, q_t)
+            g_out = -p_t / q_t
+    elif divergence == "skew_fkl":
+        m = beta * p + (1.0 - beta) * q
+        loss = xlogx(p, m).sum(-1)
+        g = -(1.0 - beta) * p / m
+        g_out = zero
+    elif divergence == "skew_rkl":
+        m = (1.0 - beta) * p + beta * q
+        loss = (xlogx(q, m) * mask_NS).sum(-1) + (1.0 - q_S) * math.log(1.0 / beta)
+        g = torch.log(q / m) + (1.0 - beta) * p / m
+        g_out = zero + math.log(1.0 / beta)
+    elif divergence == "jsd":
+        m = (1.0 - beta) * p + beta * q
+        loss = (beta * xlogx(q, m) * mask_NS + (1.0 - beta) * xlogx(p, m)).sum(-1)
+        loss = loss + beta * (1.0 - q_S) * math.log(1.0 / beta)
+        g = beta * torch.log(q / m)
+        g_out = zero + beta * math.log(1.0 / beta)
+    else:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    return loss, torch.where(mask_NS, g, torch.zeros_like(g)), g_out, q_S
+
+
+def sparse_kl_loss_ref(
+    hidden,
+    weight,
+    ids,
+    probs,
+    labels=None,
+    *,
+    divergence="fkl",
+    kd_weight=1.0,
+    ce_weight=0.0,
+    temperature=1.0,
+    beta=0.1,
+    ignore_index=-100,
+    bias=None,
+):
+    """Dense oracle: materialises [N, V] logits; differentiable by plain autograd."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logq = torch.log_softmax(logits / temperature, dim=-1)
+    mask = ids >= 0
+    q_NS = torch.gather(logq, 1, ids.clamp_min(0).long()).exp()
+    # dense autograd path: write the loss directly in terms of q so autograd derives it
+    kd_rows, _, _, _ = _support_terms(divergence, probs.to(logq.dtype), q_NS, mask, beta)
+    has = mask.any(-1)
+    n_kd = has.sum()
+    kd = (kd_rows * has).sum() / n_kd.clamp_min(1)
+    loss = kd_weight * kd
+    if labels is not None and ce_weight != 0.0:
+        lab = labels != ignore_index
+        nll = -torch.gather(logq, 1, labels.clamp_min(0).long()[:, None])[:, 0]
+        loss = loss + ce_weight * (nll * lab).sum() / lab.sum().clamp_min(1)
+    return loss
+
+
+def sparse_kl_chunked_fwd(
+    hidden,
+    weight,
+    ids,
+    probs,
+    labels,
+    bias,
+    *,
+    divergence,
+    kd_weight,
+    ce_weight,
+    temperature,
+    beta,
+    ignore_index,
+    chunk_rows=1024,
+    need_grad=True,
+):
+    """Loss and gradients for hidden/weight/bias, computed chunk by chunk over rows.
+
+    Extra memory O(chunk_rows x V) in float32 (float64 if the inputs are float64).
+    Returns (loss 0-d, d_hidden [N, D] | None, d_weight [V, D] | None, d_bias [V] | None).
+    """
+    N, D = hidden.shape
+    V = weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    mask_all = ids >= 0
+    has_all = mask_all.any(-1)
+    n_kd = has_all.sum().clamp_min(1).to(acc)
+    if labels is not None and ce_weight != 0.0:
+        lab_all = labels != ignore_index
+        n_ce = lab_all.sum().clamp_min(1).to(acc)
+    else:
+        lab_all = None
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
+    d_h = torch.empty(N, D, dtype=hidden.dtype, device=hidden.device) if need_grad else None
+    d_w = torch.zeros(V, D, dtype=acc, device=hidden.device) if need_grad else None
+    d_b = (
+        torch.zeros(V, dtype=acc, device=hidden.device) if need_grad and bias is not None else None
+    )
+    w = weight.to(acc)
+    b = bias.to(acc) if bias is not None else None
+    for r0 in range(0, N, chunk_rows):
+        r1 = min(N, r0 + chunk_rows)
+        h_CD = hidden[r0:r1].to(acc)
+        z_CV = h_CD @ w.T
+        if b is not None:
+            z_CV += b
+        z_CV /= temperature
+        lse_C = torch.logsumexp(z_CV, dim=-1)
+        # q in place of z: the chunk's only [C, V] buffer
+        q_CV = z_CV.sub_(lse_C[:, None]).exp_()
+        ids_CS = ids[r0:r1].long()
+        mask_CS = mask_all[r0:r1]
+        q_CS = torch.gather(q_CV, 1, ids_CS.clamp_min(0))
+        kd_C, g_CS, g_out_C, q_S = _support_terms(
+            divergence, probs[r0:r1].to(acc), q_CS, mask_CS, beta
+        )
+        has_C = has_all[r0:r1]
+        loss += kd_weight * (kd_C * has_C).sum() / n_kd
+        if lab_all is not None:
+            lab_C = lab_all[r0:r1]
+            lab_ids = labels[r0:r1].long().clamp_min(0)
+            nll_C = -torch.log(torch.gather(q_CV, 1, lab_ids[:, None])[:, 0].clamp_min(_TINY))
+            loss += ce_weight * (nll_C * lab_C).sum() / n_ce
+        if not need_grad:
+            continue
+        # dL/dz = q * (g - G): the dense part q * (g_out - G) plus a sparse correction on S
+        G_C = (q_CS * g_CS).sum(-1) + (1.0 - q_S) * g_out_C
+        kd_scale = (kd_weight / n_kd) * has_C.to(acc)
+        dense_C = kd_scale * (g_out_C - G_C)
+        if lab_all is not None:
+            ce_scale = (ce_weight / n_ce) * lab_C.to(acc)
+            dense_C = dense_C + ce_scale
+        corr_CS = kd_scale[:, None] * q_CS * (g_CS - g_out_C[:, None]) * mask_CS
+        dz_CV = q_CV.mul_(dense_C[:, None])
+        dz_CV.scatter_add_(1, ids_CS.clamp_min(0), corr_CS)
+        if lab_all is not None:
+            dz_CV.scatter_add_(1, lab_ids[:, None], -ce_scale[:, None])
+        dz_CV /= temperature
+        d_h[r0:r1] = (dz_CV @ w).to(hidden.dtype)
+        d_w += dz_CV.T @ h_CD
+        if d_b is not None:
+            d_b += dz_CV.sum(0)
+    return loss, d_h, d_w, d_b
