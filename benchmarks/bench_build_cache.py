@@ -15,19 +15,16 @@ Appends to benchmarks/results/build_cache.csv and rewrites build_cache.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import _results
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main():
@@ -107,52 +104,22 @@ def main():
         engine.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     v = _versions()
-    machine = f"{platform.machine()} CPU x{os.cpu_count()} (no GPU)"
-    RESULTS.mkdir(exist_ok=True)
-    csv_path = RESULTS / "build_cache.csv"
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as fh:
-        w = csv.writer(fh)
-        if new:
-            w.writerow(
-                [
-                    "commit",
-                    "machine",
-                    "vllm",
-                    "torch",
-                    "teacher",
-                    "seq_len",
-                    "k",
-                    "tokens",
-                    "prefill_tok_s",
-                    "vllm_logprobs_tok_s",
-                    "build_tok_s",
-                    "ratio",
-                    "bytes_per_token",
-                ]
-            )
-        for r in rows:
-            w.writerow(
-                [
-                    commit,
-                    machine,
-                    v.get("vllm"),
-                    v.get("torch"),
-                    "SmolLM2-135M-Instruct",
-                    args.seq_len,
-                    r["k"],
-                    r["tokens"],
-                    r["prefill_tok_s"],
-                    r["vllm_logprobs_tok_s"],
-                    r["build_tok_s"],
-                    r["ratio"],
-                    r["bytes_per_token"],
-                ]
-            )
+    machine = _results.machine()
+    commit = _results.commit()
+    _results.append_csv(
+        "build_cache.csv",
+        [
+            {
+                "vllm": v.get("vllm"),
+                "torch": v.get("torch"),
+                "teacher": "SmolLM2-135M-Instruct",
+                "seq_len": args.seq_len,
+                **r,
+            }
+            for r in rows
+        ],
+    )
     md = (
         [
             "# build-cache throughput vs bare vLLM prefill (same engine, same run)",
@@ -176,7 +143,7 @@ def main():
         ]
         + [""]
     )
-    (RESULTS / "build_cache.md").write_text("\n".join(md))
+    (_results.RESULTS / "build_cache.md").write_text("\n".join(md))
     print("\n".join(md))
 
 

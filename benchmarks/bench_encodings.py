@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import io
 import platform
-import subprocess
 from pathlib import Path
 
+import _results
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -126,9 +126,7 @@ def main():
     qerr = np.abs(F.dequantize_logprobs(F.quantize_logprobs(lp64)) - lp64).max()
     f16err = np.abs(lp64.astype(np.float16).astype(np.float32) - lp64).max()
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = _results.commit()
     lines = (
         [
             "# Shard encodings: bytes per token (SmolLM2-135M-Instruct, built-in corpus)",

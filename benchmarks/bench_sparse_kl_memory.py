@@ -10,14 +10,11 @@ numbers are comparable and measured in one run. Appends to results/sparse_kl_mem
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import platform
 import subprocess
 import sys
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import _results
 
 CHILD = r"""
 import json, resource, sys, time
@@ -68,51 +65,26 @@ def main():
         print(res[which], flush=True)
     ratio = res["torch_chunked"]["peak_mb"] / res["dense"]["peak_mb"]
     rel = abs(res["torch_chunked"]["loss"] - res["dense"]["loss"]) / abs(res["dense"]["loss"])
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     import torch
 
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "sparse_kl_memory.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        wr = csv.writer(fh)
-        if new:
-            wr.writerow(
-                [
-                    "commit",
-                    "machine",
-                    "torch",
-                    "N",
-                    "V",
-                    "D",
-                    "S",
-                    "dense_peak_mb",
-                    "chunked_peak_mb",
-                    "memory_ratio",
-                    "dense_s",
-                    "chunked_s",
-                    "loss_rel_diff",
-                ]
-            )
-        wr.writerow(
-            [
-                commit,
-                f"{platform.machine()} CPU (no GPU)",
-                torch.__version__,
-                a.n,
-                a.v,
-                a.d,
-                a.s,
-                round(res["dense"]["peak_mb"], 1),
-                round(res["torch_chunked"]["peak_mb"], 1),
-                round(ratio, 4),
-                round(res["dense"]["seconds"], 2),
-                round(res["torch_chunked"]["seconds"], 2),
-                f"{rel:.2e}",
-            ]
-        )
+    _results.append_csv(
+        "sparse_kl_memory.csv",
+        [
+            {
+                "torch": torch.__version__,
+                "N": a.n,
+                "V": a.v,
+                "D": a.d,
+                "S": a.s,
+                "dense_peak_mb": round(res["dense"]["peak_mb"], 1),
+                "chunked_peak_mb": round(res["torch_chunked"]["peak_mb"], 1),
+                "memory_ratio": round(ratio, 4),
+                "dense_s": round(res["dense"]["seconds"], 2),
+                "chunked_s": round(res["torch_chunked"]["seconds"], 2),
+                "loss_rel_diff": f"{rel:.2e}",
+            }
+        ],
+    )
     print(
         f"peak memory: dense {res['dense']['peak_mb']:.0f} MB, chunked "
         f"{res['torch_chunked']['peak_mb']:.0f} MB, ratio {ratio:.3f}; loss rel diff {rel:.1e}"

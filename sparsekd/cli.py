@@ -64,50 +64,32 @@ def prepare_teacher_cmd(out, gguf_file):
     click.echo(f"teacher written to {path} in {time.perf_counter() - t:.1f} s")
 
 
-def _build_config(
-    teacher,
-    corpus,
-    text_field,
-    seq_len,
-    max_sequences,
-    skip_bad_lines,
-    mode,
-    k,
-    engine,
-    tp,
-    out,
-    shard_sequences,
-    num_workers,
-    worker_index,
-    seed,
-    config_file,
-    sets,
-    progress=True,
-):
+def _build_config(o: dict):
+    """The build-cache flags (None = not given) -> BuildConfig, over --config and --set."""
     from sparsekd import config as C
     from sparsekd.cache_builder.build import BuildConfig
 
     flags = {
-        "teacher": {"path": teacher, "engine": engine, "tensor_parallel_size": tp},
+        "teacher": {"path": o["teacher"], "engine": o["engine"], "tensor_parallel_size": o["tp"]},
         "corpus": {
-            "paths": tuple(corpus) or None,
-            "text_field": text_field,
-            "seq_len": seq_len,
-            "max_sequences": max_sequences,
-            "skip_bad_lines": skip_bad_lines or None,
+            "paths": tuple(o["corpus"]) or None,
+            "text_field": o["text_field"],
+            "seq_len": o["seq_len"],
+            "max_sequences": o["max_sequences"],
+            "skip_bad_lines": o["skip_bad_lines"] or None,
         },
-        "encoder": {"mode": mode, "k": k},
+        "encoder": {"mode": o["mode"], "k": o["k"]},
         "writer": {
-            "out": out,
-            "shard_sequences": shard_sequences,
-            "num_workers": num_workers,
-            "worker_index": worker_index,
+            "out": o["out"],
+            "shard_sequences": o["shard_sequences"],
+            "num_workers": o["num_workers"],
+            "worker_index": o["worker_index"],
         },
-        "seed": seed,
-        "progress": progress,
+        "seed": o["seed"],
+        "progress": not o["quiet"],
     }
     try:
-        return C.resolve(BuildConfig, flags, config_file, sets)
+        return C.resolve(BuildConfig, flags, o["config_file"], o["sets"])
     except TypeError as e:  # a required field (teacher path, out) given nowhere
         raise ValueError(f"missing required setting: {e}") from e
 
@@ -136,50 +118,11 @@ def _build_config(
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config.")
 @click.option("--set", "sets", multiple=True, help="Override a config key: a.b=value.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def build_cache_cmd(
-    teacher,
-    corpus,
-    out,
-    mode,
-    k,
-    seq_len,
-    text_field,
-    max_sequences,
-    skip_bad_lines,
-    engine,
-    tp,
-    shard_sequences,
-    num_workers,
-    worker_index,
-    seed,
-    config_file,
-    sets,
-    quiet,
-):
+def build_cache_cmd(**opts):
     """Run the teacher over a packed corpus and write the sparse cache."""
     from sparsekd.cache_builder.build import format_summary, run
 
-    cfg = _guard(
-        _build_config,
-        teacher,
-        corpus,
-        text_field,
-        seq_len,
-        max_sequences,
-        skip_bad_lines,
-        mode,
-        k,
-        engine,
-        tp,
-        out,
-        shard_sequences,
-        num_workers,
-        worker_index,
-        seed,
-        config_file,
-        sets,
-        progress=not quiet,
-    )
+    cfg = _guard(_build_config, opts)
     summary = _guard(run, cfg)
     click.echo(format_summary(summary))
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from sparsekd.schemas import format as F
 from sparsekd.schemas.cache import Cache, open_cache
-from sparsekd.schemas.manifest import MANIFEST, CacheError, read_json, sha256_file
+from sparsekd.schemas.manifest import CacheError, sha256_file
 
 
 def _position_arrays(cache: Cache, max_positions: int | None = None):
@@ -153,14 +153,8 @@ def _verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
 def verify_cache(path: str | os.PathLike) -> list[str]:
     """Every problem found in the cache at `path` (empty when it is intact)."""
     p = Path(path)
-    if not (p / MANIFEST).exists():
-        try:
-            open_cache(p)
-        except CacheError as e:
-            return [str(e)]
     try:
-        manifest = read_json(p / MANIFEST, "manifest")
-        open_cache(p)
+        manifest = open_cache(p).manifest
     except CacheError as e:
         return [str(e)]
     problems = []

@@ -70,6 +70,26 @@ def run_cli(*args, check: bool = False, timeout: int = 600, **kw) -> subprocess.
     return proc
 
 
+def kill_build_after(out: Path, shards: int, *args, timeout: float = 300) -> int:
+    """Start `sparsekd build-cache *args`, SIGKILL its whole process group (engine workers
+    included) once `out` holds `shards` shard files; return how many were written."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsekd", "build-cache", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(out.glob("shard-*.parquet"))) < shards:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(list(out.glob("shard-*.parquet")))
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The last stderr line, which must be sparsekd's one-line error."""
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]

@@ -162,14 +162,9 @@ class VllmEngine:
         return batch
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(engine, "shutdown", None) or getattr(
-                getattr(engine, "engine_core", None), "shutdown", None
-            )
-            if shutdown is not None:
-                shutdown()
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
 
 

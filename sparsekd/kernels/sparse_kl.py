@@ -17,7 +17,9 @@ from sparsekd.kernels.reference import DIVERGENCES, sparse_kl_chunked_fwd
 BACKENDS = ("auto", "torch", "triton")
 
 
-def _validate(hidden, weight, ids, probs, labels, bias, divergence, temperature, beta, backend):
+def _validate(
+    hidden, weight, ids, probs, labels, bias, divergence, temperature, beta, backend, ignore_index
+):
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if backend not in BACKENDS:
@@ -57,7 +59,7 @@ def _validate(hidden, weight, ids, probs, labels, bias, divergence, temperature,
         if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
             raise ValueError("ids repeat within a row; the support must be distinct")
     if labels is not None and labels.numel():
-        bad = (labels != -100) & ((labels < 0) | (labels >= V))
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
             raise ValueError(f"labels must be in [0, {V}) or ignore_index")
 
@@ -124,7 +126,19 @@ def sparse_kl_loss(
         0-d tensor: kd_weight * mean KD over rows with support + ce_weight * mean CE over
         labelled rows.
     """
-    _validate(hidden, weight, ids, probs, labels, bias, divergence, temperature, beta, backend)
+    _validate(
+        hidden,
+        weight,
+        ids,
+        probs,
+        labels,
+        bias,
+        divergence,
+        temperature,
+        beta,
+        backend,
+        ignore_index,
+    )
     opts = dict(
         divergence=divergence,
         kd_weight=kd_weight,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sparsekd.schemas import format as F
@@ -90,7 +91,7 @@ class Cache:
                 yield from self._rows(pf.read_row_group(g))
         except FileNotFoundError as e:
             raise CacheError(f"shard {path} listed in the manifest is missing") from e
-        except OSError as e:  # pyarrow raises ArrowInvalid (an OSError subclass) on corruption
+        except (OSError, pa.ArrowException) as e:  # truncated/corrupt: ArrowInvalid, IOError
             raise CacheError(
                 f"shard {path} cannot be read ({e}); run `sparsekd inspect {self.path} --verify`"
             ) from e

@@ -6,11 +6,6 @@ test_vllm_build.py."""
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +14,7 @@ from sparsekd import open_cache
 from sparsekd.cache_builder.build import BuildConfig, EncoderConfig, WriterConfig, run
 from sparsekd.cache_builder.corpus import CorpusConfig
 from sparsekd.cache_builder.engines import TeacherConfig
-from tests.conftest import error_line, run_cli
+from tests.conftest import error_line, kill_build_after, run_cli
 
 BASE = [
     "--engine",
@@ -62,26 +57,7 @@ def reference_cache(tmp_path_factory, smollm2_dir):
 
 def test_kill_the_process_and_resume_gives_identical_shards(tmp_path, smollm2_dir, reference_cache):
     out = tmp_path / "cache"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sparsekd",
-        "build-cache",
-        "--teacher",
-        str(smollm2_dir),
-        "--out",
-        str(out),
-        *BASE,
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(out.glob("shard-*.parquet"))) < 2:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    written = len(list(out.glob("shard-*.parquet")))
+    written = kill_build_after(out, 2, "--teacher", smollm2_dir, "--out", out, *BASE)
     assert 2 <= written < 8, f"the kill should land mid-job, {written} shards were written"
     assert not (out / "manifest.json").exists()
     with pytest.raises(ValueError, match="not complete"):

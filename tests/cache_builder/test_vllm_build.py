@@ -2,17 +2,12 @@
 killed mid-job (engine processes included) and resumed, equals an uninterrupted run."""
 
 import hashlib
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from sparsekd import open_cache
 from sparsekd.inspect import verify_cache
-from tests.conftest import run_cli
+from tests.conftest import kill_build_after, run_cli
 
 ARGS = [
     "--engine",
@@ -43,26 +38,7 @@ def test_vllm_build_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_llama
     assert verify_cache(ref) == []
 
     out = tmp_path / "resumed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sparsekd",
-        "build-cache",
-        "--teacher",
-        str(tiny_llama_dir),
-        "--out",
-        str(out),
-        *ARGS,
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("shard-*.parquet")):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the engine's worker processes share the group
-    proc.wait()
-    done = len(list(out.glob("shard-*.parquet")))
+    done = kill_build_after(out, 1, "--teacher", tiny_llama_dir, "--out", out, *ARGS)
     assert 1 <= done < 10, f"kill should land mid-job ({done} of 10 shards written)"
 
     run_cli("build-cache", "--teacher", tiny_llama_dir, "--out", out, *ARGS, check=True)

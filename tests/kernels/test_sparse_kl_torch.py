@@ -28,44 +28,43 @@ def _case(N, D, V, S, seed=0, dtype=torch.float64, pad_rows=(), topk_like=True):
     return hidden, weight, bias, ids, p, labels
 
 
+def _loss_and_grads(fn, *tensors):
+    """Loss of fn on fresh leaf copies, and their gradients under an upstream 2.0."""
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    (out * 2.0).backward()
+    return out, [t.grad for t in leaves]
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("ce_weight", [0.0, 0.5])
 @pytest.mark.parametrize("N, D, V, S", [(41, 40, 1271, 8), (9, 16, 257, 1), (7, 8, 300, 64)])
 def test_loss_and_grads_match_dense_float64(divergence, ce_weight, N, D, V, S):
     h, w, b, ids, p, labels = _case(N, D, V, S, pad_rows=(2,))
-    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-    out = sparse_kl_loss(
-        leaves[0],
-        leaves[1],
-        ids,
-        p,
-        labels,
-        divergence=divergence,
-        kd_weight=0.7,
-        ce_weight=ce_weight,
-        temperature=1.3,
-        bias=leaves[2],
-        backend="torch",
-        chunk_rows=16,
+    kw = dict(divergence=divergence, kd_weight=0.7, ce_weight=ce_weight, temperature=1.3)
+    out, grads = _loss_and_grads(
+        lambda h, w, b: sparse_kl_loss(
+            h, w, ids, p, labels, bias=b, backend="torch", chunk_rows=16, **kw
+        ),
+        h,
+        w,
+        b,
     )
-    (out * 2.0).backward()
-    refs = [t.clone().requires_grad_() for t in (h, w, b)]
-    ref = sparse_kl_loss_ref(
-        refs[0],
-        refs[1],
-        ids,
-        p,
-        labels,
-        divergence=divergence,
-        kd_weight=0.7,
-        ce_weight=ce_weight,
-        temperature=1.3,
-        bias=refs[2],
+    ref, ref_grads = _loss_and_grads(
+        lambda h, w, b: sparse_kl_loss_ref(h, w, ids, p, labels, bias=b, **kw), h, w, b
     )
-    (ref * 2.0).backward()
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
-    for a, r, name in zip(leaves, refs, ("hidden", "weight", "bias")):
-        torch.testing.assert_close(a.grad, r.grad, rtol=1e-7, atol=1e-10, msg=name)
+    for a, r, name in zip(grads, ref_grads, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(a, r, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_custom_ignore_index_is_skipped_not_rejected():
+    h, w, b, ids, p, labels = _case(8, 8, 60, 4)
+    labels = torch.where(labels == -100, torch.full_like(labels, -1), labels)
+    kw = dict(ce_weight=1.0, ignore_index=-1)
+    out = sparse_kl_loss(h, w, ids, p, labels, backend="torch", **kw)
+    ref = sparse_kl_loss_ref(h, w, ids, p, labels, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
 
 
 def test_every_row_padded_and_no_labels_gives_zero():

@@ -115,3 +115,13 @@ def test_real_cache_targets_are_the_teachers_top_k(hf_topk_cache, smollm2_dir):
         logp.gather(1, torch.from_numpy(seq.labels)[:, None].long())[:, 0],
         atol=1e-3,
     )
+
+
+def test_iterating_a_corrupt_shard_raises_cache_error(tmp_path, hf_topk_cache):
+    d = tmp_path / "c"
+    shutil.copytree(hf_topk_cache, d)
+    shard = d / "shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    cache = open_cache(d)
+    with pytest.raises(CacheError, match="shard-00001.parquet cannot be read"):
+        list(cache)
