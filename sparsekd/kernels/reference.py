@@ -113,6 +113,42 @@ def sparse_kl_loss_ref(
     return loss
 
 
+def sparse_kl_rows_torch(
+    z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, *, divergence, temperature, beta
+):
+    """The per-row pass in plain torch (the Triton kernel does the same in one program per row).
+
+    z_CV: [C, V] float32/64 logits before temperature; overwritten with the dense part of
+    dL/dlogits, q * (kd_scale * (g_out - G) + ce_scale) / T. Returns (kd_C, ce_C, corr_CS):
+    per-row KD and CE losses (unscaled) and the sparse correction kd_scale * q * (g - g_out) / T
+    that the caller adds at ids (the label's -ce_scale / T too).
+    """
+    z_CV /= temperature
+    lse_C = torch.logsumexp(z_CV, dim=-1)
+    q_CV = z_CV.sub_(lse_C[:, None]).exp_()  # q in place: the chunk's only [C, V] buffer
+    mask_CS = ids_CS >= 0
+    q_CS = torch.gather(q_CV, 1, ids_CS.clamp_min(0))
+    kd_C, g_CS, g_out_C, q_S = _support_terms(divergence, p_CS.to(q_CV.dtype), q_CS, mask_CS, beta)
+    q_lab = torch.gather(q_CV, 1, labels_C.clamp_min(0)[:, None])[:, 0]
+    ce_C = torch.where(labels_C >= 0, -torch.log(q_lab.clamp_min(_TINY)), torch.zeros_like(q_lab))
+    G_C = (q_CS * g_CS).sum(-1) + (1.0 - q_S) * g_out_C
+    dense_C = kd_scale_C * (g_out_C - G_C) + ce_scale_C
+    q_CV.mul_(dense_C[:, None] / temperature)
+    corr_CS = kd_scale_C[:, None] * q_CS * (g_CS - g_out_C[:, None]) * mask_CS / temperature
+    return kd_C, ce_C, corr_CS
+
+
+def _logits(h_CD, w_VD, b_V, acc):
+    """[C, V] logits in `acc` precision; on CUDA straight from bf16/fp16 operands."""
+    if h_CD.is_cuda and h_CD.dtype in (torch.bfloat16, torch.float16):
+        z = torch.mm(h_CD, w_VD.T, out_dtype=acc)
+    else:
+        z = h_CD.to(acc) @ w_VD.to(acc).T
+    if b_V is not None:
+        z += b_V.to(acc)
+    return z
+
+
 def sparse_kl_chunked_fwd(
     hidden,
     weight,
@@ -129,71 +165,68 @@ def sparse_kl_chunked_fwd(
     ignore_index,
     chunk_rows=1024,
     need_grad=True,
+    row_pass=sparse_kl_rows_torch,
 ):
     """Loss and gradients for hidden/weight/bias, computed chunk by chunk over rows.
 
-    Extra memory O(chunk_rows x V) in float32 (float64 if the inputs are float64).
+    Per chunk: logits by one matmul, the row pass (torch or Triton) turns them into
+    dL/dlogits in place, then two matmuls give the chunk's d_hidden and its share of
+    d_weight. Extra memory O(chunk_rows x V) in float32 (float64 for float64 inputs).
     Returns (loss 0-d, d_hidden [N, D] | None, d_weight [V, D] | None, d_bias [V] | None).
     """
     N, D = hidden.shape
     V = weight.shape[0]
+    dev = hidden.device
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    mask_all = ids >= 0
-    has_all = mask_all.any(-1)
-    n_kd = has_all.sum().clamp_min(1).to(acc)
+    # per-row scales: the means' denominators stay on the device (no host sync)
+    has_N = (ids >= 0).any(-1)
+    kd_scale_N = has_N.to(acc) * (kd_weight / has_N.sum().clamp_min(1).to(acc))
     if labels is not None and ce_weight != 0.0:
-        lab_all = labels != ignore_index
-        n_ce = lab_all.sum().clamp_min(1).to(acc)
+        lab_N = labels != ignore_index
+        ce_scale_N = lab_N.to(acc) * (ce_weight / lab_N.sum().clamp_min(1).to(acc))
+        labels_N = torch.where(lab_N, labels, torch.full_like(labels, -1)).long()
     else:
-        lab_all = None
-    loss = torch.zeros((), dtype=acc, device=hidden.device)
-    d_h = torch.empty(N, D, dtype=hidden.dtype, device=hidden.device) if need_grad else None
-    d_w = torch.zeros(V, D, dtype=acc, device=hidden.device) if need_grad else None
-    d_b = (
-        torch.zeros(V, dtype=acc, device=hidden.device) if need_grad and bias is not None else None
-    )
-    w = weight.to(acc)
-    b = bias.to(acc) if bias is not None else None
+        ce_scale_N = torch.zeros(N, dtype=acc, device=dev)
+        labels_N = torch.full((N,), -1, dtype=torch.long, device=dev)
+    loss = torch.zeros((), dtype=acc, device=dev)
+    d_h = torch.empty(N, D, dtype=hidden.dtype, device=dev) if need_grad else None
+    d_w = torch.zeros(V, D, dtype=acc, device=dev) if need_grad else None
+    d_b = torch.zeros(V, dtype=acc, device=dev) if need_grad and bias is not None else None
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
-        h_CD = hidden[r0:r1].to(acc)
-        z_CV = h_CD @ w.T
-        if b is not None:
-            z_CV += b
-        z_CV /= temperature
-        lse_C = torch.logsumexp(z_CV, dim=-1)
-        # q in place of z: the chunk's only [C, V] buffer
-        q_CV = z_CV.sub_(lse_C[:, None]).exp_()
         ids_CS = ids[r0:r1].long()
-        mask_CS = mask_all[r0:r1]
-        q_CS = torch.gather(q_CV, 1, ids_CS.clamp_min(0))
-        kd_C, g_CS, g_out_C, q_S = _support_terms(
-            divergence, probs[r0:r1].to(acc), q_CS, mask_CS, beta
+        lab_C = labels_N[r0:r1]
+        z_CV = _logits(hidden[r0:r1], weight, bias, acc)
+        kd_C, ce_C, corr_CS = row_pass(
+            z_CV,
+            ids_CS,
+            probs[r0:r1],
+            lab_C,
+            kd_scale_N[r0:r1],
+            ce_scale_N[r0:r1],
+            divergence=divergence,
+            temperature=temperature,
+            beta=beta,
         )
-        has_C = has_all[r0:r1]
-        loss += kd_weight * (kd_C * has_C).sum() / n_kd
-        if lab_all is not None:
-            lab_C = lab_all[r0:r1]
-            lab_ids = labels[r0:r1].long().clamp_min(0)
-            nll_C = -torch.log(torch.gather(q_CV, 1, lab_ids[:, None])[:, 0].clamp_min(_TINY))
-            loss += ce_weight * (nll_C * lab_C).sum() / n_ce
+        loss += (kd_C * kd_scale_N[r0:r1]).sum() + (ce_C * ce_scale_N[r0:r1]).sum()
         if not need_grad:
             continue
-        # dL/dz = q * (g - G): the dense part q * (g_out - G) plus a sparse correction on S
-        G_C = (q_CS * g_CS).sum(-1) + (1.0 - q_S) * g_out_C
-        kd_scale = (kd_weight / n_kd) * has_C.to(acc)
-        dense_C = kd_scale * (g_out_C - G_C)
-        if lab_all is not None:
-            ce_scale = (ce_weight / n_ce) * lab_C.to(acc)
-            dense_C = dense_C + ce_scale
-        corr_CS = kd_scale[:, None] * q_CS * (g_CS - g_out_C[:, None]) * mask_CS
-        dz_CV = q_CV.mul_(dense_C[:, None])
-        dz_CV.scatter_add_(1, ids_CS.clamp_min(0), corr_CS)
-        if lab_all is not None:
-            dz_CV.scatter_add_(1, lab_ids[:, None], -ce_scale[:, None])
-        dz_CV /= temperature
-        d_h[r0:r1] = (dz_CV @ w).to(hidden.dtype)
-        d_w += dz_CV.T @ h_CD
+        dz_CV = z_CV
+        dz_CV.scatter_add_(1, ids_CS.clamp_min(0), corr_CS.to(acc))
+        dz_CV.scatter_add_(
+            1, lab_C.clamp_min(0)[:, None], (-ce_scale_N[r0:r1] / temperature)[:, None]
+        )
+        if hidden.dtype in (torch.bfloat16, torch.float16):
+            dz_lp = dz_CV.to(hidden.dtype)  # the gradient matmuls run in the input dtype
+            d_h[r0:r1] = dz_lp @ weight
+            if dz_lp.is_cuda:
+                d_w += torch.mm(dz_lp.T, hidden[r0:r1], out_dtype=acc)
+            else:
+                d_w += (dz_lp.T @ hidden[r0:r1]).to(acc)
+        else:
+            w = weight.to(acc)
+            d_h[r0:r1] = (dz_CV @ w).to(hidden.dtype)
+            d_w.addmm_(dz_CV.T, hidden[r0:r1].to(acc))
         if d_b is not None:
             d_b += dz_CV.sum(0)
     return loss, d_h, d_w, d_b
