@@ -172,7 +172,8 @@ def sparse_kl_chunked_fwd(
     Per chunk: logits by one matmul, the row pass (torch or Triton) turns them into
     dL/dlogits in place, then two matmuls give the chunk's d_hidden and its share of
     d_weight. Extra memory O(chunk_rows x V) in float32 (float64 for float64 inputs).
-    Returns (loss 0-d, d_hidden [N, D] | None, d_weight [V, D] | None, d_bias [V] | None).
+    Returns (loss 0-d, (weighted KD part, weighted CE part), d_hidden [N, D] | None,
+    d_weight [V, D] | None, d_bias [V] | None).
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -188,7 +189,8 @@ def sparse_kl_chunked_fwd(
     else:
         ce_scale_N = torch.zeros(N, dtype=acc, device=dev)
         labels_N = torch.full((N,), -1, dtype=torch.long, device=dev)
-    loss = torch.zeros((), dtype=acc, device=dev)
+    kd_sum = torch.zeros((), dtype=acc, device=dev)
+    ce_sum = torch.zeros((), dtype=acc, device=dev)
     d_h = torch.empty(N, D, dtype=hidden.dtype, device=dev) if need_grad else None
     d_w = torch.zeros(V, D, dtype=acc, device=dev) if need_grad else None
     d_b = torch.zeros(V, dtype=acc, device=dev) if need_grad and bias is not None else None
@@ -208,7 +210,8 @@ def sparse_kl_chunked_fwd(
             temperature=temperature,
             beta=beta,
         )
-        loss += (kd_C * kd_scale_N[r0:r1]).sum() + (ce_C * ce_scale_N[r0:r1]).sum()
+        kd_sum += (kd_C * kd_scale_N[r0:r1]).sum()
+        ce_sum += (ce_C * ce_scale_N[r0:r1]).sum()
         if not need_grad:
             continue
         dz_CV = z_CV
@@ -229,4 +232,4 @@ def sparse_kl_chunked_fwd(
             d_w.addmm_(dz_CV.T, hidden[r0:r1].to(acc))
         if d_b is not None:
             d_b += dz_CV.sum(0)
-    return loss, d_h, d_w, d_b
+    return kd_sum + ce_sum, (kd_sum, ce_sum), d_h, d_w, d_b

@@ -26,6 +26,7 @@ Shape legend: N rows (tokens), C rows in a chunk, D hidden, V vocabulary, S supp
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -243,7 +244,7 @@ class SparseKLFunction(torch.autograd.Function):
             or weight.requires_grad
             or (bias is not None and bias.requires_grad)
         )
-        loss, d_h, d_w, d_b = sparse_kl_chunked_fwd(
+        loss, (kd, ce), d_h, d_w, d_b = sparse_kl_chunked_fwd(
             hidden, weight, ids, probs, labels, bias, need_grad=need, **opts
         )
         if need:
@@ -251,10 +252,12 @@ class SparseKLFunction(torch.autograd.Function):
                 d_h, d_w.to(weight.dtype), d_b.to(bias.dtype) if d_b is not None else None
             )
         ctx.has_bias = bias is not None
-        return loss.to(hidden.dtype)
+        kd, ce = kd.to(hidden.dtype), ce.to(hidden.dtype)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss.to(hidden.dtype), kd, ce
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_kd=None, _grad_ce=None):
         d_h, d_w, d_b = ctx.saved_tensors
         return (
             d_h * grad_out,
@@ -299,6 +302,52 @@ def sparse_kl_loss(
         0-d tensor: kd_weight * mean KD over rows with support + ce_weight * mean CE over
         labelled rows.
     """
+    return _sparse_kl(
+        hidden,
+        weight,
+        ids,
+        probs,
+        labels,
+        divergence=divergence,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        temperature=temperature,
+        beta=beta,
+        ignore_index=ignore_index,
+        backend=backend,
+        bias=bias,
+        chunk_rows=chunk_rows,
+    )[0]
+
+
+def sparse_kl_loss_parts(hidden, weight, ids, probs, labels=None, **kwargs):
+    """As `sparse_kl_loss` (same keyword arguments), returning `(loss, kd_part, ce_part)`:
+    the weighted KD and CE parts, detached, for logging (`loss = kd_part + ce_part`)."""
+    params = inspect.signature(sparse_kl_loss).parameters
+    defaults = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown argument(s) {sorted(unknown)}")
+    return _sparse_kl(hidden, weight, ids, probs, labels, **{**defaults, **kwargs})
+
+
+def _sparse_kl(
+    hidden,
+    weight,
+    ids,
+    probs,
+    labels,
+    *,
+    divergence,
+    kd_weight,
+    ce_weight,
+    temperature,
+    beta,
+    ignore_index,
+    backend,
+    bias,
+    chunk_rows,
+):
     _validate(
         hidden,
         weight,
@@ -312,6 +361,11 @@ def sparse_kl_loss(
         backend,
         ignore_index,
     )
+    row_pass = (
+        sparse_kl_rows_triton
+        if backend == "triton" or (backend == "auto" and hidden.is_cuda)
+        else sparse_kl_rows_torch
+    )
     opts = dict(
         divergence=divergence,
         kd_weight=kd_weight,
@@ -320,8 +374,6 @@ def sparse_kl_loss(
         beta=beta,
         ignore_index=ignore_index,
         chunk_rows=chunk_rows,
-        row_pass=sparse_kl_rows_triton
-        if backend == "triton" or (backend == "auto" and hidden.is_cuda)
-        else sparse_kl_rows_torch,
+        row_pass=row_pass,
     )
     return SparseKLFunction.apply(hidden, weight, bias, ids, probs, labels, opts)

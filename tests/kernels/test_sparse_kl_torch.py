@@ -123,3 +123,19 @@ def test_validation_errors(mutate, match):
     mutate(args)
     with pytest.raises(ValueError, match=match):
         sparse_kl_loss(**args)
+
+
+def test_parts_add_up_and_match_separate_calls():
+    from sparsekd.kernels import sparse_kl_loss_parts
+
+    h, w, b, ids, p, labels = _case(12, 8, 200, 4)
+    loss, kd, ce = sparse_kl_loss_parts(
+        h, w, ids, p, labels, kd_weight=0.6, ce_weight=0.4, backend="torch"
+    )
+    only_kd = sparse_kl_loss(h, w, ids, p, labels, kd_weight=0.6, ce_weight=0.0, backend="torch")
+    only_ce = sparse_kl_loss(h, w, ids, p, labels, kd_weight=0.0, ce_weight=0.4, backend="torch")
+    torch.testing.assert_close(kd, only_kd)
+    torch.testing.assert_close(ce, only_ce)
+    torch.testing.assert_close(loss, kd + ce)
+    with pytest.raises(TypeError, match="unknown argument"):
+        sparse_kl_loss_parts(h, w, ids, p, labels, kd_wieght=1.0)
