@@ -157,6 +157,108 @@ def inspect_cmd(cache, as_json, verify, plot):
             click.echo(f"plot written to {plot}")
 
 
+@main.command("init-student")
+@click.option("--like", required=True, type=click.Path(), help="Teacher folder (tokenizer, vocab).")
+@click.option("--layers", required=True, type=int)
+@click.option("--hidden", required=True, type=int)
+@click.option("--heads", required=True, type=int)
+@click.option("--kv-heads", type=int, help="Key/value heads (default: --heads).")
+@click.option("--intermediate", type=int, help="MLP width (default 4 x hidden).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def init_student_cmd(like, layers, hidden, heads, kv_heads, intermediate, seed, out):
+    """A randomly initialised Llama-style student sharing the teacher's tokenizer."""
+    from sparsekd.student_train.model import init_student
+
+    path = _guard(
+        init_student,
+        like,
+        out,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        intermediate=intermediate,
+        kv_heads=kv_heads,
+        seed=seed,
+    )
+    click.echo(f"student written to {path}")
+
+
+@main.command("train-student")
+@click.option("--cache", help="Training cache directory.")
+@click.option("--student", help="Student model folder (init-student or any causal LM).")
+@click.option("--out", help="Run directory (metrics, checkpoints, final model).")
+@click.option("--steps", type=int, help="Optimizer steps.")
+@click.option(
+    "--loss",
+    type=click.Choice(["ce", "fkl", "ghost", "skew_fkl", "skew_rkl", "jsd"]),
+    help="ce ignores the teacher; the others distil (default fkl).",
+)
+@click.option("--kd-weight", type=float, help="A in (1 - A) CE + A KD (default 0.9).")
+@click.option("--batch-size", type=int, help="Sequences per micro-batch per rank (default 8).")
+@click.option("--grad-accum", type=int, help="Micro-batches per step (default 1).")
+@click.option("--lr", type=float, help="Peak learning rate (default 1e-3).")
+@click.option("--warmup", type=int, help="Linear warm-up steps (default 10).")
+@click.option("--seed", type=int)
+@click.option("--eval-cache", help="Cache to evaluate on.")
+@click.option("--eval-every", type=int, help="Evaluate every E steps.")
+@click.option("--save-every", type=int, help="Checkpoint every C steps.")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the latest checkpoint.")
+@click.option("--fsdp", is_flag=True, default=None, help="Shard with FSDP2 under torchrun.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), help="Loss backend.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config.")
+@click.option("--set", "sets", multiple=True, help="Override a config key: key=value.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_student_cmd(config_file, sets, quiet, **flags):
+    """Distil a student from a cache (torchrun for DDP/FSDP2)."""
+    from sparsekd import config as C
+    from sparsekd.student_train.trainer import TrainConfig, run
+
+    flags["progress"] = False if quiet else None
+
+    def resolve():
+        try:
+            return C.resolve(TrainConfig, flags, config_file, sets)
+        except TypeError as e:
+            raise ValueError(f"missing required setting: {e}") from e
+
+    cfg = _guard(resolve)
+    rec = _guard(run, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(
+            f"train-student: {rec.get('step')} steps, final loss {rec.get('loss', 0):.4f} "
+            f"(ce {rec.get('ce', 0):.4f}, kd {rec.get('kd', 0):.4f}) -> {cfg.out}/final"
+        )
+
+
+@main.command("evaluate")
+@click.option("--model", required=True, type=click.Path(), help="Student model folder.")
+@click.option("--cache", required=True, type=click.Path(), help="Cache to evaluate on.")
+@click.option("--max-sequences", type=int, help="Evaluate the first M sequences.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate_cmd(model, cache, max_sequences, as_json):
+    """lm_loss, kl, ece, top1_agreement and tokens of a model on a cache."""
+    from sparsekd.schemas.cache import open_cache
+    from sparsekd.student_train.evaluate import evaluate
+    from sparsekd.student_train.model import check_compatible, load_student
+
+    def go():
+        m, tok = load_student(model)
+        c = open_cache(cache)
+        check_compatible(m, tok, c.meta)
+        return evaluate(m, c, max_sequences=max_sequences)
+
+    res = _guard(go)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(
+            "  ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()
+            )
+        )
+
+
 @main.command("demo")
 @click.option(
     "--out",
