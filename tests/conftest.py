@@ -118,3 +118,52 @@ def hf_topk_cache(tmp_path_factory, smollm2_dir) -> Path:
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_topk_cache(tmp_path_factory, smollm2_dir) -> Path:
+    """A SmolLM2 top-12 cache built by the real vLLM engine: 48 sequences x 64 tokens of the
+    built-in corpus (the first 40 train, the rest are held out via a second cache)."""
+    out = tmp_path_factory.mktemp("caches") / "vllm-topk"
+    run_cli(
+        "build-cache",
+        "--teacher",
+        smollm2_dir,
+        "--out",
+        out,
+        "--engine",
+        "vllm",
+        "--k",
+        "12",
+        "--seq-len",
+        "64",
+        "--max-sequences",
+        "48",
+        "--shard-sequences",
+        "16",
+        "--quiet",
+        check=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, smollm2_dir) -> Path:
+    out = tmp_path_factory.mktemp("students") / "tiny"
+    run_cli(
+        "init-student",
+        "--like",
+        smollm2_dir,
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "2",
+        "--intermediate",
+        "128",
+        "--out",
+        out,
+        check=True,
+    )
+    return out

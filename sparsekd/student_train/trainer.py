@@ -244,6 +244,7 @@ def run(cfg: TrainConfig) -> dict:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             log.write(record)
         data_log.write(f"{step + 1} {' '.join(map(str, seen))}\n")
+        data_log.flush()  # a killed run must leave complete lines up to its checkpoint
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -1,0 +1,52 @@
+"""evaluate's metrics on a hand-made case where every number is known."""
+
+import math
+
+import pytest
+import torch
+
+from sparsekd.student_train.evaluate import MetricSums
+
+
+def test_metrics_on_a_hand_made_case():
+    # 4 positions, V = 3. Student distributions q (rows), actual next tokens, teacher support.
+    q = torch.tensor(
+        [
+            [0.70, 0.20, 0.10],  # top-1 0 (conf .70), label 0: correct
+            [0.50, 0.25, 0.25],  # top-1 0 (conf .50), label 1: wrong
+            [0.10, 0.85, 0.05],  # top-1 1 (conf .85), label 1: correct
+            [0.30, 0.30, 0.40],
+        ]
+    )  # top-1 2 (conf .40), label 0: wrong
+    labels = torch.tensor([0, 1, 1, 0])
+    ids = torch.tensor([[0, 1], [1, -1], [2, 0], [-1, -1]])
+    p = torch.tensor([[0.6, 0.3], [0.9, 0.0], [0.5, 0.2], [0.0, 0.0]])
+    m = MetricSums()
+    m.add(q.log(), labels, ids, p)
+    r = m.result()
+    nll = -(math.log(0.7) + math.log(0.25) + math.log(0.85) + math.log(0.3)) / 4
+    kl = (
+        0.6 * math.log(0.6 / 0.7)
+        + 0.3 * math.log(0.3 / 0.2)
+        + 0.9 * math.log(0.9 / 0.25)
+        + 0.5 * math.log(0.5 / 0.05)
+        + 0.2 * math.log(0.2 / 0.1)
+    ) / 3  # 3 rows with support
+    # bins of width 1/15: .70 -> 10, .50 -> 7, .85 -> 12, .40 -> 6; one position each
+    ece = (abs(1 - 0.70) + abs(0 - 0.50) + abs(1 - 0.85) + abs(0 - 0.40)) / 4
+    # teacher top: row0 id 0 (student 0: agree), row1 id 1 (student 0: no), row2 id 2
+    # (student 1: no); row 3 has no support
+    assert r["tokens"] == 4
+    assert r["lm_loss"] == pytest.approx(nll, abs=1e-6)
+    assert r["kl"] == pytest.approx(kl, abs=1e-6)
+    assert r["ece"] == pytest.approx(ece, abs=1e-6)
+    assert r["top1_agreement"] == pytest.approx(1 / 3)
+
+
+def test_ece_is_zero_when_calibrated():
+    # 10 positions at confidence 0.8 (same bin), 8 of them right
+    q = torch.tensor([[0.8, 0.2]] * 10, dtype=torch.float64)
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    m = MetricSums()
+    m.add(q.log(), labels, torch.full((10, 1), -1), torch.zeros(10, 1))
+    assert m.result()["ece"] == pytest.approx(0.0, abs=1e-12)
