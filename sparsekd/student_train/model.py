@@ -131,6 +131,9 @@ class DistillModule(torch.nn.Module):
         hidden_BLD = decoder(input_ids=input_ids).last_hidden_state
         head = self.model.get_output_embeddings()
         hidden_ND = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])
+        if self.kd_weight == 0.0:  # plain CE: no support to visit
+            ids = torch.full((hidden_ND.shape[0], 1), -1, dtype=ids.dtype, device=ids.device)
+            probs = torch.zeros(ids.shape, dtype=probs.dtype, device=probs.device)
         return sparse_kl_loss_parts(
             hidden_ND,
             head.weight,
