@@ -50,3 +50,58 @@ def test_ece_is_zero_when_calibrated():
     m = MetricSums()
     m.add(q.log(), labels, torch.full((10, 1), -1), torch.zeros(10, 1))
     assert m.result()["ece"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_json_has_exactly_the_keys(vllm_topk_cache, tiny_student):
+    import json
+
+    from tests.conftest import run_cli
+
+    proc = run_cli(
+        "evaluate",
+        "--model",
+        tiny_student,
+        "--cache",
+        vllm_topk_cache,
+        "--max-sequences",
+        "4",
+        "--json",
+        check=True,
+    )
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(res) == ["lm_loss", "kl", "ece", "top1_agreement", "tokens"]
+    assert res["tokens"] == 4 * 64 and res["lm_loss"] > 5  # an untrained student
+
+
+def test_init_student_refusals(tmp_path, smollm2_dir):
+    from tests.conftest import error_line, run_cli
+
+    proc = run_cli(
+        "init-student",
+        "--like",
+        tmp_path / "nope",
+        "--layers",
+        "1",
+        "--hidden",
+        "64",
+        "--heads",
+        "2",
+        "--out",
+        tmp_path / "s",
+    )
+    assert proc.returncode == 2 and "no config.json" in error_line(proc)
+    proc = run_cli(
+        "init-student",
+        "--like",
+        smollm2_dir,
+        "--layers",
+        "1",
+        "--hidden",
+        "65",
+        "--heads",
+        "2",
+        "--out",
+        tmp_path / "s",
+    )
+    assert proc.returncode == 2 and "not divisible by --heads 2" in error_line(proc)
