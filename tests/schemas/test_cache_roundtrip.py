@@ -103,7 +103,9 @@ def test_real_cache_targets_are_the_teachers_top_k(hf_topk_cache, smollm2_dir):
     seq = next(iter(cache))
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.from_numpy(seq.input_ids)[None].long()).logits[0], -1)
+        logp = torch.log_softmax(
+            model(torch.from_numpy(seq.input_ids.copy())[None].long()).logits[0], -1
+        )
     offsets, ids, probs = seq.targets()
     for p in range(len(seq.input_ids)):
         sl = slice(offsets[p], offsets[p + 1])
