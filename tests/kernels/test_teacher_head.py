@@ -54,7 +54,7 @@ def test_kernel_matches_float64_oracle(monkeypatch, block_v, T, D, V, K, sampler
     assert same >= 0.95, f"only {same:.3f} of draws equal the float64 oracle's"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _estimates(sampler, tau, R=2000, N=16, V=40, restrict_topk=None, backend="triton"):
     """R independent estimates (rows) of p from one fixed teacher distribution."""
     h, w, lab = _problem(1, 8, V, seed=5, scale=0.8)
