@@ -78,7 +78,14 @@ def _build_config(o: dict):
             "max_sequences": o["max_sequences"],
             "skip_bad_lines": o["skip_bad_lines"] or None,
         },
-        "encoder": {"mode": o["mode"], "k": o["k"]},
+        "encoder": {
+            "mode": o["mode"],
+            "k": o["k"],
+            "samples": o["samples"],
+            "sampler": o["sampler"],
+            "proposal_temperature": o["proposal_temperature"],
+            "path": o["path"],
+        },
         "writer": {
             "out": o["out"],
             "shard_sequences": o["shard_sequences"],
@@ -103,8 +110,29 @@ def _build_config(o: dict):
     "Default: the built-in corpus (Python's standard-library documentation).",
 )
 @click.option("--out", help="Cache directory (created; an existing cache is resumed).")
-@click.option("--mode", type=click.Choice(["topk"]), help="What to store per position.")
+@click.option(
+    "--mode",
+    type=click.Choice(["topk", "sample", "logprob"]),
+    help="topk: K most likely ids; sample: N draws from the full distribution "
+    "(RS-KD); logprob: only each token's log-prob. Default topk.",
+)
 @click.option("--k", type=int, help="Top-K size (mode topk). Default 8.")
+@click.option("--samples", type=int, help="Draws per position N (mode sample). Default 50.")
+@click.option(
+    "--sampler",
+    type=click.Choice(["iid", "systematic"]),
+    help="iid multinomial draws (default) or systematic (same mean, less variance).",
+)
+@click.option(
+    "--proposal-temperature",
+    type=float,
+    help="Draw from softmax(z / tau); tau != 1 stores importance weights. Default 1.",
+)
+@click.option(
+    "--path",
+    type=click.Choice(["auto", "logprob", "hidden"]),
+    help="vLLM prompt log-probs, or hidden states + sparsekd's head. Default auto.",
+)
 @click.option("--seq-len", type=int, help="Tokens per packed sequence. Default 512.")
 @click.option("--text-field", help="JSON/Parquet field holding the text. Default 'text'.")
 @click.option("--max-sequences", type=int, help="Stop after this many packed sequences.")

@@ -20,7 +20,7 @@ from sparsekd.schemas.manifest import CacheError, sha256_file
 
 
 def _position_arrays(cache: Cache, max_positions: int | None = None):
-    """Yield per-sequence (nll [L], mass [L], support [L], top1_hit [L])."""
+    """Yield per sequence (seq, nll [L], mass [L], support [L], top1_hit [L])."""
     seen = 0
     for seq in cache:
         offsets, ids, probs = seq.targets()
@@ -32,21 +32,36 @@ def _position_arrays(cache: Cache, max_positions: int | None = None):
         first = offsets[:-1][seq.support_size > 0]
         top1 = np.full(L, -1, dtype=np.int64)
         top1[seq.support_size > 0] = ids[order[first]]
-        yield -seq.token_logprobs, mass, seq.support_size, top1 == seq.labels
+        yield seq, -seq.token_logprobs, mass, seq.support_size, top1 == seq.labels
         seen += L
         if max_positions is not None and seen >= max_positions:
             return
 
 
+def _entropy_estimate(seq) -> np.ndarray:
+    """Per position, Miller-Madow estimate of the teacher's entropy from the N draws:
+    -sum p_hat log p_hat + (distinct - 1) / (2N) (unweighted sample caches)."""
+    offsets, _, p = seq.targets()
+    pos = np.repeat(np.arange(len(seq.support_size)), seq.support_size)
+    plug = np.bincount(
+        pos, weights=-p * np.log(np.maximum(p, 1e-30)), minlength=len(seq.support_size)
+    )
+    return plug + (seq.support_size - 1).clip(min=0) / (2.0 * seq.samples)
+
+
 def cache_stats(cache: Cache) -> dict:
     n = 0
-    nll_sum = mass_sum = support_sum = top1_sum = 0.0
-    for nll, mass, support, hit in _position_arrays(cache):
+    nll_sum = mass_sum = support_sum = top1_sum = ent_sum = 0.0
+    mode = cache.meta["mode"]
+    entropy = mode == "sample" and not cache.meta.get("weighted")
+    for seq, nll, mass, support, hit in _position_arrays(cache):
         n += len(nll)
         nll_sum += float(nll.sum())
         mass_sum += float(mass.sum())
         support_sum += float(support.sum())
         top1_sum += float(hit.sum())
+        if entropy:
+            ent_sum += float(_entropy_estimate(seq).sum())
     m = cache.manifest
     meta = cache.meta
     n = max(n, 1)
@@ -58,10 +73,12 @@ def cache_stats(cache: Cache) -> dict:
         "shards": len(cache.shards),
         "bytes": m["bytes"],
         "bytes_per_token": m["bytes"] / max(m["num_tokens"], 1),
+        "samples": meta.get("samples"),
         "mean_support": support_sum / n,
         "teacher_nll": nll_sum / n,
-        "tail_mass": 1.0 - mass_sum / n,
-        "top1_agreement": top1_sum / n,
+        "tail_mass": 1.0 - mass_sum / n if mode == "topk" else None,
+        "top1_agreement": top1_sum / n if mode != "logprob" else None,
+        "teacher_entropy": ent_sum / n if entropy else None,
         "teacher": meta["teacher"],
         "tokenizer_hash": meta["tokenizer_hash"],
         "vocab_size": meta["vocab_size"],
@@ -72,18 +89,32 @@ def cache_stats(cache: Cache) -> dict:
 
 
 def format_stats(s: dict, path: str) -> str:
+    what = {
+        "topk": f"K = {s['k']}",
+        "sample": f"N = {s['samples']} draws",
+        "logprob": "token log-probs only",
+    }[s["mode"]]
     lines = [
         f"sparsekd cache {path}",
-        f"  mode {s['mode']}, K = {s['k']}, teacher {s['teacher']} (engine {s['engine']}), "
+        f"  mode {s['mode']}, {what}, teacher {s['teacher']} (engine {s['engine']}), "
         f"vocab {s['vocab_size']}, seq_len {s['seq_len']}",
         f"  {s['sequences']} sequences, {s['tokens']} tokens in {s['shards']} shards, "
         f"{s['bytes'] / 1e6:.2f} MB = {s['bytes_per_token']:.2f} bytes/token",
-        f"  stored ids per position {s['mean_support']:.2f}, tail mass outside them "
-        f"{s['tail_mass']:.4f}",
-        f"  teacher NLL of the data {s['teacher_nll']:.4f} nats/token, top-1 = next token "
-        f"{100 * s['top1_agreement']:.2f} %",
-        f"  tokenizer {s['tokenizer_hash'][:16]}",
+        f"  stored ids per position {s['mean_support']:.2f}"
+        + (f", tail mass outside them {s['tail_mass']:.4f}" if s["tail_mass"] is not None else ""),
+        f"  teacher NLL of the data {s['teacher_nll']:.4f} nats/token"
+        + (
+            f", top-1 = next token {100 * s['top1_agreement']:.2f} %"
+            if s["top1_agreement"] is not None
+            else ""
+        ),
     ]
+    if s.get("teacher_entropy") is not None:
+        lines.append(
+            f"  teacher entropy (Miller-Madow estimate from the draws) "
+            f"{s['teacher_entropy']:.4f} nats"
+        )
+    lines.append(f"  tokenizer {s['tokenizer_hash'][:16]}")
     if s.get("bad_lines"):
         lines.append(f"  corpus lines skipped as malformed: {s['bad_lines']}")
     return "\n".join(lines)
@@ -102,7 +133,7 @@ def _verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
-        expected = F.arrow_schema(meta["mode"])
+        expected = F.arrow_schema(meta["mode"], meta.get("weighted", False))
         if not schema.remove_metadata().equals(expected):
             problems.append(f"{name}: schema differs from the {meta['mode']} shard schema")
         md = (schema.metadata or {}).get(F.META_KEY)
@@ -138,10 +169,9 @@ def _verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
         if len(support)
         else np.zeros(0, np.int64)
     )
-    if not np.array_equal(lens(F.COL_IDS), per_row) or not np.array_equal(
-        lens(F.COL_LOGPROBS), per_row
-    ):
-        problems.append(f"{name}: ids/logprobs lengths do not match support_size")
+    for col in (F.COL_IDS, *F.value_columns(meta["mode"], meta.get("weighted", False))):
+        if not np.array_equal(lens(col), per_row):
+            problems.append(f"{name}: {col} lengths do not match support_size")
     ids = table.column(F.COL_IDS).combine_chunks().values.to_numpy()
     if len(ids) and (ids.min() < 0 or ids.max() >= int(meta["vocab_size"])):
         problems.append(f"{name}: ids outside the vocabulary [0, {meta['vocab_size']})")
@@ -192,12 +222,14 @@ def plot_cache(cache: Cache, png: str | os.PathLike, max_positions: int = 2_000_
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    nll, mass, support = [], [], []
-    for a, b, c, _ in _position_arrays(cache, max_positions):
+    nll, mass, support, counts = [], [], [], [np.zeros(0)]
+    for seq, a, b, c, _ in _position_arrays(cache, max_positions):
         nll.append(a)
         mass.append(b)
         support.append(c)
-    nll, mass, support = map(np.concatenate, (nll, mass, support))
+        if F.COL_COUNTS in seq.values:
+            counts.append(seq.values[F.COL_COUNTS])
+    nll, mass, support, counts = map(np.concatenate, (nll, mass, support, counts))
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].hist(nll, bins=60, color="#3b6ea8")
     axes[0].set(
@@ -205,12 +237,21 @@ def plot_cache(cache: Cache, png: str | os.PathLike, max_positions: int = 2_000_
         xlabel="-log p (nats)",
         ylabel="positions",
     )
-    axes[1].hist(1.0 - mass, bins=60, color="#c05a3c")
-    axes[1].set(
-        title=f"tail mass outside the stored ids (mean {1 - mass.mean():.3f})",
-        xlabel="1 - sum p",
-        ylabel="positions",
-    )
+    if len(counts):
+        axes[1].hist(counts, bins=np.arange(1, counts.max() + 2) - 0.5, color="#c05a3c")
+        axes[1].set(
+            title=f"draws per stored id (N = {cache.meta['samples']})",
+            xlabel="count",
+            ylabel="ids",
+            yscale="log",
+        )
+    else:
+        axes[1].hist(1.0 - mass, bins=60, color="#c05a3c")
+        axes[1].set(
+            title=f"tail mass outside the stored ids (mean {1 - mass.mean():.3f})",
+            xlabel="1 - sum p",
+            ylabel="positions",
+        )
     axes[2].hist(support, bins=np.arange(support.min(), support.max() + 2) - 0.5, color="#5a9a5a")
     axes[2].set(
         title=f"stored ids per position (mean {support.mean():.2f})",

@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from sparsekd import __version__
 from sparsekd.cache_builder.corpus import (
     CorpusConfig,
@@ -31,9 +33,11 @@ from sparsekd.cache_builder.corpus import (
     corpus_fingerprint,
     pack_sequences,
 )
+from sparsekd.cache_builder.encode import Support, empty, from_samples, from_topk
 from sparsekd.cache_builder.engines import MAX_TOPK, TeacherConfig, make_engine
 from sparsekd.cache_builder.teacher import TeacherError
-from sparsekd.cache_builder.writer import encode_topk_table, write_shard
+from sparsekd.cache_builder.writer import encode_table, write_shard
+from sparsekd.kernels.teacher_head import SAMPLERS
 from sparsekd.schemas import format as F
 from sparsekd.schemas.identity import teacher_hash, tokenizer_hash
 from sparsekd.schemas.manifest import (
@@ -55,12 +59,39 @@ BUILD_CONFIG = "build_config.json"
 class EncoderConfig:
     mode: str = "topk"
     k: int = 8
+    samples: int = 50
+    sampler: str = "iid"
+    proposal_temperature: float = 1.0
+    path: str = "auto"  # logprob | hidden | auto (logprob for topk, hidden otherwise)
 
     def __post_init__(self):
         if self.mode not in F.MODES:
             raise ValueError(f"encoder.mode must be one of {F.MODES}, got {self.mode!r}")
-        if not 1 <= self.k <= MAX_TOPK:
+        if self.mode == "topk" and not 1 <= self.k <= MAX_TOPK:
             raise ValueError(f"encoder.k must be in 1..{MAX_TOPK}, got {self.k}")
+        if self.mode == "sample" and not 1 <= self.samples <= 65535:
+            raise ValueError(f"encoder.samples must be in 1..65535, got {self.samples}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"encoder.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.proposal_temperature <= 0:
+            raise ValueError("encoder.proposal_temperature must be > 0")
+        if self.path not in ("auto", "logprob", "hidden"):
+            raise ValueError(f"encoder.path must be auto, logprob or hidden, got {self.path!r}")
+        if self.path == "logprob" and self.mode != "topk":
+            raise ValueError(
+                f"mode {self.mode} needs the hidden-state path (vLLM's log-prob "
+                "API cannot sample the full distribution); drop --path logprob"
+            )
+
+    @property
+    def resolved_path(self) -> str:
+        if self.path != "auto":
+            return self.path
+        return "logprob" if self.mode == "topk" else "hidden"
+
+    @property
+    def weighted(self) -> bool:
+        return self.mode == "sample" and self.proposal_temperature != 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +152,14 @@ def _identity(cfg: BuildConfig, tokenizer, vocab_size: int) -> dict:
         "format": F.FORMAT_NAME,
         "schema_version": F.SCHEMA_VERSION,
         "mode": cfg.encoder.mode,
-        "k": cfg.encoder.k,
+        "k": cfg.encoder.k if cfg.encoder.mode == "topk" else None,
+        "samples": cfg.encoder.samples if cfg.encoder.mode == "sample" else None,
+        "sampler": cfg.encoder.sampler if cfg.encoder.mode == "sample" else None,
+        "proposal_temperature": (
+            cfg.encoder.proposal_temperature if cfg.encoder.mode == "sample" else None
+        ),
+        "weighted": cfg.encoder.weighted,
+        "path": cfg.encoder.resolved_path,
         "temperature": 1.0,
         "logprob_scale": F.LOGPROB_SCALE,
         "teacher": str(Path(cfg.teacher.path).resolve().name),
@@ -137,6 +175,50 @@ def _identity(cfg: BuildConfig, tokenizer, vocab_size: int) -> dict:
         "engine": cfg.teacher.engine,
         "seed": cfg.seed,
     }
+
+
+def teacher_view(
+    engine, enc: EncoderConfig, seed: int, seq_ids: list[int], ids: list[np.ndarray], nxt: list[int]
+) -> tuple[list, list[Support]]:
+    """Run the teacher on one unit: per sequence its token log-probs [L] and Support."""
+    L = len(ids[0])
+    if enc.resolved_path == "logprob":
+        tb = engine.run(ids, nxt, k=enc.k)
+        return tb.token_logprobs, [from_topk(i, lp) for i, lp in zip(tb.topk_ids, tb.topk_logprobs)]
+    import torch
+
+    from sparsekd.kernels.teacher_head import sampling_uniforms, teacher_head
+
+    W, b = engine.lm_head()
+    hidden = torch.cat(engine.hidden(ids, nxt)).to(W.device)  # [B*L, D]
+    labels = torch.from_numpy(np.concatenate([np.append(x[1:], n) for x, n in zip(ids, nxt)]))
+    targets = None
+    if enc.mode == "sample":
+        targets = torch.cat(
+            [sampling_uniforms(seed, s, L, enc.samples, enc.sampler) for s in seq_ids]
+        )
+    out = teacher_head(
+        hidden,
+        W,
+        labels.to(W.device),
+        k=enc.k if enc.mode == "topk" else 0,
+        targets=targets,
+        tau=enc.proposal_temperature,
+        bias=b,
+    )
+    out = {key: v.cpu().numpy() for key, v in out.items()}
+    token_lp = [out["token_logprob"][i * L : (i + 1) * L] for i in range(len(ids))]
+    supports = []
+    for i in range(len(ids)):
+        rows = slice(i * L, (i + 1) * L)
+        if enc.mode == "topk":
+            supports.append(from_topk(out["topk_ids"][rows], out["topk_logprobs"][rows]))
+        elif enc.mode == "sample":
+            w = out["sample_weights"][rows] if "sample_weights" in out else None
+            supports.append(from_samples(out["sample_ids"][rows], out["sample_counts"][rows], w))
+        else:
+            supports.append(empty(L))
+    return token_lp, supports
 
 
 def _fingerprint(identity: dict) -> str:
@@ -264,21 +346,27 @@ def run(cfg: BuildConfig, engine=None) -> dict:
             if unit % n_workers != index or unit in done:
                 return
             if engine is None:
-                engine = make_engine(cfg.teacher, k=cfg.encoder.k, seq_len=L, seed=cfg.seed)
+                engine = make_engine(
+                    cfg.teacher,
+                    k=cfg.encoder.k,
+                    seq_len=L,
+                    seed=cfg.seed,
+                    path=cfg.encoder.resolved_path,
+                )
             seq_ids = [s for s, _, _ in unit_buf]
             ids = [x for _, x, _ in unit_buf]
             nxt = [n for _, _, n in unit_buf]
             t0 = time.perf_counter()
-            tb = engine.run(ids, nxt, k=cfg.encoder.k)
+            token_lp, supports = teacher_view(engine, cfg.encoder, cfg.seed, seq_ids, ids, nxt)
             t_teacher += time.perf_counter() - t0
-            table = encode_topk_table(
+            table = encode_table(
                 cfg.encoder.mode,
                 seq_ids,
                 ids,
                 nxt,
-                tb.topk_ids,
-                tb.topk_logprobs,
-                tb.token_logprobs,
+                token_lp,
+                supports,
+                weighted=cfg.encoder.weighted,
             )
             entry = write_shard(out, unit, table, meta)
             record["shards"].append(entry)

@@ -168,6 +168,96 @@ class VllmEngine:
             self.llm = None
 
 
+def _check_plain_head(cfg: dict, path: str) -> None:
+    for key in (
+        "final_logit_softcapping",
+        "logit_scale",
+        "logits_scaling",
+        "output_multiplier_scale",
+    ):
+        if cfg.get(key) not in (None, 1, 1.0):
+            raise ValueError(
+                f"teacher {path} uses {key}={cfg[key]}: the hidden-state path does "
+                "not reproduce that head yet; use --path logprob"
+            )
+
+
+def load_lm_head(path: str):
+    """The teacher's LM head [V, D] (and bias) from its safetensors, tied or untied."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    p = Path(path)
+    cfg = json.loads((p / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    _check_plain_head(cfg, path)
+    names = ["lm_head.weight"] if not cfg.get("tie_word_embeddings") else []
+    names += ["model.embed_tokens.weight", "embed_tokens.weight"]
+    for f in sorted(p.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            keys = set(fh.keys())
+            for name in names:
+                if name in keys:
+                    bias = fh.get_tensor("lm_head.bias") if "lm_head.bias" in keys else None
+                    return fh.get_tensor(name).float(), (None if bias is None else bias.float())
+    raise ValueError(f"teacher {path}: no LM head ({' or '.join(names)}) in its safetensors")
+
+
+class VllmHiddenEngine:
+    """vLLM hidden-state path: the pooling runner returns each position's final hidden state;
+    sparsekd applies the LM head itself (kernels/teacher_head.py)."""
+
+    name = "vllm"
+
+    def __init__(self, cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0):
+        if _on_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        import torch
+        from vllm import LLM
+        from vllm.config import PoolerConfig
+
+        cpu = _on_cpu()
+        self._head = load_lm_head(cfg.path)  # refuses unsupported heads before the engine starts
+        kwargs = dict(
+            model=cfg.path,
+            tokenizer=cfg.path,
+            runner="pooling",
+            dtype=cfg.dtype if cfg.dtype != "auto" else ("float32" if cpu else "auto"),
+            max_model_len=seq_len + 1,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            seed=seed,
+            enable_prefix_caching=False,
+            pooler_config=PoolerConfig(
+                task="token_embed", tok_pooling_type="ALL", use_activation=False
+            ),
+        )
+        if cpu:
+            kwargs["enforce_eager"] = True
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization or 0.1
+        elif cfg.gpu_memory_utilization:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def hidden(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> list:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=ids.tolist()) for ids in input_ids]
+        outs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+        return [o.outputs.data.float() for o in outs]
+
+    def lm_head(self):
+        w, b = self._head
+        return w.to(self.device), None if b is None else b.to(self.device)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+
 class HfEngine:
     """transformers forward with exact float32 logits (the oracle)."""
 
@@ -206,10 +296,31 @@ class HfEngine:
                 batch.token_logprobs.append(tok_lp[i].cpu().numpy().astype(np.float32))
         return batch
 
+    def hidden(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> list:
+        """Final (post-norm) hidden states, one float32 [L, D] tensor per sequence."""
+        torch = self.torch
+        out = []
+        for b0 in range(0, len(input_ids), self.batch_size):
+            ids_BL = torch.from_numpy(np.stack(input_ids[b0 : b0 + self.batch_size])).long()
+            with torch.no_grad():
+                h = self.model.get_decoder()(input_ids=ids_BL.to(self.device)).last_hidden_state
+            out.extend(h.float())
+        return out
+
+    def lm_head(self):
+        head = self.model.get_output_embeddings()
+        return head.weight.detach().float(), (
+            None if head.bias is None else head.bias.detach().float()
+        )
+
     def close(self) -> None:
         self.model = None
 
 
-def make_engine(cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0):
-    cls = {"vllm": VllmEngine, "hf": HfEngine}[cfg.engine]
+def make_engine(cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0, path: str = "logprob"):
+    """`path`: "logprob" (vLLM prompt log-probs) or "hidden" (hidden states + our head).
+    The hf engine serves both."""
+    if cfg.engine == "hf":
+        return HfEngine(cfg, k=k, seq_len=seq_len, seed=seed)
+    cls = VllmHiddenEngine if path == "hidden" else VllmEngine
     return cls(cfg, k=k, seq_len=seq_len, seed=seed)

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sparsekd.cache_builder.encode import Support
 from sparsekd.schemas import format as F
 from sparsekd.schemas.manifest import sha256_file, shard_name
 
@@ -26,19 +27,19 @@ def _list_array(values: np.ndarray, lengths: list[int], typ: pa.DataType) -> pa.
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ))
 
 
-def encode_topk_table(
+def encode_table(
     mode: str,
     seq_ids: list[int],
     input_ids: list[np.ndarray],
     next_tokens: list[int],
-    topk_ids: list[np.ndarray],
-    topk_logprobs: list[np.ndarray],
     token_logprobs: list[np.ndarray],
+    supports: list[Support],
+    weighted: bool = False,
 ) -> pa.Table:
-    """Rows of a top-K shard. Per sequence: ids/logprobs [L, K], token_logprobs [L]."""
+    """Rows of a shard: per sequence its tokens, token log-probs [L] and sparse support."""
     L = len(input_ids[0])
-    K = topk_ids[0].shape[1]
     n = len(seq_ids)
+    per_row = [len(s.ids) for s in supports]
     cols = {
         F.COL_SEQ_ID: pa.array(seq_ids, type=pa.int64()),
         F.COL_INPUT_IDS: _list_array(np.concatenate(input_ids), [L] * n, pa.int32()),
@@ -46,17 +47,20 @@ def encode_topk_table(
         F.COL_TOKEN_LOGPROB: _list_array(
             F.quantize_logprobs(np.concatenate(token_logprobs)), [L] * n, pa.uint16()
         ),
-        F.COL_SUPPORT_SIZE: _list_array(np.full(n * L, K, dtype=np.uint16), [L] * n, pa.uint16()),
-        F.COL_IDS: _list_array(
-            np.concatenate([a.reshape(-1) for a in topk_ids]), [L * K] * n, pa.int32()
-        ),
-        F.COL_LOGPROBS: _list_array(
-            F.quantize_logprobs(np.concatenate([a.reshape(-1) for a in topk_logprobs])),
-            [L * K] * n,
+        F.COL_SUPPORT_SIZE: _list_array(
+            np.concatenate([s.support_size for s in supports]).astype(np.uint16),
+            [L] * n,
             pa.uint16(),
         ),
+        F.COL_IDS: _list_array(
+            np.concatenate([s.ids for s in supports]).astype(np.int32), per_row, pa.int32()
+        ),
     }
-    return pa.Table.from_pydict(cols, schema=F.arrow_schema(mode))
+    schema = F.arrow_schema(mode, weighted)
+    for col in F.value_columns(mode, weighted):
+        typ = schema.field(col).type.value_type
+        cols[col] = _list_array(np.concatenate([s.values[col] for s in supports]), per_row, typ)
+    return pa.Table.from_pydict(cols, schema=schema)
 
 
 def write_shard(cache_dir: str | os.PathLike, unit: int, table: pa.Table, meta: dict) -> dict:

@@ -43,8 +43,9 @@ class Sequence:
     token_logprobs: np.ndarray  # float32 [L]
     support_size: np.ndarray  # int64 [L]
     ids: np.ndarray  # int32 [sum(support_size)], sorted within each position
-    values: np.ndarray  # uint16 [sum(support_size)]: quantised log-probs (topk)
+    values: dict  # value column -> [sum(support_size)] array (see schemas.format)
     mode: str
+    samples: int | None = None  # N, for mode sample
 
     @property
     def labels(self) -> np.ndarray:
@@ -55,12 +56,21 @@ class Sequence:
         """`(offsets int64 [L+1], ids int32 [n], probs float32 [n])`.
 
         Position p's support is `ids[offsets[p]:offsets[p+1]]` with teacher probability
-        estimates `probs[...]` (top-K: exp of the stored log-probs, summing to <= 1).
+        estimates `probs[...]`: top-K, exp of the stored log-probs (summing to <= 1); sample,
+        count / N, times p / r when drawn at a proposal temperature (unbiased for p);
+        logprob, empty.
         """
         offsets = np.zeros(len(self.support_size) + 1, dtype=np.int64)
         np.cumsum(self.support_size, out=offsets[1:])
-        probs = np.exp(F.dequantize_logprobs(self.values))
-        return offsets, self.ids, probs
+        if self.mode == "topk":
+            probs = np.exp(F.dequantize_logprobs(self.values[F.COL_LOGPROBS]))
+        elif self.mode == "sample":
+            probs = self.values[F.COL_COUNTS].astype(np.float32) / np.float32(self.samples)
+            if F.COL_WEIGHTS in self.values:
+                probs = probs * self.values[F.COL_WEIGHTS]
+        else:
+            probs = np.zeros(0, dtype=np.float32)
+        return offsets, self.ids, probs.astype(np.float32)
 
 
 class Cache:
@@ -108,7 +118,7 @@ class Cache:
         tl_off, tl_val = lists(F.COL_TOKEN_LOGPROB)
         ss_off, ss_val = lists(F.COL_SUPPORT_SIZE)
         id_off, id_val = lists(F.COL_IDS)
-        lp_off, lp_val = lists(F.COL_LOGPROBS)
+        value_cols = {c: lists(c) for c in F.value_columns(mode, self.meta.get("weighted", False))}
         seq_ids = cols[F.COL_SEQ_ID].to_numpy()
         nxt = cols[F.COL_NEXT_TOKEN].to_numpy()
         for r in range(table.num_rows):
@@ -119,8 +129,9 @@ class Cache:
                 token_logprobs=F.dequantize_logprobs(tl_val[tl_off[r] : tl_off[r + 1]]),
                 support_size=ss_val[ss_off[r] : ss_off[r + 1]].astype(np.int64),
                 ids=id_val[id_off[r] : id_off[r + 1]],
-                values=lp_val[lp_off[r] : lp_off[r + 1]],
+                values={c: v[o[r] : o[r + 1]] for c, (o, v) in value_cols.items()},
                 mode=mode,
+                samples=self.meta.get("samples"),
             )
 
     def __iter__(self) -> Iterator[Sequence]:

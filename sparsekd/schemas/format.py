@@ -13,6 +13,10 @@ One Parquet row is one packed sequence of `L = seq_len` tokens:
     support_size    list<uint16>[L] ids stored for each position (CSR counts)
     ids             list<int32>    concatenated sorted ids of every position
     logprobs        list<uint16>   topk: q(-log p(id)) aligned with `ids`
+    counts          list<uint16>   sample: how many of the N draws gave each id
+    weights         list<float32>  sample with proposal temperature != 1: p(id) / r(id)
+
+Mode logprob stores no support (support_size all 0, ids empty) and neither value column.
 
 Position p (0 <= p < L) holds the teacher's distribution over the token that follows
 input_ids[p], i.e. input_ids[p + 1] for p < L - 1 and `next_token` for p = L - 1.
@@ -26,7 +30,7 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 FORMAT_NAME = "sparsekd-cache"
 
-MODES = ("topk",)
+MODES = ("topk", "sample", "logprob")
 
 # Log-probs are stored as unsigned fixed point: q = round(-logprob * LOGPROB_SCALE), clamped
 # to the uint16 range. The absolute error in log p is at most 0.5 / LOGPROB_SCALE
@@ -45,6 +49,8 @@ COL_TOKEN_LOGPROB = "token_logprob"
 COL_SUPPORT_SIZE = "support_size"
 COL_IDS = "ids"
 COL_LOGPROBS = "logprobs"
+COL_COUNTS = "counts"
+COL_WEIGHTS = "weights"
 
 # Key-value metadata stored in every shard under this key (one JSON document).
 META_KEY = b"sparsekd"
@@ -64,8 +70,20 @@ def dequantize_logprobs(q: np.ndarray) -> np.ndarray:
     return (np.asarray(q, dtype=np.float32) * np.float32(-1.0 / LOGPROB_SCALE)).astype(np.float32)
 
 
-def arrow_schema(mode: str) -> pa.Schema:
-    """The Arrow schema of a shard of the given mode."""
+def value_columns(mode: str, weighted: bool = False) -> tuple[str, ...]:
+    """The per-id value columns of a mode, aligned with `ids`."""
+    return {
+        "topk": (COL_LOGPROBS,),
+        "sample": (COL_COUNTS,) + ((COL_WEIGHTS,) if weighted else ()),
+        "logprob": (),
+    }[mode]
+
+
+_VALUE_TYPES = {COL_LOGPROBS: pa.uint16(), COL_COUNTS: pa.uint16(), COL_WEIGHTS: pa.float32()}
+
+
+def arrow_schema(mode: str, weighted: bool = False) -> pa.Schema:
+    """The Arrow schema of a shard of the given mode (`weighted`: sample with tau != 1)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     fields = [
@@ -75,7 +93,9 @@ def arrow_schema(mode: str) -> pa.Schema:
         pa.field(COL_TOKEN_LOGPROB, pa.list_(pa.uint16()), nullable=False),
         pa.field(COL_SUPPORT_SIZE, pa.list_(pa.uint16()), nullable=False),
         pa.field(COL_IDS, pa.list_(pa.int32()), nullable=False),
-        pa.field(COL_LOGPROBS, pa.list_(pa.uint16()), nullable=False),
+    ] + [
+        pa.field(c, pa.list_(_VALUE_TYPES[c]), nullable=False)
+        for c in value_columns(mode, weighted)
     ]
     return pa.schema(fields)
 
@@ -92,5 +112,7 @@ PARQUET_OPTIONS = dict(
         f"{COL_IDS}.list.element": "BYTE_STREAM_SPLIT",
         f"{COL_LOGPROBS}.list.element": "BYTE_STREAM_SPLIT",
         f"{COL_TOKEN_LOGPROB}.list.element": "BYTE_STREAM_SPLIT",
+        f"{COL_COUNTS}.list.element": "BYTE_STREAM_SPLIT",
+        f"{COL_WEIGHTS}.list.element": "BYTE_STREAM_SPLIT",
     },
 )

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sparsekd import open_cache
-from sparsekd.cache_builder.writer import encode_topk_table, write_shard
+from sparsekd.cache_builder.encode import from_topk
+from sparsekd.cache_builder.writer import encode_table, write_shard
 from sparsekd.schemas import format as F
 from sparsekd.schemas.manifest import CacheError, atomic_write_json, build_manifest
 
@@ -39,9 +40,8 @@ def test_writer_to_open_cache_round_trip(tmp_path):
     meta = {"mode": "topk", "seq_len": L, "fingerprint": "f" * 64, "vocab_size": V}
     shards = {}
     for unit, (a, b) in enumerate([(0, 4), (4, 8), (8, 9)]):
-        t = encode_topk_table(
-            "topk", seq_ids[a:b], ids[a:b], nxt[a:b], top_ids[a:b], top_lp[a:b], tok_lp[a:b]
-        )
+        supports = [from_topk(i, lp) for i, lp in zip(top_ids[a:b], top_lp[a:b])]
+        t = encode_table("topk", seq_ids[a:b], ids[a:b], nxt[a:b], tok_lp[a:b], supports)
         shards[unit] = write_shard(tmp_path, unit, t, meta)
     atomic_write_json(
         tmp_path / "manifest.json",
