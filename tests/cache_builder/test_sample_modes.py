@@ -1,0 +1,154 @@
+"""Sample and logprob caches through the hidden-state path, on the real SmolLM2 teacher:
+the stored targets are what the teacher head drew, deterministic, and inspectable; the
+hidden path's top-K equals vLLM's log-prob path's."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from sparsekd import open_cache
+from sparsekd.cache_builder.build import BuildConfig, EncoderConfig, WriterConfig, run
+from sparsekd.cache_builder.corpus import CorpusConfig
+from sparsekd.cache_builder.engines import TeacherConfig, VllmEngine, VllmHiddenEngine
+from sparsekd.inspect import cache_stats, verify_cache
+from tests.conftest import error_line, run_cli
+
+
+def _build(teacher, out, engine="hf", **enc):
+    return run(
+        BuildConfig(
+            teacher=TeacherConfig(path=str(teacher), engine=engine),
+            corpus=CorpusConfig(seq_len=48, max_sequences=8),
+            encoder=EncoderConfig(**enc),
+            writer=WriterConfig(out=str(out), shard_sequences=4),
+            progress=False,
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def sample_cache(tmp_path_factory, smollm2_dir):
+    out = tmp_path_factory.mktemp("sample") / "c"
+    _build(smollm2_dir, out, mode="sample", samples=50)
+    return out
+
+
+def test_sample_cache_targets(sample_cache):
+    cache = open_cache(sample_cache)
+    assert cache.meta["mode"] == "sample" and cache.meta["samples"] == 50
+    assert verify_cache(sample_cache) == []
+    for seq in cache:
+        offsets, ids, probs = seq.targets()
+        counts = seq.values["counts"]
+        for p in range(len(seq.input_ids)):
+            sl = slice(offsets[p], offsets[p + 1])
+            assert np.all(np.diff(ids[sl]) > 0), "distinct ids, ascending"
+            assert counts[sl].sum() == 50 and np.isclose(probs[sl].sum(), 1.0)
+    stats = cache_stats(cache)
+    assert 5 < stats["mean_support"] < 50 and stats["tail_mass"] is None
+    assert 0 < stats["teacher_entropy"] < 10 and 0 < stats["top1_agreement"] < 1
+
+
+def test_sample_cache_is_deterministic_across_worker_splits(tmp_path, smollm2_dir, sample_cache):
+    out = tmp_path / "w"
+    for i in range(2):
+        run(
+            BuildConfig(
+                teacher=TeacherConfig(path=str(smollm2_dir), engine="hf"),
+                corpus=CorpusConfig(seq_len=48, max_sequences=8),
+                encoder=EncoderConfig(mode="sample", samples=50),
+                writer=WriterConfig(out=str(out), shard_sequences=4, num_workers=2, worker_index=i),
+                progress=False,
+            )
+        )
+    digest = lambda d: {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+        for p in sorted(d.glob("shard-*"))
+    }
+    assert digest(out) == digest(sample_cache)
+
+
+def test_tempered_proposal_stores_weights_and_stays_unbiased_in_mean(tmp_path, smollm2_dir):
+    out = tmp_path / "t"
+    _build(smollm2_dir, out, mode="sample", samples=200, proposal_temperature=0.8)
+    cache = open_cache(out)
+    assert cache.meta["weighted"]
+    seq = next(iter(cache))
+    assert "weights" in seq.values and (seq.values["weights"] > 0).all()
+    offsets, _, probs = seq.targets()
+    mass = np.add.reduceat(probs, offsets[:-1])
+    # importance-weighted estimates of p: per position the total is ~1 on average
+    assert abs(mass.mean() - 1.0) < 0.1
+
+
+def test_logprob_mode_stores_only_token_logprobs(tmp_path, smollm2_dir, hf_topk_cache):
+    out = tmp_path / "lp"
+    run(
+        BuildConfig(
+            teacher=TeacherConfig(path=str(smollm2_dir), engine="hf"),
+            corpus=CorpusConfig(seq_len=64, max_sequences=10),
+            encoder=EncoderConfig(mode="logprob"),
+            writer=WriterConfig(out=str(out), shard_sequences=4),
+            progress=False,
+        )
+    )
+    a, b = open_cache(out), open_cache(hf_topk_cache)
+    assert verify_cache(out) == []
+    for x, y in zip(a, b):
+        assert x.support_size.sum() == 0 and len(x.targets()[1]) == 0
+        np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=2e-3)
+    assert open_cache(out).manifest["bytes"] < open_cache(hf_topk_cache).manifest["bytes"] / 2
+
+
+def test_sample_mode_refuses_the_logprob_path(tmp_path, smollm2_dir):
+    proc = run_cli(
+        "build-cache",
+        "--teacher",
+        smollm2_dir,
+        "--out",
+        tmp_path / "c",
+        "--mode",
+        "sample",
+        "--path",
+        "logprob",
+        "--engine",
+        "hf",
+        "--seq-len",
+        "16",
+    )
+    assert proc.returncode == 2 and "needs the hidden-state path" in error_line(proc)
+
+
+@pytest.mark.slow
+def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from sparsekd.cache_builder.build import teacher_view
+    from sparsekd.cache_builder.corpus import pack_sequences
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    seqs = list(pack_sequences(CorpusConfig(seq_len=48, max_sequences=6), tok, tok.eos_token_id))
+    sid, ids, nxt = [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs]
+    cfg = TeacherConfig(path=str(smollm2_dir))
+    views = {}
+    for path, cls in (("hidden", VllmHiddenEngine), ("logprob", VllmEngine)):
+        eng = cls(cfg, k=8, seq_len=48)
+        try:
+            views[path] = teacher_view(
+                eng, EncoderConfig(mode="topk", k=8, path=path), 0, sid, ids, nxt
+            )
+        finally:
+            eng.close()
+    (tl_h, sup_h), (tl_l, sup_l) = views["hidden"], views["logprob"]
+    agree = total = 0
+    for a, b, x, y in zip(sup_h, sup_l, tl_h, tl_l):
+        np.testing.assert_allclose(x, y, atol=2e-3)
+        ha, hb = a.ids.reshape(-1, 8), b.ids.reshape(-1, 8)
+        agree += sum(set(r) == set(s) for r, s in zip(ha.tolist(), hb.tolist()))
+        total += len(ha)
+        la = a.values["logprobs"].reshape(-1, 8).astype(int)
+        lb = b.values["logprobs"].reshape(-1, 8).astype(int)
+        same = (ha == hb).all(1)
+        assert np.abs(la[same] - lb[same]).max() <= 2  # <= 2 / 1024 nats
+    assert agree >= 0.97 * total  # the rest: a tie at rank K within float noise
