@@ -3,6 +3,7 @@ the stored targets are what the teacher head drew, deterministic, and inspectabl
 hidden path's top-K equals vLLM's log-prob path's."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -152,3 +153,59 @@ def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
         same = (ha == hb).all(1)
         assert np.abs(la[same] - lb[same]).max() <= 2  # <= 2 / 1024 nats
     assert agree >= 0.97 * total  # the rest: a tie at rank K within float noise
+
+
+@pytest.mark.slow
+def test_vllm_hidden_states_times_head_reproduce_transformers_logits(tiny_llama_dir):
+    """The tiny Llama has an untied head (SmolLM2's tied one is covered above)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = np.arange(100, 140, dtype=np.int32)
+    eng = VllmHiddenEngine(TeacherConfig(path=str(tiny_llama_dir)), k=1, seq_len=40)
+    try:
+        (h,) = eng.hidden([ids], [0])
+        w, b = eng.lm_head()
+    finally:
+        eng.close()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    assert not ref.config.tie_word_embeddings
+    with torch.no_grad():
+        logits = ref(torch.from_numpy(ids).long()[None]).logits[0]
+    torch.testing.assert_close(h @ w.T, logits, rtol=1e-4, atol=1e-3)
+
+
+def test_soft_capped_head_is_refused_on_the_hidden_path(tmp_path, tiny_llama_dir):
+    import shutil
+
+    from sparsekd.cache_builder.engines import load_lm_head
+
+    d = tmp_path / "capped"
+    shutil.copytree(tiny_llama_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["final_logit_softcapping"] = 30.0
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        load_lm_head(str(d))
+
+
+def test_trainer_learns_from_a_sample_cache(tmp_path, sample_cache, tiny_student):
+    from sparsekd.student_train.trainer import TrainConfig
+    from sparsekd.student_train.trainer import run as train
+
+    rec = train(
+        TrainConfig(
+            cache=str(sample_cache),
+            student=str(tiny_student),
+            out=str(tmp_path / "run"),
+            steps=8,
+            batch_size=2,
+            lr=3e-3,
+            warmup=1,
+            loss="fkl",
+            progress=False,
+            tensorboard=False,
+        )
+    )
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rec["step"] == 8 and lines[-1]["kd"] < lines[0]["kd"]
