@@ -156,20 +156,22 @@ def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
 
 
 @pytest.mark.slow
-def test_vllm_hidden_states_times_head_reproduce_transformers_logits(tiny_llama_dir):
-    """The tiny Llama has an untied head (SmolLM2's tied one is covered above)."""
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "smollm2_dir"])
+def test_vllm_hidden_states_times_head_reproduce_transformers_logits(request, model):
+    """The tiny random Llama has an untied head, SmolLM2 a tied one."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    model_dir = request.getfixturevalue(model)
     ids = np.arange(100, 140, dtype=np.int32)
-    eng = VllmHiddenEngine(TeacherConfig(path=str(tiny_llama_dir)), k=1, seq_len=40)
+    eng = VllmHiddenEngine(TeacherConfig(path=str(model_dir)), k=1, seq_len=40)
     try:
         (h,) = eng.hidden([ids], [0])
         w, b = eng.lm_head()
     finally:
         eng.close()
-    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    assert not ref.config.tie_word_embeddings
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assert ref.config.tie_word_embeddings == (model == "smollm2_dir")
     with torch.no_grad():
         logits = ref(torch.from_numpy(ids).long()[None]).logits[0]
     torch.testing.assert_close(h @ w.T, logits, rtol=1e-4, atol=1e-3)

@@ -111,7 +111,11 @@ def test_real_cache_targets_are_the_teachers_top_k(hf_topk_cache, smollm2_dir):
         sl = slice(offsets[p], offsets[p + 1])
         expect = set(logp[p].topk(8).indices.tolist())
         assert set(ids[sl].tolist()) == expect
-        np.testing.assert_allclose(np.log(probs[sl]), logp[p][ids[sl]].numpy(), atol=1e-3)
+        np.testing.assert_allclose(
+            np.log(probs[sl]),
+            logp[p][torch.from_numpy(ids[sl].astype(np.int64))].numpy(),
+            atol=1e-3,
+        )
     np.testing.assert_allclose(
         seq.token_logprobs,
         logp.gather(1, torch.from_numpy(seq.labels)[:, None].long())[:, 0],
