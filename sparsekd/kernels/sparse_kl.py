@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsekd.kernels._triton_common import row_logsumexp
 from sparsekd.kernels.reference import DIVERGENCES, sparse_kl_chunked_fwd, sparse_kl_rows_torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -80,15 +81,7 @@ def _sparse_kl_fwd_kernel(
     z_row = z_ptr + row * stride_z
 
     # pass 1: online log-sum-exp over vocabulary blocks
-    m = float("-inf")
-    d = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(x, 0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-        m = m_new
-    lse = m + tl.log(d)
+    lse = row_logsumexp(z_row, V, inv_temp, BLOCK_V)
 
     # CE: -log q[label] (read before pass 2 overwrites z)
     label = tl.load(labels_ptr + row)

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsekd.kernels._triton_common import row_logsumexp
 from sparsekd.kernels.reference import _logits
 
 SAMPLERS = ("iid", "systematic")
@@ -75,15 +76,7 @@ def _sample_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     # pass 1: online log-sum-exp of z / tau
-    m = float("-inf")
-    d = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")) * inv_tau
-        m_new = tl.maximum(m, tl.max(x, 0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-        m = m_new
-    lse = m + tl.log(d)
+    lse = row_logsumexp(z_row, V, inv_tau, BLOCK_V)
     tl.store(lse_ptr + row, lse)
 
     # pass 2: the id target j draws is #{i : R_i <= t_j}, R the cumulative proposal
