@@ -185,6 +185,42 @@ def inspect_cmd(cache, as_json, verify, plot):
             click.echo(f"plot written to {plot}")
 
 
+@main.command("refine")
+@click.option(
+    "--teacher-cache", required=True, type=click.Path(), help="The teacher's cache (any mode)."
+)
+@click.option(
+    "--reference-cache",
+    required=True,
+    type=click.Path(),
+    help="The small reference model's cache of the same packed corpus (any mode).",
+)
+@click.option("--ratio", type=float, default=0.5, show_default=True, help="Fraction to keep.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Refined set folder.")
+@click.option("--tokenizer", type=click.Path(), help="Tokenizer folder (default: the teacher's).")
+@click.option("--plot", is_flag=True, help="Also write DIR/scores.png (histogram with the cut).")
+@click.option("--examples", type=int, default=3, show_default=True, help="Examples shown per end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def refine_cmd(teacher_cache, reference_cache, ratio, out, tokenizer, plot, examples, as_json):
+    """MiniPLM Difference Sampling: keep what the teacher knows and the reference does not."""
+    from sparsekd.refine import RefineConfig, format_summary, run
+
+    def go():
+        cfg = RefineConfig(
+            teacher_cache=teacher_cache,
+            reference_cache=reference_cache,
+            ratio=ratio,
+            out=out,
+            tokenizer=tokenizer,
+            plot=plot,
+            examples=examples,
+        )
+        return run(cfg)
+
+    summary = _guard(go)
+    click.echo(json.dumps(summary) if as_json else format_summary(summary))
+
+
 @main.command("init-student")
 @click.option("--like", required=True, type=click.Path(), help="Teacher folder (tokenizer, vocab).")
 @click.option("--layers", required=True, type=int)
@@ -213,7 +249,11 @@ def init_student_cmd(like, layers, hidden, heads, kv_heads, intermediate, seed, 
 
 
 @main.command("train-student")
-@click.option("--cache", help="Training cache directory.")
+@click.option("--cache", help="Training cache directory (or a refined set).")
+@click.option(
+    "--teacher-cache",
+    help="Take the KD targets of --cache's sequences from this full cache (for a refined set).",
+)
 @click.option("--student", help="Student model folder (init-student or any causal LM).")
 @click.option("--out", help="Run directory (metrics, checkpoints, final model).")
 @click.option("--steps", type=int, help="Optimizer steps.")

@@ -133,7 +133,7 @@ def _verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
-        expected = F.arrow_schema(meta["mode"], meta.get("weighted", False))
+        expected = F.arrow_schema(meta["mode"], meta.get("weighted", False), "refined" in meta)
         if not schema.remove_metadata().equals(expected):
             problems.append(f"{name}: schema differs from the {meta['mode']} shard schema")
         md = (schema.metadata or {}).get(F.META_KEY)
@@ -158,7 +158,10 @@ def _verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
         return np.diff(table.column(col).combine_chunks().offsets.to_numpy())
 
     seq = table.column(F.COL_SEQ_ID).to_numpy()
-    if not np.array_equal(seq, np.arange(entry["first_seq"], entry["first_seq"] + len(seq))):
+    if "refined" in meta:  # a refined set keeps a subset, in corpus order
+        if len(seq) and (seq[0] != entry["first_seq"] or np.any(np.diff(seq) <= 0)):
+            problems.append(f"{name}: seq_id not increasing from {entry['first_seq']}")
+    elif not np.array_equal(seq, np.arange(entry["first_seq"], entry["first_seq"] + len(seq))):
         problems.append(f"{name}: seq_id not consecutive from {entry['first_seq']}")
     for col in (F.COL_INPUT_IDS, F.COL_TOKEN_LOGPROB, F.COL_SUPPORT_SIZE):
         if np.any(lens(col) != L):
@@ -205,6 +208,11 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
         )
     expect = 0
     for e in sorted(manifest["shards"], key=lambda e: e["first_seq"]):
+        if "refined" in manifest["meta"]:
+            if e["first_seq"] < expect:
+                problems.append(f"manifest: {e['file']} overlaps the shard before it")
+            expect = e["first_seq"] + 1
+            continue
         if e["first_seq"] != expect:
             problems.append(f"manifest: sequences {expect}..{e['first_seq'] - 1} are in no shard")
         expect = e["first_seq"] + e["rows"]

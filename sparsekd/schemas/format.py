@@ -51,6 +51,9 @@ COL_IDS = "ids"
 COL_LOGPROBS = "logprobs"
 COL_COUNTS = "counts"
 COL_WEIGHTS = "weights"
+# A refined set (`sparsekd refine`) adds two columns to its teacher cache's rows:
+COL_SCORE = "score"  # float32: MiniPLM difference score of the sequence
+COL_TEXT = "text"  # string: the decoded input_ids
 
 # Key-value metadata stored in every shard under this key (one JSON document).
 META_KEY = b"sparsekd"
@@ -82,8 +85,9 @@ def value_columns(mode: str, weighted: bool = False) -> tuple[str, ...]:
 _VALUE_TYPES = {COL_LOGPROBS: pa.uint16(), COL_COUNTS: pa.uint16(), COL_WEIGHTS: pa.float32()}
 
 
-def arrow_schema(mode: str, weighted: bool = False) -> pa.Schema:
-    """The Arrow schema of a shard of the given mode (`weighted`: sample with tau != 1)."""
+def arrow_schema(mode: str, weighted: bool = False, refined: bool = False) -> pa.Schema:
+    """The Arrow schema of a shard of the given mode (`weighted`: sample with tau != 1;
+    `refined`: a refined set's shard, with `score` and `text` after the cache columns)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     fields = [
@@ -97,6 +101,11 @@ def arrow_schema(mode: str, weighted: bool = False) -> pa.Schema:
         pa.field(c, pa.list_(_VALUE_TYPES[c]), nullable=False)
         for c in value_columns(mode, weighted)
     ]
+    if refined:
+        fields += [
+            pa.field(COL_SCORE, pa.float32(), nullable=False),
+            pa.field(COL_TEXT, pa.string(), nullable=False),
+        ]
     return pa.schema(fields)
 
 

@@ -1,6 +1,10 @@
 """Streaming reader over a cache for training: row groups strided by rank, a seeded shuffle
 buffer, fixed-size batches, and a state that makes resuming exact.
 
+`keep` (a set of seq_ids) restricts the stream to those sequences: how a refined set's
+sequences are read with the targets of the full teacher cache (`train-student --cache
+REFINED --teacher-cache FULL`).
+
 The unit of reading is a Parquet row group (`schemas.format.ROW_GROUP_SIZE` sequences);
 rank r of R reads row groups r, r + R, ... of the manifest-ordered list, so ranks never
 share a sequence. Each epoch visits the rank's row groups in an order drawn from
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from sparsekd.schemas import format as F
 from sparsekd.schemas.cache import Cache, Sequence
 
 
@@ -73,6 +78,7 @@ class CacheReader:
         world_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = 256,
+        keep: frozenset[int] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -81,15 +87,22 @@ class CacheReader:
         self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.shuffle_buffer = max(1, shuffle_buffer)
+        self.keep = keep
         groups = []
         for entry in cache.shards:
-            n = pq.ParquetFile(cache.shard_path(entry)).metadata.num_row_groups
-            groups.extend((entry, g) for g in range(n))
+            pf = pq.ParquetFile(cache.shard_path(entry))
+            for g in range(pf.metadata.num_row_groups):
+                if keep is None or not keep.isdisjoint(
+                    pf.read_row_group(g, columns=[F.COL_SEQ_ID]).column(0).to_pylist()
+                ):
+                    groups.append((entry, g))
         self.groups = groups[rank::world_size]
         if not self.groups:
             raise ValueError(
                 f"rank {rank} of {world_size} gets no data: the cache has {len(groups)} row "
-                "groups; use fewer ranks or a larger cache"
+                "groups"
+                + (" holding kept sequences" if keep is not None else "")
+                + "; use fewer ranks or a larger cache"
             )
         self.epoch = 0
         self.consumed = 0
@@ -101,6 +114,8 @@ class CacheReader:
         for gi in rng.permutation(len(self.groups)):
             entry, g = self.groups[gi]
             for seq in self.cache.iter_shard(entry, [g]):
+                if self.keep is not None and seq.seq_id not in self.keep:
+                    continue
                 buf.append(seq)
                 if len(buf) >= self.shuffle_buffer:
                     yield buf.pop(int(rng.integers(len(buf))))

@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from sparsekd.kernels.reference import DIVERGENCES
+from sparsekd.schemas import format as F
 
 LOSSES = ("ce", *DIVERGENCES)
 
@@ -42,6 +44,7 @@ LOSSES = ("ce", *DIVERGENCES)
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     cache: str
+    teacher_cache: str | None = None  # KD targets for --cache's sequences (a refined set)
     student: str
     out: str
     steps: int
@@ -138,7 +141,7 @@ def run(cfg: TrainConfig) -> dict:
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     )
     out = Path(cfg.out)
-    cache = open_cache(cfg.cache)
+    cache, keep = _training_data(cfg)
     eval_cache = open_cache(cfg.eval_cache) if cfg.eval_cache else None
     model, tok = load_student(cfg.student)
     check_compatible(model, tok, cache.meta)
@@ -182,6 +185,7 @@ def run(cfg: TrainConfig) -> dict:
         world_size=world,
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
+        keep=keep,
     )
     start = 0
     if ckpt is not None:
@@ -267,6 +271,39 @@ def run(cfg: TrainConfig) -> dict:
 
         dist.barrier()
     return record
+
+
+def _training_data(cfg: TrainConfig):
+    """The cache to stream and the seq_ids to keep from it (None: all).
+
+    With --teacher-cache, the sequences of --cache (typically a refined set) are read from
+    the teacher cache, whose sparse targets they then carry.
+    """
+    from sparsekd.refine import check_same_sequences
+    from sparsekd.schemas.cache import open_cache
+
+    cache = open_cache(cfg.cache)
+    keep = None
+    if cfg.teacher_cache:
+        targets = open_cache(cfg.teacher_cache)
+        if "refined" in targets.meta:
+            raise ValueError(f"--teacher-cache {targets.path} is a refined set, not a full cache")
+        check_same_sequences(cache, targets, "--cache and --teacher-cache")
+        keep = frozenset(
+            int(i)
+            for entry in cache.shards
+            for i in pq.read_table(cache.shard_path(entry), columns=[F.COL_SEQ_ID])
+            .column(0)
+            .to_pylist()
+        )
+        cache = targets
+    if cfg.loss != "ce" and cache.meta["mode"] == "logprob":
+        raise ValueError(
+            f"--loss {cfg.loss} needs teacher targets, and {cache.path} stores token log-probs "
+            "only (mode logprob): use --loss ce, or add --teacher-cache with a top-K or sample "
+            "cache of the same corpus"
+        )
+    return cache, keep
 
 
 def _save_checkpoint(out, step, module, opt, sched, reader, rank, world):

@@ -1,0 +1,356 @@
+"""`sparsekd refine`: MiniPLM Difference Sampling over two caches of the same packed corpus.
+
+    s(x) = mean_t log p_teacher(x_t | x_<t) - mean_t log p_reference(x_t | x_<t)
+
+over the L positions of each packed sequence (the token log-probs both caches store, in
+any mode; `--mode logprob` is the cheap one). The top `ratio` fraction by score is kept,
+in corpus order; ties break towards the earlier sequence, so the selection is a pure
+function of the two caches and the ratio.
+
+Output DIR is itself a sparsekd cache (`train-student --cache DIR` reads it): the teacher
+cache's rows for the kept sequences, with the columns `score` and `text` (decoded
+input_ids) added, and a manifest whose meta carries a `refined` record (ratio, cut, both
+caches' identities). Beside it, `scores.parquet` holds every sequence's score and both
+mean log-probs, so another ratio can be chosen without reading the caches again, and
+`--plot` writes `scores.png`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sparsekd.schemas import format as F
+from sparsekd.schemas.cache import Cache, open_cache
+from sparsekd.schemas.manifest import (
+    MANIFEST,
+    CacheError,
+    atomic_write_json,
+    build_manifest,
+    read_json,
+)
+
+REFINE_RECORD = "refine.json"
+SCORES_FILE = "scores.parquet"
+PLOT_FILE = "scores.png"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefineConfig:
+    teacher_cache: str
+    reference_cache: str
+    out: str
+    ratio: float = 0.5
+    tokenizer: str | None = None  # default: the teacher folder recorded by build-cache
+    plot: bool = False
+    shard_sequences: int = 256
+    examples: int = 3
+
+    def __post_init__(self):
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.shard_sequences < 1:
+            raise ValueError("--shard-sequences must be >= 1")
+
+
+def check_same_sequences(a: Cache, b: Cache, what: str = "the two caches") -> None:
+    """Refuse two caches that do not hold the same packed sequences of the same tokens."""
+    for key, name in (
+        ("tokenizer_hash", "tokenizer"),
+        ("corpus_hash", "corpus (inputs, text field or --max-sequences)"),
+        ("seq_len", "packing (seq_len)"),
+    ):
+        if a.meta.get(key) != b.meta.get(key):
+            va, vb = str(a.meta.get(key))[:16], str(b.meta.get(key))[:16]
+            raise CacheError(f"{what} differ in {name}: {va} in {a.path}, {vb} in {b.path}")
+
+
+def _score_pass(teacher: Cache, reference: Cache):
+    """Per sequence, in corpus order: seq_id, mean teacher and reference token log-prob."""
+    seq_ids, t_lp, r_lp = [], [], []
+    it_r = iter(reference)
+    for st in teacher:
+        sr = next(it_r, None)
+        if sr is None or sr.seq_id != st.seq_id:
+            raise CacheError(
+                f"sequence {st.seq_id} of {teacher.path} has no counterpart in {reference.path}"
+            )
+        if sr.next_token != st.next_token or not np.array_equal(sr.input_ids, st.input_ids):
+            raise CacheError(
+                f"sequence {st.seq_id} holds different tokens in {teacher.path} and "
+                f"{reference.path}: the caches were not packed from the same corpus"
+            )
+        seq_ids.append(st.seq_id)
+        t_lp.append(float(np.mean(st.token_logprobs, dtype=np.float64)))
+        r_lp.append(float(np.mean(sr.token_logprobs, dtype=np.float64)))
+    if next(it_r, None) is not None:
+        raise CacheError(f"{reference.path} holds more sequences than {teacher.path}")
+    return np.array(seq_ids, np.int64), np.array(t_lp), np.array(r_lp)
+
+
+def select(scores: np.ndarray, ratio: float) -> np.ndarray:
+    """Boolean mask of the kept sequences: the top `ratio` fraction (at least one) by score,
+    ties broken towards the earlier sequence."""
+    n_keep = max(1, int(round(ratio * len(scores))))
+    order = np.lexsort((np.arange(len(scores)), -scores))  # score desc, then corpus order
+    keep = np.zeros(len(scores), dtype=bool)
+    keep[order[:n_keep]] = True
+    return keep
+
+
+def _load_tokenizer(cfg: RefineConfig, teacher: Cache):
+    from transformers import AutoTokenizer
+
+    from sparsekd.schemas.identity import tokenizer_hash
+
+    path = cfg.tokenizer
+    if path is None:
+        build = teacher.path / "build_config.json"
+        if build.exists():
+            path = read_json(build, "build config").get("config", {}).get("teacher", {}).get("path")
+    if path is None or not Path(path).is_dir():
+        raise ValueError(
+            f"cannot find the tokenizer of {teacher.path} (teacher folder {path!r} is gone); "
+            "pass --tokenizer FOLDER"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+    if tokenizer_hash(tok) != teacher.meta["tokenizer_hash"]:
+        raise ValueError(f"the tokenizer in {path} is not the one {teacher.path} was built with")
+    return tok
+
+
+def _fingerprint(cfg: RefineConfig, teacher: Cache, reference: Cache) -> str:
+    ident = {
+        "teacher": teacher.manifest["fingerprint"],
+        "reference": reference.manifest["fingerprint"],
+        "ratio": cfg.ratio,
+        "shard_sequences": cfg.shard_sequences,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_out(out: Path, fingerprint: str) -> bool:
+    """True when `out` already holds this exact refined set. Refuses any other content."""
+    rec = out / REFINE_RECORD
+    if rec.exists():
+        if read_json(rec, "refine record").get("fingerprint") != fingerprint:
+            raise CacheError(
+                f"--out {out} holds a refined set of other caches or another ratio; "
+                "use another --out"
+            )
+        if (out / MANIFEST).exists():
+            return True
+        for p in out.iterdir():  # an interrupted run: its partial shards are redone
+            if p.name != REFINE_RECORD:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return False
+    if out.exists() and any(out.iterdir()):
+        raise CacheError(f"--out {out} is not empty and holds no refined set")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(rec, {"fingerprint": fingerprint})
+    return False
+
+
+def run(cfg: RefineConfig) -> dict:
+    """Score, select and write the refined set; return the summary (see `format_summary`)."""
+    from sparsekd.cache_builder.writer import write_shard
+
+    teacher, reference = open_cache(cfg.teacher_cache), open_cache(cfg.reference_cache)
+    for c in (teacher, reference):
+        if "refined" in c.meta:
+            raise CacheError(f"{c.path} is a refined set; score the caches it was made from")
+    check_same_sequences(teacher, reference, "the teacher and reference caches")
+    if teacher.meta["teacher_hash"] == reference.meta["teacher_hash"]:
+        raise CacheError(
+            "the teacher and reference caches come from the same model: every score would "
+            "be 0; build the reference cache with the small reference model"
+        )
+    out = Path(cfg.out)
+    fingerprint = _fingerprint(cfg, teacher, reference)
+    done = _prepare_out(out, fingerprint)
+    tok = _load_tokenizer(cfg, teacher)
+
+    seq_ids, t_lp, r_lp = _score_pass(teacher, reference)
+    scores = t_lp - r_lp
+    keep = select(scores, cfg.ratio)
+    cut = float(scores[keep].min())
+    summary = _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, cut, teacher, tok)
+    if not done:
+        pq.write_table(
+            pa.table(
+                {
+                    F.COL_SEQ_ID: pa.array(seq_ids),
+                    F.COL_SCORE: pa.array(scores),
+                    "teacher_logprob": pa.array(t_lp),
+                    "reference_logprob": pa.array(r_lp),
+                    "kept": pa.array(keep),
+                }
+            ),
+            out / SCORES_FILE,
+            compression="zstd",
+        )
+        meta = {
+            **teacher.meta,
+            "fingerprint": fingerprint,
+            "shard_sequences": cfg.shard_sequences,
+            "refined": {
+                "method": "miniplm-difference-sampling",
+                "ratio": cfg.ratio,
+                "cut": cut,
+                "kept": int(keep.sum()),
+                "of": len(keep),
+                "teacher_cache": str(teacher.path.resolve()),
+                "teacher_fingerprint": teacher.manifest["fingerprint"],
+                "reference": reference.meta["teacher"],
+                "reference_hash": reference.meta["teacher_hash"],
+                "reference_cache": str(reference.path.resolve()),
+                "reference_fingerprint": reference.manifest["fingerprint"],
+            },
+        }
+        score_of = dict(zip(seq_ids[keep].tolist(), scores[keep].tolist()))
+        shards, pending, unit = {}, [], 0
+
+        def flush(table: pa.Table):
+            nonlocal unit
+            shards[unit] = write_shard(out, unit, table, meta)
+            unit += 1
+
+        schema = F.arrow_schema(teacher.meta["mode"], teacher.meta.get("weighted", False), True)
+        for entry in teacher.shards:
+            table = pq.read_table(teacher.shard_path(entry)).replace_schema_metadata(None)
+            rows = np.flatnonzero(np.isin(table.column(F.COL_SEQ_ID).to_numpy(), seq_ids[keep]))
+            if not len(rows):
+                continue
+            table = table.take(pa.array(rows))
+            ids = table.column(F.COL_SEQ_ID).to_pylist()
+            text = tok.batch_decode(table.column(F.COL_INPUT_IDS).to_pylist())
+            table = table.append_column(
+                F.COL_SCORE, pa.array([score_of[i] for i in ids], pa.float32())
+            ).append_column(F.COL_TEXT, pa.array(text, pa.string()))
+            pending.append(table.cast(schema))
+            while sum(t.num_rows for t in pending) >= cfg.shard_sequences:
+                merged = pa.concat_tables(pending)
+                flush(merged.slice(0, cfg.shard_sequences))
+                pending = [merged.slice(cfg.shard_sequences)]
+        if pending and sum(t.num_rows for t in pending):
+            flush(pa.concat_tables(pending))
+        totals = {"num_sequences": int(keep.sum()), "bad_lines": teacher.manifest.get("bad_lines")}
+        atomic_write_json(out / MANIFEST, build_manifest(meta, fingerprint, shards, totals))
+    if cfg.plot:
+        plot_scores(summary, t_lp, r_lp, scores, keep, out / PLOT_FILE)
+        summary["plot"] = str(out / PLOT_FILE)
+    summary["reused"] = done
+    return summary
+
+
+def _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, cut, teacher, tok) -> dict:
+    q = np.quantile(scores, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    counts, edges = np.histogram(scores, bins=12)
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    picks = {"top": order[: cfg.examples], "bottom": order[::-1][: cfg.examples]}
+    wanted = {int(seq_ids[i]) for idx in picks.values() for i in idx}
+    text = {}
+    for entry in teacher.shards:  # only the shards that hold an example
+        if any(entry["first_seq"] <= i < entry["first_seq"] + entry["rows"] for i in wanted):
+            for seq in teacher.iter_shard(entry):
+                if seq.seq_id in wanted:
+                    text[seq.seq_id] = tok.decode(seq.input_ids)
+    examples = {
+        side: [
+            {"seq_id": int(seq_ids[i]), "score": float(scores[i]), "text": text[int(seq_ids[i])]}
+            for i in idx
+        ]
+        for side, idx in picks.items()
+    }
+    return {
+        "out": cfg.out,
+        "sequences": len(scores),
+        "kept": int(keep.sum()),
+        "ratio": cfg.ratio,
+        "cut": cut,
+        "score_mean": float(scores.mean()),
+        "score_std": float(scores.std()),
+        "quantiles": dict(zip(("min", "p10", "p25", "p50", "p75", "p90", "max"), map(float, q))),
+        "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+        "teacher_logprob_kept": float(t_lp[keep].mean()),
+        "teacher_logprob_dropped": float(t_lp[~keep].mean()) if (~keep).any() else None,
+        "reference_logprob_kept": float(r_lp[keep].mean()),
+        "reference_logprob_dropped": float(r_lp[~keep].mean()) if (~keep).any() else None,
+        "examples": examples,
+    }
+
+
+def format_summary(s: dict, width: int = 40) -> str:
+    def one_line(t: str, n: int = 100) -> str:
+        t = " ".join(t.split())
+        return t if len(t) <= n else t[: n - 3] + "..."
+
+    qs = s["quantiles"]
+    lines = [
+        f"refine: kept {s['kept']} of {s['sequences']} sequences (ratio {s['ratio']}), "
+        f"cut at score {s['cut']:.4f} -> {s['out']}"
+        + (" (already there)" if s.get("reused") else ""),
+        f"score = mean teacher log-prob - mean reference log-prob: mean {s['score_mean']:.4f}, "
+        f"std {s['score_std']:.4f}",
+        "  " + "  ".join(f"{k} {v:.3f}" for k, v in qs.items()),
+        f"  mean log-prob kept / dropped: teacher {s['teacher_logprob_kept']:.3f} / "
+        f"{_fmt(s['teacher_logprob_dropped'])}, reference {s['reference_logprob_kept']:.3f} / "
+        f"{_fmt(s['reference_logprob_dropped'])}",
+        "score distribution (| marks the bin holding the cut):",
+    ]
+    counts, edges = s["histogram"]["counts"], s["histogram"]["edges"]
+    top = max(counts) or 1
+    for i, c in enumerate(counts):
+        mark = "|" if edges[i] <= s["cut"] <= edges[i + 1] else " "
+        bar = "#" * max(1 if c else 0, round(width * c / top))
+        lines.append(f"  {mark} [{edges[i]:8.3f}, {edges[i + 1]:8.3f}) {c:6d} {bar}")
+    for side, title in (("top", "highest scores (kept)"), ("bottom", "lowest scores")):
+        lines.append(f"{title}:")
+        for ex in s["examples"][side]:
+            lines.append(f"  #{ex['seq_id']:<6d} {ex['score']:8.3f}  {one_line(ex['text'])!r}")
+    if s.get("plot"):
+        lines.append(f"plot written to {s['plot']}")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def plot_scores(s: dict, t_lp, r_lp, scores, keep, png: str | os.PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    bins = np.histogram_bin_edges(scores, bins=40)
+    axes[0].hist(scores[keep], bins=bins, color="#3b6ea8", label=f"kept ({keep.sum()})")
+    axes[0].hist(scores[~keep], bins=bins, color="#bbbbbb", label=f"dropped ({(~keep).sum()})")
+    axes[0].axvline(s["cut"], color="#c05a3c", ls="--", label=f"cut {s['cut']:.3f}")
+    axes[0].set(
+        title=f"difference score, ratio {s['ratio']}",
+        xlabel="mean teacher log-prob - mean reference log-prob",
+        ylabel="sequences",
+    )
+    axes[0].legend(fontsize=8)
+    axes[1].scatter(r_lp[~keep], t_lp[~keep], s=6, color="#bbbbbb", label="dropped")
+    axes[1].scatter(r_lp[keep], t_lp[keep], s=6, color="#3b6ea8", label="kept")
+    axes[1].set(
+        title="per sequence", xlabel="reference mean log-prob", ylabel="teacher mean log-prob"
+    )
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
