@@ -338,7 +338,7 @@ def evaluate_cmd(model, cache, max_sequences, as_json):
 @click.option("--quick", is_flag=True, help="A smaller run for CI (a few minutes).")
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
 def demo_cmd(out, quick, engine):
-    """The whole pipeline on the built-in default: SmolLM2 teacher -> top-K cache -> inspect."""
+    """The whole pipeline on the built-in default: teacher, caches, three students, report."""
     from sparsekd.demo import run_demo
 
     _guard(run_demo, Path(out), quick=quick, engine=engine)

@@ -85,6 +85,7 @@ def cache_stats(cache: Cache) -> dict:
         "seq_len": meta["seq_len"],
         "engine": meta["engine"],
         "bad_lines": m.get("bad_lines"),
+        "refined": meta.get("refined"),
     }
 
 
@@ -113,6 +114,12 @@ def format_stats(s: dict, path: str) -> str:
         lines.append(
             f"  teacher entropy (Miller-Madow estimate from the draws) "
             f"{s['teacher_entropy']:.4f} nats"
+        )
+    if s.get("refined"):
+        r = s["refined"]
+        lines.append(
+            f"  refined set (MiniPLM): kept {r['kept']} of {r['of']} sequences (ratio "
+            f"{r['ratio']}, score cut {r['cut']:.4f}), reference {r['reference']}"
         )
     lines.append(f"  tokenizer {s['tokenizer_hash'][:16]}")
     if s.get("bad_lines"):

@@ -145,6 +145,8 @@ def test_junk_lands_below_the_cut_and_scores_match_transformers(mixed, tmp_path)
     assert table.column("text").to_pylist() == tok.batch_decode(
         table.column("input_ids").to_pylist()
     )
+    shown = run_cli("inspect", out, "--verify", check=True).stdout
+    assert f"kept {kept.sum()} of {len(kinds)} sequences (ratio 0.4" in shown
     # The same command again reuses the finished set.
     again = _refine(mixed, out, "--ratio", "0.4")
     assert "already there" in again.stdout
