@@ -203,7 +203,7 @@ def inspect_cmd(cache, as_json, verify, plot):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def refine_cmd(teacher_cache, reference_cache, ratio, out, tokenizer, plot, examples, as_json):
     """MiniPLM Difference Sampling: keep what the teacher knows and the reference does not."""
-    from sparsekd.refine import RefineConfig, format_summary, run
+    from sparsekd.cache_builder.refine import RefineConfig, format_summary, run
 
     def go():
         cfg = RefineConfig(

@@ -167,6 +167,19 @@ def open_cache(path: str | os.PathLike) -> Cache:
     return Cache(p, manifest)
 
 
+def check_same_sequences(a: Cache, b: Cache, what: str = "the two caches") -> None:
+    """Refuse two caches whose tokenizer, corpus or packing differ: only then does a seq_id
+    name the same tokens in both."""
+    for key, name in (
+        ("tokenizer_hash", "tokenizer"),
+        ("corpus_hash", "corpus (inputs, text field or --max-sequences)"),
+        ("seq_len", "packing (seq_len)"),
+    ):
+        if a.meta.get(key) != b.meta.get(key):
+            va, vb = str(a.meta.get(key))[:16], str(b.meta.get(key))[:16]
+            raise CacheError(f"{what} differ in {name}: {va} in {a.path}, {vb} in {b.path}")
+
+
 def shard_metadata(path: str | os.PathLike) -> dict:
     """The sparsekd metadata stored in one shard's Parquet footer."""
     md = pq.read_schema(path).metadata or {}

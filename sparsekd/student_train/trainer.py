@@ -279,8 +279,7 @@ def _training_data(cfg: TrainConfig):
     With --teacher-cache, the sequences of --cache (typically a refined set) are read from
     the teacher cache, whose sparse targets they then carry.
     """
-    from sparsekd.refine import check_same_sequences
-    from sparsekd.schemas.cache import open_cache
+    from sparsekd.schemas.cache import check_same_sequences, open_cache
 
     cache = open_cache(cfg.cache)
     keep = None

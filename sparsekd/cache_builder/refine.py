@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sparsekd.schemas import format as F
-from sparsekd.schemas.cache import Cache, open_cache
+from sparsekd.schemas.cache import Cache, check_same_sequences, open_cache
 from sparsekd.schemas.manifest import (
     MANIFEST,
     CacheError,
@@ -59,18 +59,6 @@ class RefineConfig:
             raise ValueError(f"--ratio must be in (0, 1], got {self.ratio}")
         if self.shard_sequences < 1:
             raise ValueError("--shard-sequences must be >= 1")
-
-
-def check_same_sequences(a: Cache, b: Cache, what: str = "the two caches") -> None:
-    """Refuse two caches that do not hold the same packed sequences of the same tokens."""
-    for key, name in (
-        ("tokenizer_hash", "tokenizer"),
-        ("corpus_hash", "corpus (inputs, text field or --max-sequences)"),
-        ("seq_len", "packing (seq_len)"),
-    ):
-        if a.meta.get(key) != b.meta.get(key):
-            va, vb = str(a.meta.get(key))[:16], str(b.meta.get(key))[:16]
-            raise CacheError(f"{what} differ in {name}: {va} in {a.path}, {vb} in {b.path}")
 
 
 def _score_pass(teacher: Cache, reference: Cache):
@@ -140,7 +128,7 @@ def _fingerprint(cfg: RefineConfig, teacher: Cache, reference: Cache) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_out(out: Path, fingerprint: str) -> bool:
+def _prepare_out(out: Path, fingerprint: str, cfg: RefineConfig) -> bool:
     """True when `out` already holds this exact refined set. Refuses any other content."""
     rec = out / REFINE_RECORD
     if rec.exists():
@@ -158,7 +146,7 @@ def _prepare_out(out: Path, fingerprint: str) -> bool:
     if out.exists() and any(out.iterdir()):
         raise CacheError(f"--out {out} is not empty and holds no refined set")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(rec, {"fingerprint": fingerprint})
+    atomic_write_json(rec, {"fingerprint": fingerprint, "config": asdict(cfg)})
     return False
 
 
@@ -178,7 +166,7 @@ def run(cfg: RefineConfig) -> dict:
         )
     out = Path(cfg.out)
     fingerprint = _fingerprint(cfg, teacher, reference)
-    done = _prepare_out(out, fingerprint)
+    done = _prepare_out(out, fingerprint, cfg)
     tok = _load_tokenizer(cfg, teacher)
 
     seq_ids, t_lp, r_lp = _score_pass(teacher, reference)
