@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 
 from sparsekd.kernels.reference import DIVERGENCES
 from sparsekd.schemas import format as F
@@ -93,8 +94,6 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def _dist_init():
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -152,6 +151,10 @@ def run(cfg: TrainConfig) -> dict:
         raise ValueError(f"--out {out} already holds a run; pass --resume to continue it")
     if cfg.resume and ckpt is None and (out / "metrics.jsonl").exists():
         raise ValueError(f"--resume: {out} has no complete checkpoint to resume from")
+    if world > 1:
+        # every rank has read --out before rank 0 writes to it; otherwise a slower rank sees
+        # rank 0's fresh metrics.jsonl and refuses the run as an existing one
+        dist.barrier()
 
     torch.manual_seed(cfg.seed)
     model.to(device)
@@ -267,8 +270,6 @@ def run(cfg: TrainConfig) -> dict:
         save_final(_unsharded(cfg, model_sd) if sharded else module.model, tok, out / "final")
     log.close()
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
     return record
 
@@ -306,8 +307,6 @@ def _training_data(cfg: TrainConfig):
 
 
 def _save_checkpoint(out, step, module, opt, sched, reader, rank, world):
-    import torch.distributed as dist
-
     final = out / "checkpoints" / f"step-{step}"
     tmp = out / "checkpoints" / f".step-{step}.tmp"
     if rank == 0:

@@ -166,7 +166,9 @@ def test_two_process_gloo_ranks_see_disjoint_data(tmp_path, vllm_topk_cache, tin
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a failing rank's one-line error first: the tail is the launcher's traceback
+    errors = [ln for ln in proc.stderr.splitlines() if "sparsekd: error" in ln]
+    assert proc.returncode == 0, "\n".join(errors) + "\n" + proc.stderr[-2000:]
     ids = []
     for rank in (0, 1):
         lines = (out / "data" / f"rank-{rank}.txt").read_text().splitlines()
