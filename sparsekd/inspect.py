@@ -127,7 +127,8 @@ def format_stats(s: dict, path: str) -> str:
     return "\n".join(lines)
 
 
-def _verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
+def _verify_shard(path: Path, entry: dict, manifest: dict) -> tuple[list[str], int | None]:
+    """The shard's problems, and its last seq_id (None when it cannot be read)."""
     problems = []
     name = entry["file"]
     meta = manifest["meta"]
@@ -159,7 +160,7 @@ def _verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
         table = pf.read()
     except Exception as e:  # any decode failure is a finding, not a crash
         problems.append(f"{name}: unreadable Parquet ({type(e).__name__}: {str(e)[:120]})")
-        return problems
+        return problems, None
 
     def lens(col):
         return np.diff(table.column(col).combine_chunks().offsets.to_numpy())
@@ -187,7 +188,7 @@ def _verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
         problems.append(f"{name}: ids outside the vocabulary [0, {meta['vocab_size']})")
     if len(seq) * L != entry["tokens"]:
         problems.append(f"{name}: {len(seq) * L} tokens, manifest says {entry['tokens']}")
-    return problems
+    return problems, int(seq[-1]) if len(seq) else None
 
 
 def verify_cache(path: str | os.PathLike) -> list[str]:
@@ -199,12 +200,14 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
         return [str(e)]
     problems = []
     listed = {e["file"] for e in manifest["shards"]}
+    last_seq = {}
     for entry in manifest["shards"]:
         sp = p / entry["file"]
         if not sp.exists():
             problems.append(f"{entry['file']}: listed in the manifest but missing on disk")
             continue
-        problems.extend(_verify_shard(sp, entry, manifest))
+        found, last_seq[entry["file"]] = _verify_shard(sp, entry, manifest)
+        problems.extend(found)
     for f in sorted(p.glob("shard-*.parquet")):
         if f.name not in listed:
             problems.append(f"{f.name}: on disk but not in the manifest")
@@ -215,10 +218,11 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
         )
     expect = 0
     for e in sorted(manifest["shards"], key=lambda e: e["first_seq"]):
-        if "refined" in manifest["meta"]:
+        if "refined" in manifest["meta"]:  # a subset: shards follow each other, gaps allowed
             if e["first_seq"] < expect:
                 problems.append(f"manifest: {e['file']} overlaps the shard before it")
-            expect = e["first_seq"] + 1
+            last = last_seq.get(e["file"])
+            expect = e["first_seq"] + 1 if last is None else last + 1
             continue
         if e["first_seq"] != expect:
             problems.append(f"manifest: sequences {expect}..{e['first_seq'] - 1} are in no shard")

@@ -208,3 +208,35 @@ def test_refine_refuses_mismatched_or_nonsensical_input(mixed, tmp_path):
     proc = _refine(mixed, busy, check=False)
     assert proc.returncode == 2 and "not empty" in error_line(proc)
     assert (busy / "keep.txt").read_text() == "mine"
+
+
+def test_verify_checks_the_order_across_a_refined_sets_shards(mixed, tmp_path):
+    import pyarrow as pa
+
+    from sparsekd.cache_builder.refine import RefineConfig, run
+    from sparsekd.cache_builder.writer import write_shard
+    from sparsekd.schemas.manifest import MANIFEST, atomic_write_json, build_manifest
+
+    good = tmp_path / "good"
+    cfg = RefineConfig(
+        teacher_cache=str(mixed["teacher_cache"]),
+        reference_cache=str(mixed["reference_cache"]),
+        out=str(good),
+        shard_sequences=3,
+    )
+    run(cfg)
+    refined = open_cache(good)
+    assert len(refined.shards) >= 2 and verify_cache(good) == []
+
+    # The same kept rows dealt alternately into two shards: each shard is increasing and
+    # starts at its first_seq, but their ranges interleave, so a sequence order is broken.
+    rows = pa.concat_tables(pq.read_table(refined.shard_path(e)) for e in refined.shards)
+    rows = rows.replace_schema_metadata(None).slice(0, 4)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    meta, fp = refined.meta, refined.manifest["fingerprint"]
+    shards = {u: write_shard(bad, u, rows.take([u, u + 2]), meta) for u in (0, 1)}
+    totals = {"num_sequences": 4, "bad_lines": None}
+    atomic_write_json(bad / MANIFEST, build_manifest(meta, fp, shards, totals))
+    problems = verify_cache(bad)
+    assert len(problems) == 1 and "overlaps the shard before it" in problems[0], problems
