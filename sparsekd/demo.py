@@ -25,6 +25,7 @@ import click
 
 HELDOUT_EVERY = 8  # document i is held out when i % 8 == 7
 EVAL_K = 1024  # top-K of the held-out reference cache
+KD_WEIGHT = 0.9  # of the two distilled students; the CE student trains with 0
 
 
 @dataclass(frozen=True)
@@ -140,14 +141,15 @@ def _build_caches(out: Path, teacher: Path, size: DemoSize, engine_name: str) ->
     return result
 
 
-def _train(out: Path, init: Path, cache: Path, heldout: Path, loss: str, size: DemoSize) -> bool:
+def _train(
+    out: Path, label: str, init: Path, cache: Path, heldout: Path, loss: str, size: DemoSize
+) -> bool:
     """Train one student into `out` unless it is finished; True when it trained now."""
     from sparsekd.student_train.trainer import TrainConfig
     from sparsekd.student_train.trainer import run as train
 
     if (out / "final" / "config.json").exists():
         return False
-    label = next(label for key, label, *_ in STUDENTS if key == out.name)
     _stage(f"training the {label} student: {size.steps} steps x {size.batch_size} sequences")
     shutil.rmtree(out, ignore_errors=True)  # an unfinished run: start it again
     train(
@@ -157,6 +159,7 @@ def _train(out: Path, init: Path, cache: Path, heldout: Path, loss: str, size: D
             out=str(out),
             steps=size.steps,
             loss=loss,
+            kd_weight=KD_WEIGHT,
             batch_size=size.batch_size,
             lr=2e-3,
             warmup=max(1, size.steps // 10),
@@ -223,14 +226,14 @@ def run_demo(out: Path, *, quick: bool = False, engine: str = "vllm") -> dict:
     for key, label, cache_name, loss in STUDENTS:
         t = time.perf_counter()
         run = out / "students" / key
-        ran = _train(run, init, caches[cache_name][0], caches["heldout"][0], loss, size)
+        ran = _train(run, label, init, caches[cache_name][0], caches["heldout"][0], loss, size)
         secs = timings.record(f"train_{key}_s", time.perf_counter() - t, ran)
         model, _ = load_student(run / "final")
         sums = MetricSums()
         with torch.no_grad():
             metrics = evaluate(model, heldout, sums=sums)
         results[key] = {"label": label, **metrics, "train_s": secs}
-        curves[key] = _curves(run, 0.0 if loss == "ce" else 0.9)
+        curves[key] = _curves(run, 0.0 if loss == "ce" else KD_WEIGHT)
         reliability[key] = [a.tolist() for a in sums.reliability()]
     timings.record("this_run_s", time.perf_counter() - t0, True)
     timings = timings.saved
@@ -267,7 +270,7 @@ def run_demo(out: Path, *, quick: bool = False, engine: str = "vllm") -> dict:
             "steps": size.steps,
             "batch_size": size.batch_size,
             "student": size.student,
-            "kd_weight": 0.9,
+            "kd_weight": KD_WEIGHT,
         },
         "curves": curves,
         "reliability": reliability,
