@@ -1,53 +1,94 @@
 """`sparse_kl_loss`: LM head + full-vocabulary log-softmax + divergence to a sparse teacher
 target, forward and backward, without ever holding a [N, V] logits tensor.
 
-Rows are processed in chunks of C. Per chunk: z = hidden_C @ weight.T (+ bias), one [C, V]
-float32 buffer; the row pass turns it, in place, into dL/dz; two matmuls then give the
-chunk's d_hidden and its share of d_weight. The gradients are complete after the forward,
-so the backward only scales them by the upstream gradient (the fused-linear-loss pattern).
+Math (divergences.py has each divergence's terms f, h and their derivatives g, g_out):
 
-The row pass (`_sparse_kl_fwd_kernel`, one program per row; `sparse_kl_rows_torch` is the
-same in plain torch):
-    pass 1, over vocabulary blocks: online log-sum-exp of z / T
+    z = (hidden @ weight.T + bias) / T,  q = softmax(z) over all V
+    KD_row = sum_S f(p, q) + h(P, q_S)           CE_row = -log q[label]
+    loss = kd_weight * mean(KD over rows with support) + ce_weight * mean(CE over labelled)
+    dL/dz_j = q_j (kd_scale (g_out - G) + ce_scale) / T   (dense, every j)
+            + kd_scale q_i (g_i - g_out) / T at the support ids, - ce_scale / T at the label
+    G = sum_S q g + (1 - q_S) g_out
+
+How it runs: rows in chunks of C (`chunk_rows`, by default from a memory budget). Per
+chunk, z_C = hidden_C @ weight.T (+ bias) is one [C, V] float32 buffer (float64 for
+float64 inputs); the row pass turns it in place into dL/dz; two matmuls give the chunk's
+d_hidden and its share of d_weight. The gradients are complete after the forward, so the
+backward only scales them by the upstream gradient (the fused-linear-loss pattern).
+
+The row pass, per row (`_sparse_kl_fwd_kernel`, one Triton program per row;
+`sparse_kl_rows_torch` does the same in plain torch):
+    pass 1 over vocabulary blocks: online log-sum-exp of z
         m' = max(m, max(x)),  d' = d exp(m - m') + sum exp(x - m'),  lse = m + log d
-    support (S ids): q_i = exp(z_i / T - lse), q_S = sum q_i; per divergence the loss and
-        g_i = dL/dq_i on S, g_out = dL/dq_i off S (constant); G = sum q g + (1 - q_S) g_out
-        (formulas: kernels/reference.py); CE: -log q[label]
-    pass 2, over vocabulary blocks: dz_j = q_j (kd_scale (g_out - G) + ce_scale) / T
-    returned, not written: the sparse part kd_scale q_i (g_i - g_out) / T at each id (the
-        caller scatter-adds it, with -ce_scale / T at the label), so no thread reads an
-        address another thread of the program writes.
+    support pass A (blocks of BLOCK_S ids): q_S = sum q, P = sum p; then h and g_out
+    support pass B: KD += sum f, G += sum q g; the sparse correction q (g - g_out) is
+        returned, not written, so no thread reads an address another thread writes
+    pass 2 over vocabulary blocks: z_j <- q_j (kd_scale (g_out - G) + ce_scale) / T
 
-Backends: "triton" (this kernel; compiled on CUDA, the Triton interpreter on CPU when
-TRITON_INTERPRET=1 is set before import), "torch", "auto" (triton on CUDA, torch otherwise).
+Backends: "triton" (compiled on CUDA; the interpreter on CPU when TRITON_INTERPRET=1 is
+set before import), "torch", "auto" (triton on CUDA, torch otherwise).
 
 Shape legend: N rows (tokens), C rows in a chunk, D hidden, V vocabulary, S support size.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from sparsekd.kernels._triton_common import row_logsumexp
-from sparsekd.kernels.reference import DIVERGENCES, sparse_kl_chunked_fwd, sparse_kl_rows_torch
+from sparsekd.kernels import divergences as DV
+from sparsekd.kernels._common import lm_logits, row_logsumexp
 
 BACKENDS = ("auto", "torch", "triton")
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_DIV_CODE = {name: i for i, name in enumerate(DIVERGENCES)}  # fkl ghost skew_fkl skew_rkl jsd
-_TINY = 1e-30
-# The interpreter runs each block op as one numpy call: larger blocks are faster there.
-_MAX_BLOCK_V = 16384 if _INTERPRETED else 4096
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Vocabulary block of the row pass. The interpreter runs each block op as one numpy call,
+# so larger blocks are faster there; compiled, 4096 fp32 per program keeps registers low.
+COMPILED_MAX_BLOCK_V = 4096
+MAX_BLOCK_V = 16384 if INTERPRETED else COMPILED_MAX_BLOCK_V
+MAX_BLOCK_S = 256  # support ids per block; larger supports loop (top-K 1024, N = 65535)
+# Extra memory the chunk loop may use for its [C, V] logits buffer, by device type.
+CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 8192
 
 
-@triton.jit
-def _xlogx(a, b):
-    # a log(a / b), defined as 0 where a == 0
-    return tl.where(a > 0, a * (tl.log(tl.maximum(a, 1e-30)) - tl.log(b)), 0.0)
+def default_chunk_rows(vocab: int, device: torch.device | str) -> int:
+    """Rows per chunk so that the [C, V] float32 buffer fits the device's budget: a power of
+    two in [16, 8192] (512 rows at V = 32,000 on CPU, 1,024 at V = 128,256 on CUDA)."""
+    budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, CHUNK_BUDGET_BYTES["cuda"])
+    rows = max(1, budget // (4 * vocab))
+    rows = 1 << (rows.bit_length() - 1)
+    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseKLConfig:
+    """Everything about the loss except the tensors. Fields are `sparse_kl_loss` keywords."""
+
+    divergence: str = "fkl"  # see divergences.py
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0  # student logits are divided by it (the teacher is as stored)
+    beta: float = 0.1  # mixture weight of skew_fkl, skew_rkl and jsd
+    ignore_index: int = -100  # labels equal to it are not in the CE mean
+    backend: str = "auto"
+    chunk_rows: int | None = None  # None: from CHUNK_BUDGET_BYTES and V
+    validate: bool = True  # check id/label values: one host sync per call on a GPU
+
+    def __post_init__(self):
+        DV.get(self.divergence)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.beta < 1.0:
+            raise ValueError(f"beta must be in (0, 1), got {self.beta}")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
 
 
 @triton.jit
@@ -55,13 +96,13 @@ def _sparse_kl_fwd_kernel(
     # pointers
     z_ptr,  # [C, V] float32 logits (before 1/T); overwritten with the dense part of dL/dz
     ids_ptr,  # [C, S] int64 support ids, -1 = padding
-    p_ptr,  # [C, S] teacher probabilities
+    p_ptr,  # [C, S] float32 teacher probabilities
     labels_ptr,  # [C] int64 CE targets, -1 = none
     kd_scale_ptr,  # [C] float32 kd_weight / n_kd on rows with support, else 0
     ce_scale_ptr,  # [C] float32 ce_weight / n_ce on labelled rows, else 0
-    kd_out_ptr,  # [C] float32 per-row KD loss
-    ce_out_ptr,  # [C] float32 per-row CE loss
-    corr_ptr,  # [C, S] float32 sparse part of dL/dz at ids
+    kd_out_ptr,  # [C] float32 out: per-row KD loss
+    ce_out_ptr,  # [C] float32 out: per-row CE loss
+    corr_ptr,  # [C, S] float32 out: sparse part of dL/dz at the ids
     # strides
     stride_z,
     stride_ids,
@@ -73,76 +114,75 @@ def _sparse_kl_fwd_kernel(
     inv_temp,
     beta,
     log_inv_beta,
-    DIV: tl.constexpr,
+    SUPPORT_FN: tl.constexpr,  # (p, q, beta) -> (f, g): divergences.<name>.triton_support
+    OFF_FN: tl.constexpr,  # (P, q_S, beta, log(1/beta)) -> (h, g_out)
     BLOCK_V: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
+    ids_row = ids_ptr + row * stride_ids
+    p_row = p_ptr + row * stride_p
 
-    # pass 1: online log-sum-exp over vocabulary blocks
+    # pass 1: lse = log sum_j exp(z_j / T), online over vocabulary blocks
     lse = row_logsumexp(z_row, V, inv_temp, BLOCK_V)
 
-    # CE: -log q[label] (read before pass 2 overwrites z)
+    # CE: -log q[label] = lse - z_label / T (read before pass 2 overwrites z)
     label = tl.load(labels_ptr + row)
     z_lab = tl.load(z_row + tl.maximum(label, 0)).to(tl.float32) * inv_temp
     ce = tl.where(label >= 0, lse - z_lab, 0.0)
 
-    # the support: q, loss and g = dL/dq per divergence
-    so = tl.arange(0, BLOCK_S)
-    ids = tl.load(ids_ptr + row * stride_ids + so, mask=so < S, other=-1)
-    valid = ids >= 0
-    p = tl.load(p_ptr + row * stride_p + so, mask=valid, other=0.0).to(tl.float32)
-    zs = tl.load(z_row + tl.maximum(ids, 0), mask=valid, other=0.0).to(tl.float32) * inv_temp
-    q = tl.where(valid, tl.exp(zs - lse), 0.0)
-    q_S = tl.sum(q, 0)
-    qv = tl.where(valid, q, 1.0)  # safe divisor / log argument on padding
-    g_out = 0.0
-    if DIV == 0 or DIV == 1:  # fkl, ghost
-        kd = tl.sum(_xlogx(p, qv), 0)
-        g = -p / qv
-        if DIV == 1:
-            p_t = tl.maximum(1.0 - tl.sum(p, 0), 0.0)
-            q_t = tl.maximum(1.0 - q_S, 1e-30)
-            kd += _xlogx(p_t, q_t)
-            g_out = -p_t / q_t
-    elif DIV == 2:  # skew_fkl: m = b p + (1 - b) q
-        mix = beta * p + (1.0 - beta) * qv
-        kd = tl.sum(_xlogx(p, mix), 0)
-        g = -(1.0 - beta) * p / mix
-    elif DIV == 3:  # skew_rkl: m = (1 - b) p + b q
-        mix = (1.0 - beta) * p + beta * qv
-        kd = tl.sum(tl.where(valid, _xlogx(qv, mix), 0.0), 0) + (1.0 - q_S) * log_inv_beta
-        g = tl.log(qv / mix) + (1.0 - beta) * p / mix
-        g_out = log_inv_beta
-    else:  # jsd: m = (1 - b) p + b q, b the student's weight
-        mix = (1.0 - beta) * p + beta * qv
-        kd = tl.sum(tl.where(valid, beta * _xlogx(qv, mix), 0.0) + (1.0 - beta) * _xlogx(p, mix), 0)
-        kd += beta * (1.0 - q_S) * log_inv_beta
-        g = beta * tl.log(qv / mix)
-        g_out = beta * log_inv_beta
-    g = tl.where(valid, g, 0.0)
-    G = tl.sum(q * g, 0) + (1.0 - q_S) * g_out
+    # support pass A: q_S = sum_S q, P = sum_S p; then the off-support terms h, g_out
+    q_S = 0.0
+    P = 0.0
+    for s0 in range(0, S, BLOCK_S):
+        so = s0 + tl.arange(0, BLOCK_S)
+        ids = tl.load(ids_row + so, mask=so < S, other=-1)
+        valid = ids >= 0
+        zs = tl.load(z_row + tl.maximum(ids, 0), mask=valid, other=0.0).to(tl.float32)
+        q_S += tl.sum(tl.where(valid, tl.exp(zs * inv_temp - lse), 0.0), 0)
+        P += tl.sum(tl.load(p_row + so, mask=valid, other=0.0).to(tl.float32), 0)
+    kd, g_out = OFF_FN(P, q_S, beta, log_inv_beta)
 
+    # support pass B: KD += sum_S f(p, q), G = sum_S q g + (1 - q_S) g_out, and the sparse
+    # correction kd_scale q (g - g_out) / T returned for the caller to scatter-add
     kd_scale = tl.load(kd_scale_ptr + row)
-    ce_scale = tl.load(ce_scale_ptr + row)
+    G = (1.0 - q_S) * g_out
+    for s0 in range(0, S, BLOCK_S):
+        so = s0 + tl.arange(0, BLOCK_S)
+        ids = tl.load(ids_row + so, mask=so < S, other=-1)
+        valid = ids >= 0
+        zs = tl.load(z_row + tl.maximum(ids, 0), mask=valid, other=0.0).to(tl.float32)
+        p = tl.load(p_row + so, mask=valid, other=0.0).to(tl.float32)
+        q = tl.where(valid, tl.exp(zs * inv_temp - lse), 1.0)  # 1: a safe divisor on padding
+        f, g = SUPPORT_FN(p, q, beta)
+        f = tl.where(valid, f, 0.0)
+        g = tl.where(valid, g, 0.0)
+        q = tl.where(valid, q, 0.0)
+        kd += tl.sum(f, 0)
+        G += tl.sum(q * g, 0)
+        corr = tl.where(valid, kd_scale * q * (g - g_out) * inv_temp, 0.0)
+        tl.store(corr_ptr + row * stride_corr + so, corr, mask=so < S)
     tl.store(kd_out_ptr + row, kd)
     tl.store(ce_out_ptr + row, ce)
-    corr = kd_scale * q * (g - g_out) * inv_temp
-    tl.store(corr_ptr + row * stride_corr + so, tl.where(valid, corr, 0.0), mask=so < S)
 
     # pass 2: the dense part of dL/dz, in place over the logits
-    dense = (kd_scale * (g_out - G) + ce_scale) * inv_temp
+    dense = (kd_scale * (g_out - G) + tl.load(ce_scale_ptr + row)) * inv_temp
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         x = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
         tl.store(z_row + offs, tl.exp(x - lse) * dense, mask=offs < V)
 
 
-def sparse_kl_rows_triton(
-    z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, *, divergence, temperature, beta
-):
-    """Launcher with the contract of `reference.sparse_kl_rows_torch`."""
+def block_sizes(V: int, S: int) -> tuple[int, int]:
+    """(BLOCK_V, BLOCK_S) the launcher uses for a vocabulary V and support width S."""
+    return min(MAX_BLOCK_V, triton.next_power_of_2(V)), min(
+        MAX_BLOCK_S, max(triton.next_power_of_2(S), 2)
+    )
+
+
+def sparse_kl_rows_triton(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, cfg):
+    """Launcher with the contract of `sparse_kl_rows_torch`."""
     C, V = z_CV.shape
     S = ids_CS.shape[1]
     if z_CV.dtype != torch.float32 or not z_CV.is_contiguous():
@@ -153,6 +193,8 @@ def sparse_kl_rows_triton(
     kd_C = torch.empty(C, dtype=torch.float32, device=dev)
     ce_C = torch.empty(C, dtype=torch.float32, device=dev)
     corr_CS = torch.empty(C, S, dtype=torch.float32, device=dev)
+    div = DV.get(cfg.divergence)
+    block_v, block_s = block_sizes(V, S)
     _sparse_kl_fwd_kernel[(C,)](
         z_CV,
         ids_CS,
@@ -169,24 +211,106 @@ def sparse_kl_rows_triton(
         corr_CS.stride(0),
         V,
         S,
-        1.0 / temperature,
-        beta,
-        float(torch.log(torch.tensor(1.0 / beta))),
-        DIV=_DIV_CODE[divergence],
-        BLOCK_V=min(_MAX_BLOCK_V, triton.next_power_of_2(V)),
-        BLOCK_S=max(triton.next_power_of_2(S), 2),
+        1.0 / cfg.temperature,
+        cfg.beta,
+        math.log(1.0 / cfg.beta),
+        SUPPORT_FN=div.triton_support,
+        OFF_FN=div.triton_off,
+        BLOCK_V=block_v,
+        BLOCK_S=block_s,
     )
     return kd_C, ce_C, corr_CS
 
 
-def _validate(
-    hidden, weight, ids, probs, labels, bias, divergence, temperature, beta, backend, ignore_index
-):
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and not hidden.is_cuda and not _INTERPRETED:
+def sparse_kl_rows_torch(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, cfg):
+    """The row pass in plain torch.
+
+    z_CV: [C, V] float32/64 logits before temperature; overwritten with the dense part of
+    dL/dlogits. Returns (kd_C, ce_C, corr_CS): per-row KD and CE losses (unscaled) and the
+    sparse correction kd_scale * q * (g - g_out) / T for the caller to add at the ids.
+    """
+    T = cfg.temperature
+    z_CV /= T
+    lse_C = torch.logsumexp(z_CV, dim=-1)
+    q_CV = z_CV.sub_(lse_C[:, None]).exp_()  # q in place: the chunk's only [C, V] buffer
+    mask_CS = ids_CS >= 0
+    q_CS = torch.gather(q_CV, 1, ids_CS.clamp_min(0))
+    kd_C, g_CS, g_out_C, q_S = DV.row_terms(
+        DV.get(cfg.divergence), p_CS.to(q_CV.dtype), q_CS, mask_CS, cfg.beta
+    )
+    q_lab = torch.gather(q_CV, 1, labels_C.clamp_min(0)[:, None])[:, 0]
+    ce_C = torch.where(labels_C >= 0, -torch.log(q_lab.clamp_min(DV.TINY)), 0.0)
+    G_C = (q_CS * g_CS).sum(-1) + (1.0 - q_S) * g_out_C
+    q_CV.mul_(((kd_scale_C * (g_out_C - G_C) + ce_scale_C) / T)[:, None])
+    corr_CS = kd_scale_C[:, None] * q_CS * (g_CS - g_out_C[:, None]) * mask_CS / T
+    return kd_C, ce_C, corr_CS
+
+
+def sparse_kl_chunked(hidden, weight, bias, ids, probs, labels, cfg, need_grad=True):
+    """Loss and gradients for hidden/weight/bias, computed chunk by chunk over rows.
+
+    Returns (loss 0-d, (weighted KD part, weighted CE part), d_hidden [N, D] | None,
+    d_weight [V, D] | None, d_bias [V] | None), in the accumulation dtype.
+    """
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    use_triton = cfg.backend == "triton" or (cfg.backend == "auto" and hidden.is_cuda)
+    row_pass = sparse_kl_rows_triton if use_triton else sparse_kl_rows_torch
+    C = cfg.chunk_rows or default_chunk_rows(V, dev)
+    # per-row scales: the means' denominators stay on the device (no host sync)
+    has_N = (ids >= 0).any(-1)
+    kd_scale_N = has_N.to(acc) * (cfg.kd_weight / has_N.sum().clamp_min(1).to(acc))
+    if labels is not None and cfg.ce_weight != 0.0:
+        lab_N = labels != cfg.ignore_index
+        ce_scale_N = lab_N.to(acc) * (cfg.ce_weight / lab_N.sum().clamp_min(1).to(acc))
+        labels_N = torch.where(lab_N, labels, -1).long()
+    else:
+        ce_scale_N = torch.zeros(N, dtype=acc, device=dev)
+        labels_N = torch.full((N,), -1, dtype=torch.long, device=dev)
+    kd_sum = torch.zeros((), dtype=acc, device=dev)
+    ce_sum = torch.zeros((), dtype=acc, device=dev)
+    d_h = torch.empty(N, D, dtype=hidden.dtype, device=dev) if need_grad else None
+    d_w = torch.zeros(V, D, dtype=acc, device=dev) if need_grad else None
+    d_b = torch.zeros(V, dtype=acc, device=dev) if need_grad and bias is not None else None
+    low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
+    for r0 in range(0, N, C):
+        rows = slice(r0, min(N, r0 + C))
+        ids_CS, lab_C, kd_s, ce_s = (
+            ids[rows].long(),
+            labels_N[rows],
+            kd_scale_N[rows],
+            ce_scale_N[rows],
+        )
+        z_CV = lm_logits(hidden[rows], weight, bias, acc)
+        kd_C, ce_C, corr_CS = row_pass(z_CV, ids_CS, probs[rows], lab_C, kd_s, ce_s, cfg)
+        kd_sum += (kd_C * kd_s).sum()
+        ce_sum += (ce_C * ce_s).sum()
+        if not need_grad:
+            continue
+        dz_CV = z_CV
+        dz_CV.scatter_add_(1, ids_CS.clamp_min(0), corr_CS.to(acc))
+        dz_CV.scatter_add_(1, lab_C.clamp_min(0)[:, None], (-ce_s / cfg.temperature)[:, None])
+        if low_precision:  # the gradient matmuls run in the input dtype, accumulate in fp32
+            dz_lp = dz_CV.to(hidden.dtype)
+            d_h[rows] = dz_lp @ weight
+            if dz_lp.is_cuda:
+                d_w += torch.mm(dz_lp.T, hidden[rows], out_dtype=acc)
+            else:
+                d_w += (dz_lp.T @ hidden[rows]).to(acc)
+        else:
+            d_h[rows] = (dz_CV @ weight.to(acc)).to(hidden.dtype)
+            d_w.addmm_(dz_CV.T, hidden[rows].to(acc))
+        if d_b is not None:
+            d_b += dz_CV.sum(0)
+    return kd_sum + ce_sum, (kd_sum, ce_sum), d_h, d_w, d_b
+
+
+def check_inputs(hidden, weight, ids, probs, labels, bias, cfg: SparseKLConfig) -> None:
+    """Shapes, dtypes and devices always (no sync); id and label values when cfg.validate
+    (a host synchronisation on a GPU: the trainer validates on the CPU, in the reader)."""
+    if cfg.backend == "triton" and not hidden.is_cuda and not INTERPRETED:
         raise ValueError(
             "backend 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set "
             "before sparsekd is imported (CPU interpreter)"
@@ -213,10 +337,8 @@ def _validate(
     devices = {t.device for t in (hidden, weight, ids, probs, labels, bias) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"beta must be in (0, 1), got {beta}")
+    if not cfg.validate:
+        return
     if ids.numel():
         if int(ids.max()) >= V or int(ids.min()) < -1:
             raise ValueError(f"ids must be in [0, {V}) or -1 for padding")
@@ -224,27 +346,28 @@ def _validate(
         if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
             raise ValueError("ids repeat within a row; the support must be distinct")
     if labels is not None and labels.numel():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        bad = (labels != cfg.ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
             raise ValueError(f"labels must be in [0, {V}) or ignore_index")
 
 
 class SparseKLFunction(torch.autograd.Function):
+    """Forward computes the loss and every gradient; backward scales them by grad_out."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, probs, labels, opts):
+    def forward(ctx, hidden, weight, bias, ids, probs, labels, cfg):
         need = (
             hidden.requires_grad
             or weight.requires_grad
             or (bias is not None and bias.requires_grad)
         )
-        loss, (kd, ce), d_h, d_w, d_b = sparse_kl_chunked_fwd(
-            hidden, weight, ids, probs, labels, bias, need_grad=need, **opts
+        loss, (kd, ce), d_h, d_w, d_b = sparse_kl_chunked(
+            hidden, weight, bias, ids, probs, labels, cfg, need_grad=need
         )
         if need:
             ctx.save_for_backward(
                 d_h, d_w.to(weight.dtype), d_b.to(bias.dtype) if d_b is not None else None
             )
-        ctx.has_bias = bias is not None
         kd, ce = kd.to(hidden.dtype), ce.to(hidden.dtype)
         ctx.mark_non_differentiable(kd, ce)
         return loss.to(hidden.dtype), kd, ce
@@ -252,15 +375,8 @@ class SparseKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_kd=None, _grad_ce=None):
         d_h, d_w, d_b = ctx.saved_tensors
-        return (
-            d_h * grad_out,
-            d_w * grad_out,
-            d_b * grad_out if d_b is not None else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        d_b = d_b * grad_out if d_b is not None else None
+        return d_h * grad_out, d_w * grad_out, d_b, None, None, None, None
 
 
 def sparse_kl_loss(
@@ -270,15 +386,10 @@ def sparse_kl_loss(
     probs,
     labels=None,
     *,
-    divergence="fkl",
-    kd_weight=1.0,
-    ce_weight=0.0,
-    temperature=1.0,
-    beta=0.1,
-    ignore_index=-100,
-    backend="auto",
     bias=None,
-    chunk_rows=1024,
+    config: SparseKLConfig | None = None,
+    return_parts: bool = False,
+    **options,
 ):
     """KD (and optional CE) loss of a student LM head against a sparse teacher target.
 
@@ -288,85 +399,15 @@ def sparse_kl_loss(
         ids: [N, S] int teacher support, distinct per row, -1 = padding.
         probs: [N, S] teacher probability estimates (0 on padding).
         labels: [N] next-token ids for the CE term, `ignore_index` to skip.
-        divergence: fkl | ghost | skew_fkl | skew_rkl | jsd (see kernels/reference.py).
-        backend: triton | torch | auto (triton on CUDA, torch otherwise).
-        chunk_rows: rows per chunk; extra memory is about chunk_rows x V x 4 bytes.
+        config: a SparseKLConfig; `**options` (its field names: divergence, kd_weight,
+            ce_weight, temperature, beta, ignore_index, backend, chunk_rows, validate)
+            override it.
+        return_parts: also return the weighted KD and CE parts (detached, for logging).
     Returns:
-        0-d tensor: kd_weight * mean KD over rows with support + ce_weight * mean CE over
-        labelled rows.
+        0-d tensor kd_weight * mean KD over rows with support + ce_weight * mean CE over
+        labelled rows; with return_parts, `(loss, kd_part, ce_part)`.
     """
-    return _sparse_kl(
-        hidden,
-        weight,
-        ids,
-        probs,
-        labels,
-        divergence=divergence,
-        kd_weight=kd_weight,
-        ce_weight=ce_weight,
-        temperature=temperature,
-        beta=beta,
-        ignore_index=ignore_index,
-        backend=backend,
-        bias=bias,
-        chunk_rows=chunk_rows,
-    )[0]
-
-
-def sparse_kl_loss_parts(hidden, weight, ids, probs, labels=None, **kwargs):
-    """As `sparse_kl_loss` (same keyword arguments), returning `(loss, kd_part, ce_part)`:
-    the weighted KD and CE parts, detached, for logging (`loss = kd_part + ce_part`)."""
-    params = inspect.signature(sparse_kl_loss).parameters
-    defaults = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
-    unknown = set(kwargs) - set(defaults)
-    if unknown:
-        raise TypeError(f"unknown argument(s) {sorted(unknown)}")
-    return _sparse_kl(hidden, weight, ids, probs, labels, **{**defaults, **kwargs})
-
-
-def _sparse_kl(
-    hidden,
-    weight,
-    ids,
-    probs,
-    labels,
-    *,
-    divergence,
-    kd_weight,
-    ce_weight,
-    temperature,
-    beta,
-    ignore_index,
-    backend,
-    bias,
-    chunk_rows,
-):
-    _validate(
-        hidden,
-        weight,
-        ids,
-        probs,
-        labels,
-        bias,
-        divergence,
-        temperature,
-        beta,
-        backend,
-        ignore_index,
-    )
-    row_pass = (
-        sparse_kl_rows_triton
-        if backend == "triton" or (backend == "auto" and hidden.is_cuda)
-        else sparse_kl_rows_torch
-    )
-    opts = dict(
-        divergence=divergence,
-        kd_weight=kd_weight,
-        ce_weight=ce_weight,
-        temperature=temperature,
-        beta=beta,
-        ignore_index=ignore_index,
-        chunk_rows=chunk_rows,
-        row_pass=row_pass,
-    )
-    return SparseKLFunction.apply(hidden, weight, bias, ids, probs, labels, opts)
+    cfg = dataclasses.replace(config or SparseKLConfig(), **options)
+    check_inputs(hidden, weight, ids, probs, labels, bias, cfg)
+    loss, kd, ce = SparseKLFunction.apply(hidden, weight, bias, ids, probs, labels, cfg)
+    return (loss, kd, ce) if return_parts else loss

@@ -1,7 +1,22 @@
-"""Device functions shared by the Triton kernels."""
+"""Pieces both kernels share: the LM-head matmul of one chunk and the online log-sum-exp."""
 
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
+
+
+def lm_logits(h_CD: torch.Tensor, w_VD: torch.Tensor, b_V, acc: torch.dtype) -> torch.Tensor:
+    """[C, V] logits in `acc` precision; on CUDA straight from bf16/fp16 operands (float32
+    output, never rounded to the input dtype before the softmax)."""
+    if h_CD.is_cuda and h_CD.dtype in (torch.bfloat16, torch.float16):
+        z = torch.mm(h_CD, w_VD.T, out_dtype=acc)
+    else:
+        z = h_CD.to(acc) @ w_VD.to(acc).T
+    if b_V is not None:
+        z += b_V.to(acc)
+    return z
 
 
 @triton.jit

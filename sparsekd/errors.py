@@ -1,0 +1,35 @@
+"""The errors a user can cause. The CLI prints each as one line and exits 2; any other
+exception is a bug and shows its traceback (`SPARSEKD_TRACEBACK=1` shows it for these too).
+
+They derive from ValueError as well, so code that caught ValueError keeps working.
+"""
+
+from __future__ import annotations
+
+
+class SparsekdError(ValueError):
+    """Base of every error a user can cause: bad input, a bad setting, a damaged file."""
+
+
+class ConfigError(SparsekdError):
+    """A setting with a wrong type or value, or a combination of settings that makes no sense."""
+
+
+class CorpusError(SparsekdError):
+    """A corpus input that cannot be read (missing, unsupported, malformed, truncated)."""
+
+
+class TeacherError(SparsekdError):
+    """A teacher folder or GGUF file that sparsekd cannot use."""
+
+
+class CacheError(SparsekdError):
+    """A cache directory that is missing, incomplete, corrupt or of another configuration."""
+
+
+class StudentError(SparsekdError):
+    """A student model that cannot be trained or evaluated on a given cache."""
+
+
+class RunError(SparsekdError):
+    """A training run directory that cannot be started or resumed as asked."""

@@ -1,0 +1,159 @@
+"""Compile every kernel specialisation the launchers can produce, ahead of time, for CUDA
+targets, on a machine without a GPU (Triton's own ptxas), and report registers and spills.
+
+    python -m sparsekd.kernels.aot [--arch 80 --arch 90] [--json]
+
+Specialisations: `_sparse_kl_fwd_kernel` for every divergence x every support block
+(2 ... MAX_BLOCK_S) x the vocabulary block of each vocabulary in VOCABS;
+`_sample_fwd_kernel` for the vocabulary block of each vocabulary. Resource usage comes
+from `cuobjdump --dump-resource-usage` (shipped with Triton): REG registers per thread,
+LOCAL bytes of local memory per thread (spills), SHARED bytes per block.
+
+Run it without TRITON_INTERPRET (the interpreter replaces the kernels); the test suite
+starts it in a subprocess. Block sizes are the compiled launchers' (COMPILED_* constants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+VOCABS = (32_000, 49_152, 128_256, 151_936, 201_088)
+ARCHS = (80, 90)
+
+
+@dataclass(frozen=True)
+class Spec:
+    kernel: str
+    constexprs: dict  # printable constexpr values (functions by name)
+    vocabs: tuple  # the vocabularies that produce this specialisation
+
+
+@dataclass
+class Resources:
+    kernel: str
+    arch: int
+    constexprs: dict
+    vocabs: tuple
+    num_warps: int
+    registers: int
+    local_bytes: int
+    stack_bytes: int
+    shared_bytes: int
+    seconds: float
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def specialisations() -> list[tuple[Spec, object, dict, dict]]:
+    """(spec, kernel, signature, constexprs) for every specialisation."""
+    from sparsekd.kernels import divergences as DV
+    from sparsekd.kernels import sparse_kl as SK
+    from sparsekd.kernels import teacher_head as TH
+
+    out = []
+    kl_sig = {
+        "z_ptr": "*fp32", "ids_ptr": "*i64", "p_ptr": "*fp32", "labels_ptr": "*i64",
+        "kd_scale_ptr": "*fp32", "ce_scale_ptr": "*fp32", "kd_out_ptr": "*fp32",
+        "ce_out_ptr": "*fp32", "corr_ptr": "*fp32", "stride_z": "i32", "stride_ids": "i32",
+        "stride_p": "i32", "stride_corr": "i32", "V": "i32", "S": "i32", "inv_temp": "fp32",
+        "beta": "fp32", "log_inv_beta": "fp32",
+    }  # fmt: skip
+    block_vs: dict[int, list[int]] = {}
+    for V in VOCABS:
+        block_vs.setdefault(min(SK.COMPILED_MAX_BLOCK_V, _next_pow2(V)), []).append(V)
+    block_ss = [1 << i for i in range(1, SK.MAX_BLOCK_S.bit_length())]
+    for name, d in DV.DIVERGENCES.items():
+        for bv, vocabs in block_vs.items():
+            for bs in block_ss:
+                ce = {"SUPPORT_FN": d.triton_support, "OFF_FN": d.triton_off, "BLOCK_V": bv, "BLOCK_S": bs}
+                sig = {**kl_sig, **{k: "constexpr" for k in ce}}
+                spec = Spec("_sparse_kl_fwd_kernel", {"DIV": name, "BLOCK_V": bv, "BLOCK_S": bs}, tuple(vocabs))
+                out.append((spec, SK._sparse_kl_fwd_kernel, sig, ce))
+    sample_sig = {
+        "z_ptr": "*fp32", "t_ptr": "*fp64", "draw_ptr": "*i32", "lse_ptr": "*fp32",
+        "stride_z": "i32", "stride_t": "i32", "stride_d": "i32", "V": "i32", "N": "i32",
+        "inv_tau": "fp32",
+    }  # fmt: skip
+    sample_bvs: dict[int, list[int]] = {}
+    for V in VOCABS:
+        sample_bvs.setdefault(min(TH.COMPILED_MAX_BLOCK_V, _next_pow2(V)), []).append(V)
+    for bv, vocabs in sample_bvs.items():
+        ce = {"BLOCK_V": bv, "BLOCK_N": TH.BLOCK_N}
+        sig = {**sample_sig, **{k: "constexpr" for k in ce}}
+        spec = Spec("_sample_fwd_kernel", dict(ce), tuple(vocabs))
+        out.append((spec, TH._sample_fwd_kernel, sig, ce))
+    return out
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_one(spec: Spec, kernel, signature: dict, constexprs: dict, arch: int) -> Resources:
+    import time
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    t0 = time.perf_counter()
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    seconds = time.perf_counter() - t0
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(compiled.asm["cubin"])
+        fh.flush()
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", fh.name], capture_output=True, text=True
+        ).stdout
+    field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
+    return Resources(
+        kernel=spec.kernel,
+        arch=arch,
+        constexprs=spec.constexprs,
+        vocabs=spec.vocabs,
+        num_warps=compiled.metadata.num_warps,
+        registers=field("REG"),
+        local_bytes=field("LOCAL"),
+        stack_bytes=field("STACK"),
+        shared_bytes=field("SHARED"),
+        seconds=round(seconds, 3),
+    )
+
+
+def compile_all(archs=ARCHS) -> list[Resources]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels")
+    return [compile_one(*s, arch) for arch in archs for s in specialisations()]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, action="append", help="sm_XX (default 80 and 90)")
+    ap.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    args = ap.parse_args(argv)
+    results = compile_all(tuple(args.arch or ARCHS))
+    if args.json:
+        print(json.dumps([asdict(r) for r in results]))
+    else:
+        for r in results:
+            print(
+                f"sm_{r.arch} {r.kernel} {r.constexprs}: {r.registers} regs, "
+                f"{r.local_bytes} B local, {r.shared_bytes} B shared"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
