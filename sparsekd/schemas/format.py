@@ -1,14 +1,15 @@
-"""The shard format: column names, Arrow schema, metadata keys, log-prob quantisation.
+"""The shard format: column names, Arrow schema, layout, sequence ids, checksums, quantisation.
 
 Both sides of sparsekd (the cache builder that writes shards and every reader) import
-their column names and encodings from here; nothing else defines them. `docs/format.md`
-documents the same thing for people and for foreign readers (DuckDB, Polars, datasets).
+their column names, encodings and paths from here; nothing else defines them.
+`docs/format.md` documents the same for people and for foreign readers (DuckDB, Polars,
+datasets).
 
 One Parquet row is one packed sequence of `L = seq_len` tokens:
 
-    seq_id          int64          position of the sequence in the packed corpus stream
+    seq_id          int64          (domain << 32) | index of the sequence in its domain
     input_ids       list<int32>[L] the tokens the teacher saw
-    next_token      int32          the token after the last one (stream[(seq_id+1)*L])
+    next_token      int32          the token after the last one
     token_logprob   list<uint16>[L] q(-log p(actual next token)), see LOGPROB_SCALE
     support_size    list<uint16>[L] ids stored for each position (CSR counts)
     ids             list<int32>    concatenated sorted ids of every position
@@ -17,29 +18,39 @@ One Parquet row is one packed sequence of `L = seq_len` tokens:
     weights         list<float32>  sample with proposal temperature != 1: p(id) / r(id)
 
 Mode logprob stores no support (support_size all 0, ids empty) and neither value column.
-
 Position p (0 <= p < L) holds the teacher's distribution over the token that follows
 input_ids[p], i.e. input_ids[p + 1] for p < L - 1 and `next_token` for p = L - 1.
+
+Layout: shard (domain d, part j) is `shards/{d // 1000:05d}/{d:08d}-{j:05d}.parquet`, so no
+directory holds more than about a thousand domains' shards; `SHARD_GLOB` matches every
+shard and nothing else.
 """
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: seq_id = (domain << 32) | index, shards/ layout, row-group checksums
 FORMAT_NAME = "sparsekd-cache"
 
 MODES = ("topk", "sample", "logprob")
+SAMPLERS = ("iid", "systematic")  # mode sample: how the N draws are placed (teacher_head.py)
 
 # Log-probs are stored as unsigned fixed point: q = round(-logprob * LOGPROB_SCALE), clamped
 # to the uint16 range. The absolute error in log p is at most 0.5 / LOGPROB_SCALE
-# (4.9e-4 nats, i.e. 0.05 % relative error in p); log-probs below LOGPROB_MIN clamp to it
-# (p < 1.6e-28, which no loss can tell from zero). Measured against float16 and float32
-# in docs/format.md.
+# (4.9e-4 nats, i.e. 0.05 % relative error in p); log-probs below -LOGPROB_MAX_Q / SCALE
+# clamp to it (p < 1.6e-28, which no loss can tell from zero). Readers take the scale from
+# the cache's metadata (`logprob_scale`) and refuse a cache without one.
 LOGPROB_SCALE = 1024.0
 LOGPROB_MAX_Q = np.iinfo(np.uint16).max
-LOGPROB_MIN = -LOGPROB_MAX_Q / LOGPROB_SCALE
+
+# A sequence id names its packing domain and its place in it, so it is known without
+# packing any other domain.
+SEQ_ID_DOMAIN_SHIFT = 32
+MAX_DOMAIN_SEQUENCES = 1 << SEQ_ID_DOMAIN_SHIFT
 
 # Column names: the only place they are spelled.
 COL_SEQ_ID = "seq_id"
@@ -55,22 +66,39 @@ COL_WEIGHTS = "weights"
 COL_SCORE = "score"  # float32: MiniPLM difference score of the sequence
 COL_TEXT = "text"  # string: the decoded input_ids
 
-# Key-value metadata stored in every shard under this key (one JSON document).
+# Key-value metadata stored in every shard's footer under this key (one JSON document).
 META_KEY = b"sparsekd"
 
-# Rows per Parquet row group: the unit that training readers stride by (rank, worker).
+# Rows per Parquet row group: the unit that readers stride by (rank, worker) and that a
+# checksum covers. Every row group of a shard holds this many rows but the last.
 ROW_GROUP_SIZE = 16
 
+SHARDS_DIR = "shards"
+SHARD_GLOB = f"{SHARDS_DIR}/*/*.parquet"
+DOMAINS_PER_DIR = 1000
 
-def quantize_logprobs(lp: np.ndarray) -> np.ndarray:
+
+def make_seq_id(domain: int, index) -> np.ndarray | int:
+    return (int(domain) << SEQ_ID_DOMAIN_SHIFT) + index
+
+
+def seq_domain(seq_id) -> np.ndarray | int:
+    return seq_id >> SEQ_ID_DOMAIN_SHIFT
+
+
+def shard_relpath(domain: int, part: int) -> str:
+    return f"{SHARDS_DIR}/{domain // DOMAINS_PER_DIR:05d}/{domain:08d}-{part:05d}.parquet"
+
+
+def quantize_logprobs(lp: np.ndarray, scale: float = LOGPROB_SCALE) -> np.ndarray:
     """float log-probs (<= 0) -> uint16 fixed point (see LOGPROB_SCALE)."""
-    q = np.rint(-np.asarray(lp, dtype=np.float64) * LOGPROB_SCALE)
+    q = np.rint(-np.asarray(lp, dtype=np.float64) * scale)
     return np.clip(q, 0, LOGPROB_MAX_Q).astype(np.uint16)
 
 
-def dequantize_logprobs(q: np.ndarray) -> np.ndarray:
+def dequantize_logprobs(q: np.ndarray, scale: float = LOGPROB_SCALE) -> np.ndarray:
     """uint16 fixed point -> float32 log-probs."""
-    return (np.asarray(q, dtype=np.float32) * np.float32(-1.0 / LOGPROB_SCALE)).astype(np.float32)
+    return np.asarray(q, dtype=np.float32) * np.float32(-1.0 / scale)
 
 
 def value_columns(mode: str, weighted: bool = False) -> tuple[str, ...]:
@@ -83,6 +111,7 @@ def value_columns(mode: str, weighted: bool = False) -> tuple[str, ...]:
 
 
 _VALUE_TYPES = {COL_LOGPROBS: pa.uint16(), COL_COUNTS: pa.uint16(), COL_WEIGHTS: pa.float32()}
+PER_POSITION = (COL_INPUT_IDS, COL_TOKEN_LOGPROB, COL_SUPPORT_SIZE)  # lists of length L
 
 
 def arrow_schema(mode: str, weighted: bool = False, refined: bool = False) -> pa.Schema:
@@ -109,14 +138,55 @@ def arrow_schema(mode: str, weighted: bool = False, refined: bool = False) -> pa
     return pa.schema(fields)
 
 
+def column_arrays(table: pa.Table) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
+    """Each column as numpy: (list lengths or None, values). Lengths and values are what a
+    correct decode of the rows returns, whatever the chunking or slicing of `table`."""
+    out = {}
+    for name in table.column_names:
+        arr = table.column(name).combine_chunks()
+        if pa.types.is_list(arr.type):
+            off = arr.offsets.to_numpy()
+            values = arr.values.slice(int(off[0]), int(off[-1] - off[0]))
+            out[name] = (np.diff(off).astype(np.int32), values.to_numpy(zero_copy_only=False))
+        elif pa.types.is_string(arr.type):
+            out[name] = (None, np.frombuffer("\0".join(arr.to_pylist()).encode(), np.uint8))
+        else:
+            out[name] = (None, arr.to_numpy(zero_copy_only=False))
+    return out
+
+
+def checksum(columns: dict[str, tuple[np.ndarray | None, np.ndarray]]) -> int:
+    """crc32 of every column's lengths and values, in schema order: the checksum of a row
+    group's decoded content, stored at write time and compared at every read."""
+    crc = 0
+    for lengths, values in columns.values():
+        if lengths is not None:
+            crc = zlib.crc32(np.ascontiguousarray(lengths), crc)
+        crc = zlib.crc32(np.ascontiguousarray(values), crc)
+    return crc
+
+
+def row_group_checksums(table: pa.Table) -> list[int]:
+    """The checksum of each ROW_GROUP_SIZE-row group of `table`, as the writer groups it."""
+    return [
+        checksum(column_arrays(table.slice(r0, ROW_GROUP_SIZE)))
+        for r0 in range(0, table.num_rows, ROW_GROUP_SIZE)
+    ]
+
+
 # Parquet writer options chosen by measurement (docs/format.md, "Encodings").
 # Byte-stream-split puts the (mostly zero) high bytes of ids and quantised log-probs in
 # their own streams, which zstd then all but removes: -8 % bytes at K = 8, -10 % at K = 64.
+# zstd level 3: within 2 % of level 9's bytes at several times its write throughput
+# (benchmarks/bench_zstd_level.py). Page checksums (CRC32 of each page's bytes) are
+# written and verified on every read.
+ZSTD_LEVEL = 3
 PARQUET_OPTIONS = dict(
     compression="zstd",
-    compression_level=9,
+    compression_level=ZSTD_LEVEL,
     use_dictionary=False,
     write_statistics=False,
+    write_page_checksum=True,
     column_encoding={
         f"{COL_IDS}.list.element": "BYTE_STREAM_SPLIT",
         f"{COL_LOGPROBS}.list.element": "BYTE_STREAM_SPLIT",

@@ -1,62 +1,86 @@
-"""The cache manifest: which shards exist, and the per-worker records it is merged from.
+"""The manifest: which shards make a finished cache, in one small JSON file and one index.
 
 Layout of a cache directory:
 
-    manifest.json                      written when every work unit has its shard
-    shard-00000.parquet, ...           one shard per work unit (unit u = sequences
-                                       [u*S, (u+1)*S) of the packed stream)
-    workers/worker-IIIII-of-WWWWW.json what worker I of W has finished (its own file)
-    build_config.json                  the resolved build configuration
+    manifest.json                  written last, when every domain's shards exist: format,
+                                   schema version, fingerprint, meta, totals, and the
+                                   index files with their sha256
+    index/shards-<sha>.parquet     one row per shard (domain, part, first_seq, rows,
+                                   bytes, sha256): columnar, so 10^6 shards stay a few MB
+    index/domains-<sha>.parquet    one row per packing domain (source, sequences, content
+                                   hash, documents, bad lines)
+    shards/NNNNN/DDDDDDDD-PPPPP.parquet  the shards (schemas.format.shard_relpath)
+    records/*.jsonl                the builders' append-only logs (cache_builder.ledger)
+    build_config.json              identity and resolved configuration of the build
 
-A worker records each shard in its own file after the shard is renamed into place, so no
-file is written by two workers. When a worker sees every unit finished (across all worker
-files, whatever W they ran with), it writes `manifest.json`. Its content depends only on
-the finished shards, so two workers racing to write it write the same bytes, each through
-its own temporary file and an atomic rename. `manifest.json` is the only thing readers trust.
+`manifest.json` is the only thing readers trust; they read it and the shard index, and
+open only the shards they read. Index files are named by their content hash, so two
+workers finishing at once write the same files, and the manifest each renames into place
+points at files that exist.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from sparsekd.schemas.format import FORMAT_NAME, SCHEMA_VERSION
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sparsekd.errors import CacheError
+from sparsekd.schemas import format as F
 
 MANIFEST = "manifest.json"
-WORKERS_DIR = "workers"
+INDEX_DIR = "index"
+
+SHARD_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("domain", pa.int64(), nullable=False),
+        pa.field("part", pa.int32(), nullable=False),
+        pa.field("first_seq", pa.int64(), nullable=False),
+        pa.field("rows", pa.int32(), nullable=False),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("sha256", pa.binary(32), nullable=False),
+    ]
+)
+DOMAIN_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("domain", pa.int64(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("part", pa.int32(), nullable=False),
+        pa.field("sequences", pa.int64(), nullable=False),
+        pa.field("content_sha256", pa.string(), nullable=False),
+        pa.field("documents", pa.int64(), nullable=False),
+        pa.field("bad_lines", pa.int64(), nullable=False),
+    ]
+)
 
 
-class CacheError(ValueError):
-    """A cache directory that is missing, incomplete, corrupt or of another configuration."""
+# --- files, written atomically ------------------------------------------------------------
 
 
-def shard_name(unit: int) -> str:
-    return f"shard-{unit:05d}.parquet"
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def worker_record_name(index: int, num_workers: int) -> str:
-    return f"worker-{index:05d}-of-{num_workers:05d}.json"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON to a temporary file in the same directory, fsync, then rename."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a unique temporary file beside `path`, fsync, rename, fsync the folder."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=True)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; caches are shared between users
@@ -65,67 +89,218 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
     try:
-        with open(path) as fh:
-            obj = json.load(fh)
+        with open(path, "rb") as fh:
+            obj = json.loads(fh.read())
     except FileNotFoundError as e:
         raise CacheError(f"{what} not found: {path}") from e
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{what} {path} is not valid JSON") from e
     if not isinstance(obj, dict):
         raise CacheError(f"{what} {path} is not a JSON object")
     return obj
 
 
-def read_worker_records(cache_dir: str | os.PathLike) -> list[dict]:
-    wdir = Path(cache_dir) / WORKERS_DIR
-    if not wdir.is_dir():
-        return []
-    return [read_json(p, "worker record") for p in sorted(wdir.glob("worker-*.json"))]
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def merge_worker_records(records: list[dict], fingerprint: str) -> tuple[dict[int, dict], dict]:
-    """Union of finished shards over all worker records, and what is known of the total.
-
-    Returns `(shards_by_unit, totals)`; totals has `num_units`, `num_sequences`,
-    `bad_lines` from any worker that read the whole corpus (None when none has).
-    Raises CacheError when records disagree.
-    """
-    shards: dict[int, dict] = {}
-    totals = {"num_units": None, "num_sequences": None, "bad_lines": None}
-    for rec in records:
-        if rec.get("fingerprint") != fingerprint:
-            raise CacheError(
-                f"worker record {rec.get('worker')}-of-{rec.get('num_workers')} belongs to a "
-                "cache of another configuration"
-            )
-        for entry in rec.get("shards", []):
-            unit = int(entry["unit"])
-            if unit in shards and shards[unit]["sha256"] != entry["sha256"]:
-                raise CacheError(f"two workers recorded different contents for {entry['file']}")
-            shards[unit] = entry
-        if rec.get("num_units") is not None:
-            for key in totals:
-                if totals[key] is not None and totals[key] != rec[key]:
-                    raise CacheError(f"worker records disagree on {key}")
-                totals[key] = rec[key]
-    return shards, totals
+# --- the shard index ----------------------------------------------------------------------
 
 
-def build_manifest(meta: dict, fingerprint: str, shards: dict[int, dict], totals: dict) -> dict:
-    entries = [shards[u] for u in sorted(shards)]
-    return {
-        "format": FORMAT_NAME,
-        "schema_version": SCHEMA_VERSION,
+@dataclass
+class ShardIndex:
+    """One entry per shard, in cache order, as numpy columns."""
+
+    domain: np.ndarray  # int64
+    part: np.ndarray  # int32
+    first_seq: np.ndarray  # int64
+    rows: np.ndarray  # int32
+    bytes: np.ndarray  # int64
+    sha256: list[bytes]  # 32 bytes each
+
+    def __len__(self) -> int:
+        return len(self.domain)
+
+    def relpath(self, i: int) -> str:
+        return F.shard_relpath(int(self.domain[i]), int(self.part[i]))
+
+    def entry(self, i: int) -> dict:
+        return {
+            "file": self.relpath(i),
+            "domain": int(self.domain[i]),
+            "part": int(self.part[i]),
+            "first_seq": int(self.first_seq[i]),
+            "rows": int(self.rows[i]),
+            "bytes": int(self.bytes[i]),
+            "sha256": self.sha256[i].hex(),
+        }
+
+    @classmethod
+    def from_entries(cls, entries: list[dict]) -> ShardIndex:
+        entries = sorted(entries, key=lambda e: (e["domain"], e["part"]))
+        col = lambda k, t: np.array([e[k] for e in entries], dtype=t)  # noqa: E731
+        return cls(
+            col("domain", np.int64),
+            col("part", np.int32),
+            col("first_seq", np.int64),
+            col("rows", np.int32),
+            col("bytes", np.int64),
+            [bytes.fromhex(e["sha256"]) for e in entries],
+        )
+
+    def table(self) -> pa.Table:
+        return pa.table(
+            {
+                "domain": self.domain,
+                "part": self.part,
+                "first_seq": self.first_seq,
+                "rows": self.rows,
+                "bytes": self.bytes,
+                "sha256": pa.array(self.sha256, pa.binary(32)),
+            },
+            schema=SHARD_INDEX_SCHEMA,
+        )
+
+
+def _write_index(cache_dir: Path, stem: str, table: pa.Table) -> dict:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=False)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    rel = f"{INDEX_DIR}/{stem}-{digest[:16]}.parquet"
+    (cache_dir / INDEX_DIR).mkdir(exist_ok=True)
+    if not (cache_dir / rel).exists():
+        atomic_write_bytes(cache_dir / rel, data)
+    return {"file": rel, "sha256": digest, "rows": table.num_rows}
+
+
+def _read_index(cache_dir: Path, ref: dict, schema: pa.Schema) -> pa.Table:
+    path = cache_dir / ref["file"]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise CacheError(f"index {path} listed in the manifest is missing") from e
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise CacheError(f"index {path} does not match its checksum in the manifest")
+    table = pq.read_table(pa.BufferReader(data))
+    if not table.schema.equals(schema) or table.num_rows != ref["rows"]:
+        raise CacheError(f"index {path} does not have the schema or rows the manifest says")
+    return table
+
+
+def read_shard_index(cache_dir: Path, ref: dict) -> ShardIndex:
+    t = _read_index(cache_dir, ref, SHARD_INDEX_SCHEMA)
+    n = lambda k: t.column(k).to_numpy()  # noqa: E731
+    return ShardIndex(
+        n("domain"),
+        n("part"),
+        n("first_seq"),
+        n("rows"),
+        n("bytes"),
+        t.column("sha256").to_pylist(),
+    )
+
+
+def read_domain_index(cache_dir: Path, ref: dict) -> pa.Table:
+    return _read_index(cache_dir, ref, DOMAIN_INDEX_SCHEMA)
+
+
+KEPT_SCHEMA = pa.schema([pa.field("seq_id", pa.int64(), nullable=False)])
+
+
+def read_kept(cache_dir: Path, ref: dict) -> np.ndarray:
+    return _read_index(cache_dir, ref, KEPT_SCHEMA).column(0).to_numpy()
+
+
+def write_manifest(
+    cache_dir: str | os.PathLike,
+    *,
+    meta: dict,
+    fingerprint: str,
+    shards: ShardIndex,
+    tables: dict[str, pa.Table] | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Write the index files (the shard index and `tables`, e.g. domains or a refined
+    set's kept ids), then manifest.json; return the manifest."""
+    d = Path(cache_dir)
+    L = int(meta["seq_len"])
+    doc = {
+        "format": F.FORMAT_NAME,
+        "schema_version": F.SCHEMA_VERSION,
         "fingerprint": fingerprint,
         "meta": meta,
-        "num_sequences": totals["num_sequences"],
-        "num_tokens": sum(e["tokens"] for e in entries),
-        "num_shards": len(entries),
-        "bytes": sum(e["bytes"] for e in entries),
-        "bad_lines": totals["bad_lines"],
-        "shards": entries,
+        "num_sequences": int(shards.rows.sum()),
+        "num_tokens": int(shards.rows.sum()) * L,
+        "num_shards": len(shards),
+        "bytes": int(shards.bytes.sum()),
+        "shard_glob": F.SHARD_GLOB,
+        "index": {"shards": _write_index(d, "shards", shards.table())},
+        **(extra or {}),
     }
+    for name, table in (tables or {}).items():
+        doc["index"][name] = _write_index(d, name, table)
+    atomic_write_json(d / MANIFEST, doc)
+    return doc
+
+
+# --- checking a manifest read from disk ----------------------------------------------------
+
+_MANIFEST_TYPES = {
+    "format": str,
+    "schema_version": int,
+    "fingerprint": str,
+    "meta": dict,
+    "num_sequences": int,
+    "num_tokens": int,
+    "num_shards": int,
+    "bytes": int,
+    "index": dict,
+}
+_META_TYPES = {
+    "mode": str,
+    "seq_len": int,
+    "vocab_size": int,
+    "tokenizer_hash": str,
+    "logprob_scale": float,
+    "row_group_size": int,
+    "teacher": str,
+}
+
+
+def check_manifest(doc: dict, path: Path) -> None:
+    """Refuse a manifest that is not one this sparsekd reads, naming what is wrong."""
+    if doc.get("format") != F.FORMAT_NAME:
+        raise CacheError(f"{path} is not a sparsekd manifest")
+    version = doc.get("schema_version")
+    if version != F.SCHEMA_VERSION:
+        hint = "; rebuild it with this sparsekd" if isinstance(version, int) else ""
+        raise CacheError(
+            f"cache {path.parent} has schema version {version}; this sparsekd reads version "
+            f"{F.SCHEMA_VERSION}{hint}"
+        )
+    for key, typ in _MANIFEST_TYPES.items():
+        if not isinstance(doc.get(key), typ) or isinstance(doc.get(key), bool):
+            raise CacheError(f"{path}: {key!r} is missing or not a {typ.__name__}")
+    for key, typ in _META_TYPES.items():
+        value = doc["meta"].get(key)
+        if not isinstance(value, typ if typ is not float else (int, float)):
+            raise CacheError(f"{path}: meta {key!r} is missing or not a {typ.__name__}")
+    if doc["meta"]["mode"] not in F.MODES:
+        raise CacheError(f"{path}: meta mode {doc['meta']['mode']!r} is not one of {F.MODES}")
+    shards = doc["index"].get("shards")
+    if not isinstance(shards, dict) or not {"file", "sha256", "rows"} <= set(shards):
+        raise CacheError(f"{path}: the shard index reference is missing or malformed")

@@ -1,170 +1,219 @@
-"""build-cache as a user runs it: kill and resume, worker partition, bad inputs.
+"""build-cache as users run it at scale: any split into workers gives the same bytes, kill -9
+and re-run complete exactly, a worker reads only its own domains, a re-run re-checks what
+it skips, and a cache never mixes configurations, corpora or teachers.
 
-The teacher here is the real SmolLM2 through the hf engine (exact, fast to start); the
-vLLM engine's agreement with it is tested in test_engines.py and its full path in
-test_vllm_build.py."""
+The teacher is a tiny random Llama through the hf engine (exact, fast); the vLLM path is
+in test_vllm_build.py. The corpus is 12 files (12 packing domains) cut from the built-in
+documentation."""
 
-import hashlib
 import json
-from pathlib import Path
+import shutil
+import threading
 
 import pytest
 
 from sparsekd import open_cache
-from sparsekd.cache_builder.build import BuildConfig, EncoderConfig, WriterConfig, run
-from sparsekd.cache_builder.corpus import CorpusConfig
-from sparsekd.cache_builder.engines import TeacherConfig
-from tests.conftest import error_line, kill_build_after, run_cli
+from sparsekd.cache_builder.build import run
+from sparsekd.cache_builder.config import BuildConfig
+from sparsekd.cache_builder.corpus import builtin_documents
+from sparsekd.config import build
+from sparsekd.errors import CacheError, CorpusError, TeacherError
+from sparsekd.inspection import verify_cache
+from tests.helpers import digests, error_line, flip_bit, kill_build_after, run_cli, shard_files
 
-BASE = [
-    "--engine",
-    "hf",
-    "--k",
-    "4",
-    "--seq-len",
-    "32",
-    "--max-sequences",
-    "24",
-    "--shard-sequences",
-    "3",
-    "--quiet",
-]
-
-
-def _files(d: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(d.glob("shard-*.parquet"))
-    } | {"manifest.json": hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest()}
-
-
-def _cfg(teacher, out, **writer):
-    return BuildConfig(
-        teacher=TeacherConfig(path=str(teacher), engine="hf"),
-        corpus=CorpusConfig(seq_len=32, max_sequences=24),
-        encoder=EncoderConfig(mode="topk", k=4),
-        writer=WriterConfig(out=str(out), shard_sequences=3, **writer),
-        progress=False,
-    )
+N_FILES = 12
 
 
 @pytest.fixture(scope="module")
-def reference_cache(tmp_path_factory, smollm2_dir):
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    docs = [t for _, t in builtin_documents()]
+    for i in range(N_FILES):
+        part = docs[i * 4 : i * 4 + 2 + i % 3]
+        (d / f"part-{i:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    return d
+
+
+def _cfg(teacher, corpus, out, **writer):
+    return build(
+        BuildConfig,
+        {
+            "teacher": {"path": str(teacher), "engine": "hf"},
+            "corpus": {"paths": [str(corpus)], "seq_len": 32},
+            "encoder": {"mode": "topk", "k": 4},
+            "writer": {"out": str(out), "shard_sequences": 8, **writer},
+            "progress": False,
+        },
+    )
+
+
+def _args(teacher, corpus, out, *extra):
+    return [
+        "--teacher", teacher, "--corpus", corpus, "--out", out, "--engine", "hf", "--k", "4",
+        "--seq-len", "32", "--shard-sequences", "8", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama_dir, corpus):
     out = tmp_path_factory.mktemp("ref") / "cache"
-    run_cli("build-cache", "--teacher", smollm2_dir, "--out", out, *BASE, check=True)
+    summary = run(_cfg(tiny_llama_dir, corpus, out))
+    assert summary["complete"] and summary["domains_read"] == N_FILES
     return out
 
 
-def test_kill_the_process_and_resume_gives_identical_shards(tmp_path, smollm2_dir, reference_cache):
+def test_reference_cache_is_intact_and_spans_every_domain(reference):
+    assert verify_cache(reference) == []
+    cache = open_cache(reference)
+    assert sorted(set(cache.index.domain.tolist())) == list(range(N_FILES))
+    assert len(cache) > 5 * N_FILES and len(cache.index) > N_FILES
+
+
+@pytest.mark.parametrize("W", [3, 8])
+def test_any_number_of_workers_gives_the_same_bytes(tmp_path, tiny_llama_dir, corpus, reference, W):
     out = tmp_path / "cache"
-    written = kill_build_after(out, 2, "--teacher", smollm2_dir, "--out", out, *BASE)
-    assert 2 <= written < 8, f"the kill should land mid-job, {written} shards were written"
-    assert not (out / "manifest.json").exists()
-    with pytest.raises(ValueError, match="not complete"):
-        open_cache(out)
-    run_cli("build-cache", "--teacher", smollm2_dir, "--out", out, *BASE, check=True)
-    assert _files(out) == _files(reference_cache)
-    assert not list(out.glob(".shard-*"))
-    seq_ids = [s.seq_id for s in open_cache(out)]
-    assert seq_ids == list(range(24))
-
-
-def test_rerun_of_a_complete_cache_writes_nothing(reference_cache, smollm2_dir):
-    before = {p.name: p.stat().st_mtime_ns for p in reference_cache.glob("shard-*")}
-    proc = run_cli(
-        "build-cache", "--teacher", smollm2_dir, "--out", reference_cache, *BASE, check=True
-    )
-    assert "wrote 0 shards" in proc.stdout and "cache complete" in proc.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in reference_cache.glob("shard-*")} == before
-
-
-def test_workers_are_disjoint_complete_and_equal_one_worker(tmp_path, smollm2_dir, reference_cache):
-    out = tmp_path / "cache"
-    W = 3
+    read = []
     for i in range(W):
         assert not (out / "manifest.json").exists()
-        summary = run(_cfg(smollm2_dir, out, num_workers=W, worker_index=i))
-        assert summary["complete"] == (i == W - 1)
-    records = [json.loads(p.read_text()) for p in sorted((out / "workers").glob("*.json"))]
-    units = [[e["unit"] for e in r["shards"]] for r in records]
-    assert units == [[0, 3, 6], [1, 4, 7], [2, 5]]
-    assert _files(out) == _files(reference_cache)
+        s = run(_cfg(tiny_llama_dir, corpus, out, num_workers=W, worker_index=i))
+        assert s["complete"] == (i == W - 1)
+        read.append(s["domains_read"])
+    assert digests(out) == digests(reference)
+    # worker i read only its own domains: about 1/W of the corpus each, nothing twice
+    assert read == [len(range(i, N_FILES, W)) for i in range(W)] and sum(read) == N_FILES
 
 
-def test_worker_index_must_be_in_range(tmp_path, smollm2_dir):
-    proc = run_cli(
-        "build-cache",
-        "--teacher",
-        smollm2_dir,
-        "--out",
-        tmp_path / "c",
-        *BASE,
-        "--num-workers",
-        "2",
-        "--worker-index",
-        "2",
-    )
-    assert proc.returncode == 2 and "worker_index must be in 0..1" in error_line(proc)
+def test_workers_of_different_w_can_share_one_out(tmp_path, tiny_llama_dir, corpus, reference):
+    out = tmp_path / "cache"
+    run(_cfg(tiny_llama_dir, corpus, out, num_workers=4, worker_index=1))
+    run(_cfg(tiny_llama_dir, corpus, out, num_workers=3, worker_index=0))
+    s = run(_cfg(tiny_llama_dir, corpus, out, num_workers=2, worker_index=1))
+    assert not s["complete"]
+    s = run(_cfg(tiny_llama_dir, corpus, out))  # one worker finishes the rest
+    assert s["complete"] and s["domains_read"] < N_FILES
+    assert digests(out) == digests(reference)
 
 
-def test_different_configuration_is_refused_and_nothing_is_touched(reference_cache, smollm2_dir):
-    before = _files(reference_cache)
-    args = [a if a != "32" else "64" for a in BASE]  # --seq-len 64
-    proc = run_cli("build-cache", "--teacher", smollm2_dir, "--out", reference_cache, *args)
+@pytest.mark.slow
+@pytest.mark.parametrize("kills", [(1, 5), (3, 9)])
+def test_kill_9_at_several_points_then_completion_is_byte_identical(
+    tmp_path, tiny_llama_dir, corpus, reference, kills
+):
+    out = tmp_path / "cache"
+    for i, at in enumerate(kills):  # worker i of 2 killed once `at` shards exist
+        written = kill_build_after(
+            out, at, *_args(tiny_llama_dir, corpus, out, "--num-workers", "2", "--worker-index", str(i))
+        )
+        assert written >= at - 1
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(CacheError, match="not complete"):
+        open_cache(out)
+    for i in range(2):
+        run_cli("build-cache", *_args(tiny_llama_dir, corpus, out, "--num-workers", "2", "--worker-index", str(i)), check=True)  # fmt: skip
+    assert digests(out) == digests(reference)
+    assert not list(out.glob("shards/.tmp/*/*"))
+
+
+def test_rerun_rechecks_what_it_skips_and_redoes_a_damaged_shard(tmp_path, tiny_llama_dir, corpus, reference):
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    shard = shard_files(out)[3]
+    flip_bit(shard, shard.stat().st_size // 2)  # corrupted at the same size
+    proc = run_cli("build-cache", *_args(tiny_llama_dir, corpus, out), check=True)
+    assert "wrote 1 shards" in proc.stdout and "rewrote 1 damaged or missing shards" in proc.stdout
+    assert digests(out) == digests(reference) and verify_cache(out) == []
+    proc = run_cli("build-cache", *_args(tiny_llama_dir, corpus, out), check=True)
+    assert "wrote 0 shards" in proc.stdout and "cache complete" in proc.stdout
+
+
+def test_the_same_worker_twice_at_once_does_not_collide(tmp_path, tiny_llama_dir, corpus, reference):
+    out = tmp_path / "cache"
+    errors = []
+
+    def worker():
+        try:
+            run(_cfg(tiny_llama_dir, corpus, out, num_workers=1, worker_index=0))
+        except Exception as e:  # collected: the assertion below names it
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert digests(out) == digests(reference)
+
+
+def test_a_corpus_changed_under_a_half_built_cache_is_refused(tmp_path, tiny_llama_dir, corpus):
+    src = tmp_path / "corpus"
+    shutil.copytree(corpus, src)
+    out = tmp_path / "cache"
+    run(_cfg(tiny_llama_dir, src, out, num_workers=2, worker_index=0))
+    f = src / "part-00.jsonl"  # domain 0, finished by worker 0, edited at the same size
+    text = f.read_text()
+    i = text.index("a", 20)
+    f.write_text(text[:i] + "b" + text[i + 1 :])
+    damaged = next(p for p in shard_files(out) if p.name.startswith("00000000-"))
+    flip_bit(damaged, damaged.stat().st_size // 2)  # the re-run must read domain 0 again
+    with pytest.raises(CorpusError, match="the corpus changed since|changed since its shards"):
+        run(_cfg(tiny_llama_dir, src, out, num_workers=2, worker_index=0))
+
+
+def test_renamed_corpus_file_other_tokenizer_or_other_weights_are_refused(tmp_path, tiny_llama_dir, corpus):
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    src, teacher, out = tmp_path / "corpus", tmp_path / "teacher", tmp_path / "cache"
+    shutil.copytree(corpus, src)
+    shutil.copytree(tiny_llama_dir, teacher)
+    run(_cfg(teacher, src, out, num_workers=2, worker_index=0))
+    # (b) the same bytes under another suffix are parsed differently: another corpus
+    (src / "part-05.jsonl").rename(src / "part-05.txt")
+    with pytest.raises(CacheError, match="different configuration.*corpus"):
+        run(_cfg(teacher, src, out, num_workers=2, worker_index=1))
+    (src / "part-05.txt").rename(src / "part-05.jsonl")
+    # (a) a tokenizer whose normaliser changed (same vocabulary)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    tok.save_pretrained(teacher)
+    with pytest.raises(CacheError, match="different configuration.*tokenizer_hash"):
+        run(_cfg(teacher, src, out, num_workers=2, worker_index=1))
+    shutil.rmtree(teacher)
+    shutil.copytree(tiny_llama_dir, teacher)
+    # (c) weights changed in the middle of a file of the same size
+    w = teacher / "model.safetensors"
+    flip_bit(w, w.stat().st_size // 2)
+    with pytest.raises(TeacherError, match="differ from those the other workers"):
+        run(_cfg(teacher, src, out, num_workers=2, worker_index=1))
+
+
+def test_a_failed_first_build_does_not_block_the_corrected_command(tmp_path, tiny_llama_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "too short"}) + "\n")
+    out = tmp_path / "cache"
+    proc = run_cli("build-cache", *_args(tiny_llama_dir, empty, out))
+    assert proc.returncode == 2 and "yields no sequence of --seq-len 32" in error_line(proc)
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": " ".join(["word"] * 400)}) + "\n")
+    run_cli("build-cache", *_args(tiny_llama_dir, good, out), check=True)
+    assert verify_cache(out) == []
+
+
+def test_different_configuration_is_refused_and_nothing_is_touched(reference, tiny_llama_dir, corpus):
+    before = digests(reference)
+    args = [a if a != "32" else "64" for a in _args(tiny_llama_dir, corpus, reference)]
+    proc = run_cli("build-cache", *args)
     assert proc.returncode == 2
     line = error_line(proc)
     assert "already holds a cache of a different configuration" in line and "seq_len" in line
-    assert _files(reference_cache) == before
+    assert digests(reference) == before
 
 
-@pytest.mark.parametrize(
-    "extra, expect",
-    [
-        (["--teacher", "/nonexistent/teacher"], "teacher folder not found"),
-        (["--corpus", "/nonexistent/corpus.jsonl"], "corpus path not found"),
-        (["--k", "5000"], "encoder.k must be in 1..1024"),
-        (["--k", "0"], "encoder.k must be in 1..1024"),
-        (["--seq-len", "1"], "corpus.seq_len must be >= 2"),
-        (["--set", "encoder.nope=1"], "unknown config key encoder.'nope'"),
-    ],
-)
-def test_bad_inputs_fail_in_one_line(tmp_path, smollm2_dir, extra, expect):
-    args = ["build-cache", "--teacher", smollm2_dir, "--out", tmp_path / "c", *BASE, *extra]
-    proc = run_cli(*args)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert error_line(proc).startswith("sparsekd: error:") and expect in error_line(proc)
-    assert not (tmp_path / "c" / "manifest.json").exists()
-
-
-def test_malformed_corpus_line_and_skip_bad_lines(tmp_path, smollm2_dir):
-    corpus = tmp_path / "c.jsonl"
-    good = [json.dumps({"text": "The teacher reads every line of this file. " * 8})] * 6
-    corpus.write_text("\n".join(good[:3] + ["{oops"] + good[3:]) + "\n")
-    args = [
-        "build-cache",
-        "--teacher",
-        smollm2_dir,
-        "--corpus",
-        corpus,
-        "--engine",
-        "hf",
-        "--k",
-        "2",
-        "--seq-len",
-        "16",
-        "--quiet",
-    ]
-    proc = run_cli(*args, "--out", tmp_path / "a")
-    assert proc.returncode == 2 and f"{corpus}:4: malformed JSON" in error_line(proc)
-    proc = run_cli(*args, "--out", tmp_path / "b", "--skip-bad-lines", check=True)
-    assert "skipped 1 bad lines" in proc.stdout
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["bad_lines"] == 1
-
-
-def test_out_that_is_not_a_cache_is_refused(tmp_path, smollm2_dir):
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "notes.txt").write_text("mine")
-    proc = run_cli("build-cache", "--teacher", smollm2_dir, "--out", tmp_path / "c", *BASE)
-    assert proc.returncode == 2 and "holds no sparsekd cache" in error_line(proc)
-    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+def test_environment_launchers_pick_the_worker(tmp_path, tiny_llama_dir, corpus, reference):
+    out = tmp_path / "cache"
+    for i in range(2):  # a SLURM array of two tasks, no worker flags
+        env = {"SLURM_ARRAY_TASK_ID": str(10 + i), "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "2"}
+        proc = run_cli("build-cache", *_args(tiny_llama_dir, corpus, out), env=env, check=True)
+        assert f"worker {i}/2" in proc.stdout
+    assert digests(out) == digests(reference)

@@ -1,6 +1,9 @@
-"""Corpus reading and packing: every input format, determinism, EOS placement, bad lines."""
+"""Corpus reading and packing: every input format, packing domains (every record read once,
+by exactly one domain), content hashes, truncated and malformed input named by file and
+line, symbolic links followed."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -11,11 +14,15 @@ from transformers import AutoTokenizer
 
 from sparsekd.cache_builder.corpus import (
     CorpusConfig,
-    CorpusError,
-    CorpusStats,
-    corpus_fingerprint,
-    pack_sequences,
+    DomainReader,
+    builtin_documents,
+    corpus_identity,
+    plan_domains,
+    resolve_sources,
 )
+from sparsekd.cache_builder.packing import pack, units
+from sparsekd.errors import CorpusError
+from sparsekd.schemas import format as F
 
 DOCS = [f"Document number {i} says something about topic {i % 3}. " * (i + 1) for i in range(12)]
 
@@ -33,68 +40,128 @@ def _write_all_formats(d):
     pq.write_table(pa.table({"text": DOCS[8:]}), d / "d.parquet")
 
 
-def _pack(tok, paths, L=32, **kw):
-    cfg = CorpusConfig(paths=tuple(map(str, paths)), seq_len=L, **kw)
-    return list(pack_sequences(cfg, tok, tok.eos_token_id))
+def _documents(paths, domain_bytes=32 << 20, **kw):
+    cfg = CorpusConfig(paths=tuple(map(str, paths)), domain_bytes=domain_bytes, **kw)
+    domains = plan_domains(resolve_sources(cfg.paths), cfg.domain_bytes)
+    readers = [DomainReader(d, cfg.text_field, cfg.skip_bad_lines) for d in domains]
+    return domains, readers, [list(r) for r in readers]
 
 
-def test_all_formats_pack_to_the_expected_stream(tmp_path, tok):
+def test_each_file_is_a_domain_packed_on_its_own(tmp_path, tok):
     _write_all_formats(tmp_path)
-    seqs = _pack(tok, [tmp_path], L=32)
-    stream = []
-    for t in DOCS:  # directory order is sorted: a.jsonl, b.jsonl.zst, c.txt, d.parquet
-        stream += tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    n = (len(stream) - 1) // 32
-    assert len(seqs) == n
-    for i, (sid, ids, nxt) in enumerate(seqs):
-        assert sid == i and ids.dtype == np.int32 and len(ids) == 32
-        assert ids.tolist() == stream[i * 32 : (i + 1) * 32]
-        assert nxt == stream[(i + 1) * 32]
+    domains, _, docs = _documents([tmp_path])
+    assert [d.source.name for d in domains] == ["a.jsonl", "b.jsonl.zst", "c.txt", "d.parquet"]
+    assert docs == [DOCS[:4], DOCS[4:7], [DOCS[7]], DOCS[8:]]
+    L = 16
+    for d, texts in zip(domains, docs):
+        stream = []
+        for t in texts:
+            stream += tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        seqs = list(pack(texts, tok, tok.eos_token_id, L))
+        assert len(seqs) == (len(stream) - 1) // L  # the domain's tail is dropped
+        for i, (ids, nxt) in enumerate(seqs):
+            assert ids.dtype == np.int32 and ids.tolist() == stream[i * L : (i + 1) * L]
+            assert nxt == stream[(i + 1) * L]
+        parts = list(units(d.index, seqs, S=2))
+        assert len(parts) >= 2 and [len(u.seq_ids) for u in parts][:-1] == [2] * (len(parts) - 1)
+        assert parts[1].seq_ids.tolist() == F.make_seq_id(d.index, np.arange(2, 4)).tolist()
 
 
-def test_packing_is_deterministic_and_glob_matches_files(tmp_path, tok):
-    _write_all_formats(tmp_path)
-    a = _pack(tok, [tmp_path])
-    b = _pack(
-        tok,
-        [
-            tmp_path / "*.jsonl",
-            tmp_path / "b.jsonl.zst",
-            tmp_path / "c.txt",
-            tmp_path / "d.parquet",
-        ],
-    )
-    assert [(s, x.tobytes(), n) for s, x, n in a] == [(s, x.tobytes(), n) for s, x, n in b]
-    cfg = CorpusConfig(paths=(str(tmp_path),), seq_len=32)
-    assert corpus_fingerprint(cfg) == corpus_fingerprint(cfg)
+def test_a_large_jsonl_is_cut_at_line_starts_and_every_line_read_once(tmp_path):
+    lines = [json.dumps({"text": f"line {i} " + "x" * (i % 97)}) + "\n" for i in range(6000)]
+    (tmp_path / "big.jsonl").write_text("".join(lines))
+    size = (tmp_path / "big.jsonl").stat().st_size
+    domains, readers, docs = _documents([tmp_path / "big.jsonl"], domain_bytes=1 << 16)
+    assert len(domains) == -(-size // (1 << 16)) > 3
+    flat = [t for part in docs for t in part]
+    assert flat == [json.loads(x)["text"] for x in lines]  # each line once, in order
+    # a domain reads the lines that begin in its byte range, and hashes them
+    offsets = np.cumsum([0] + [len(x.encode()) for x in lines])[:-1]
+    for d, part in zip(domains, docs):
+        inside = [i for i, o in enumerate(offsets) if d.start <= o < d.end]
+        assert part == [json.loads(lines[i])["text"] for i in inside]
+    again = _documents([tmp_path / "big.jsonl"], domain_bytes=1 << 16)[1]
+    assert [r.content_sha256 for r in readers] == [r.content_sha256 for r in again]
 
 
-def test_fingerprint_changes_with_content(tmp_path, tok):
-    (tmp_path / "x.txt").write_text("one two three")
-    cfg = CorpusConfig(paths=(str(tmp_path / "x.txt"),), seq_len=4)
-    before = corpus_fingerprint(cfg)
-    (tmp_path / "x.txt").write_text("one two four")
-    assert corpus_fingerprint(cfg) != before
+def test_parquet_domains_take_the_row_groups_that_begin_in_them(tmp_path):
+    texts = [f"row {i} " + "y" * 300 for i in range(4000)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "p.parquet", row_group_size=150, compression="none")
+    domains, _, docs = _documents([tmp_path / "p.parquet"], domain_bytes=1 << 16)
+    assert len(domains) > 2 and sum(1 for d in docs if d) > 2
+    assert [t for part in docs for t in part] == texts
+
+
+def test_content_hash_changes_with_one_byte_and_identity_with_the_format(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text(json.dumps({"text": "one two three"}) + "\n")
+    _, (r,), _ = _documents([p])
+    p.write_text(json.dumps({"text": "one two thref"}) + "\n")  # same size
+    _, (r2,), _ = _documents([p])
+    assert r.content_sha256 != r2.content_sha256
+    ident = corpus_identity(CorpusConfig(), resolve_sources((str(p),)))
+    assert ident["sources"] == [["x.jsonl", "jsonl", p.stat().st_size]]
+    os.rename(p, tmp_path / "x.txt")  # same bytes, parsed as one plain-text document
+    ident2 = corpus_identity(CorpusConfig(), resolve_sources((str(tmp_path / "x.txt"),)))
+    assert ident2["sources"] == [["x.txt", "txt", ident["sources"][0][2]]]
+
+
+def test_multi_frame_zst_is_read_whole_and_a_truncated_one_is_refused(tmp_path):
+    c = zstandard.ZstdCompressor()
+    rows = [json.dumps({"text": f"doc {i}"}) + "\n" for i in range(9)]
+    frames = [c.compress("".join(rows[i : i + 3]).encode()) for i in (0, 3, 6)]
+    (tmp_path / "ok.jsonl.zst").write_bytes(b"".join(frames))
+    assert _documents([tmp_path / "ok.jsonl.zst"])[2] == [[f"doc {i}" for i in range(9)]]
+    mid_line = c.compress("".join(rows[6:])[:-8].encode())  # a frame ending mid-line
+    (tmp_path / "cut.jsonl.zst").write_bytes(b"".join(frames[:2]) + mid_line)
+    with pytest.raises(CorpusError, match=r"cut\.jsonl\.zst: truncated \(its text ends mid-line"):
+        _documents([tmp_path / "cut.jsonl.zst"], skip_bad_lines=True)
+    data = b"".join(frames)
+    (tmp_path / "torn.jsonl.zst").write_bytes(data[:-5])
+    with pytest.raises(CorpusError, match=r"torn\.jsonl\.zst: truncated \(the file ends inside"):
+        _documents([tmp_path / "torn.jsonl.zst"])
+
+
+def test_bad_lines_are_named_by_file_and_line_or_counted(tmp_path):
+    good = json.dumps({"text": "fine"})
+    body = "\n".join([good, "{not json", json.dumps({"txt": "x"}), '{"text": "\\ud800"}', good])
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(body.encode() + b"\n" + b'{"text": "\xff\xfe"}\n')
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: malformed JSON"):
+        _documents([p])
+    _, (r,), docs = _documents([p], skip_bad_lines=True)
+    assert docs == [["fine", "fine"]] and r.stats.bad_lines == 4 and r.stats.documents == 2
+    assert any("bad.jsonl:4: text holds an unpaired surrogate" in x for x in r.stats.bad_examples)
+    assert any("bad.jsonl:6: not UTF-8" in x for x in r.stats.bad_examples)
+    # a bad line in a later domain still carries its line number in the whole file
+    lines = [json.dumps({"text": "a" * 100}) + "\n"] * 2000 + ["{oops\n"]
+    (tmp_path / "late.jsonl").write_text("".join(lines))
+    with pytest.raises(CorpusError, match=r"late\.jsonl:2001: malformed JSON"):
+        _documents([tmp_path / "late.jsonl"], domain_bytes=1 << 16)
+
+
+def test_symlinked_subdirectories_are_followed_once(tmp_path):
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    (real / "x.jsonl").write_text(json.dumps({"text": "linked"}) + "\n")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text(json.dumps({"text": "direct"}) + "\n")
+    os.symlink(real, corpus / "linked")
+    os.symlink(corpus, corpus / "linked" / "loop")  # a cycle must not be walked forever
+    names = [s.name for s in resolve_sources((str(corpus),))]
+    assert names[:2] == ["a.jsonl", "linked/x.jsonl"]
+    assert len(names) == len(set(os.path.realpath(corpus / n) for n in names))
 
 
 def test_builtin_default_corpus_exists_and_is_stable(tok):
-    a = list(pack_sequences(CorpusConfig(seq_len=128, max_sequences=20), tok, tok.eos_token_id))
-    b = list(pack_sequences(CorpusConfig(seq_len=128, max_sequences=20), tok, tok.eos_token_id))
-    assert len(a) == 20
-    assert all(x[1].tobytes() == y[1].tobytes() for x, y in zip(a, b))
-    text = tok.decode(a[0][1])
+    docs = [t for _, t in builtin_documents()]
+    assert len(docs) > 50
+    a = list(pack(docs, tok, tok.eos_token_id, 128, limit=20))
+    b = list(pack([t for _, t in builtin_documents()], tok, tok.eos_token_id, 128, limit=20))
+    assert len(a) == 20 and all(x[0].tobytes() == y[0].tobytes() for x, y in zip(a, b))
+    text = tok.decode(a[0][0])
     assert sum(c.isalpha() for c in text) > 0.5 * len(text)  # natural-language text
-
-
-def test_malformed_line_names_file_and_line(tmp_path, tok):
-    p = tmp_path / "bad.jsonl"
-    p.write_text(json.dumps({"text": "fine"}) + "\n{not json\n" + json.dumps({"txt": "x"}) + "\n")
-    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: malformed JSON"):
-        _pack(tok, [p], L=2)
-    stats = CorpusStats()
-    cfg = CorpusConfig(paths=(str(p),), seq_len=2, skip_bad_lines=True)
-    list(pack_sequences(cfg, tok, tok.eos_token_id, stats))
-    assert stats.bad_lines == 2 and stats.documents == 1
 
 
 @pytest.mark.parametrize(
@@ -102,21 +169,18 @@ def test_malformed_line_names_file_and_line(tmp_path, tok):
     [
         (lambda d: d / "missing.jsonl", "corpus path not found"),
         (lambda d: (d / "x.csv").write_text("a") and d / "x.csv", "unsupported type"),
-        (lambda d: (d / "b.txt").write_bytes(b"\xff\xfe\xfa") and d / "b.txt", "not UTF-8"),
-        (
-            lambda d: (d / "z.jsonl.zst").write_bytes(b"garbage") and d / "z.jsonl.zst",
-            "cannot read",
-        ),
+        (lambda d: (d / "b.txt").write_bytes(b"ok\n\xff\xfe\xfa") and d / "b.txt", r"b\.txt:2: not UTF-8"),
+        (lambda d: (d / "z.jsonl.zst").write_bytes(b"garbage") and d / "z.jsonl.zst", "cannot read"),
         (lambda d: str(d / "*.nothing"), "matches no"),
     ],
 )
-def test_unreadable_corpus_inputs(tmp_path, tok, make, match):
+def test_unreadable_corpus_inputs(tmp_path, make, match):
     with pytest.raises(CorpusError, match=match):
-        _pack(tok, [make(tmp_path)])
+        _documents([make(tmp_path)])
 
 
-def test_parquet_without_text_field(tmp_path, tok):
+def test_parquet_without_text_field(tmp_path):
     pq.write_table(pa.table({"body": ["a b c"]}), tmp_path / "x.parquet")
     with pytest.raises(CorpusError, match="no column 'text'"):
-        _pack(tok, [tmp_path / "x.parquet"])
-    assert len(_pack(tok, [tmp_path / "x.parquet"], L=2, text_field="body")) >= 1
+        _documents([tmp_path / "x.parquet"])
+    assert _documents([tmp_path / "x.parquet"], text_field="body")[2] == [["a b c"]]

@@ -8,17 +8,20 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from sparsekd.cache_builder.corpus import CorpusConfig, pack_sequences
-from sparsekd.cache_builder.engines import HfEngine, TeacherConfig, VllmEngine
+from sparsekd.cache_builder.corpus import builtin_documents
+from sparsekd.cache_builder.engines import HfEngine, VllmEngine
+from sparsekd.cache_builder.teacher import TeacherConfig
 
 K = 8
 NOISE = 2e-3  # nats: below this gap two candidates may swap between engines
 
 
 def _sequences(model_dir, L=48, n=6):
+    from sparsekd.cache_builder.packing import pack
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    seqs = list(pack_sequences(CorpusConfig(seq_len=L, max_sequences=n), tok, tok.eos_token_id))
-    return [s[1] for s in seqs], [s[2] for s in seqs]
+    seqs = list(pack([t for _, t in builtin_documents()], tok, tok.eos_token_id, L, limit=n))
+    return [s[0] for s in seqs], [s[1] for s in seqs]
 
 
 def _compare(model_dir):

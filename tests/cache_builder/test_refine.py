@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sparsekd.inspect import verify_cache
+from sparsekd.inspection import verify_cache
 from sparsekd.schemas.cache import open_cache
-from tests.conftest import error_line, run_cli
+from tests.helpers import error_line, run_cli
 
 L = 64
 
@@ -25,12 +25,12 @@ def mixed(tmp_path_factory, smollm2_dir, tiny_student):
     """Corpus, per-sequence kind (natural / junk / mixed), teacher and reference caches."""
     from transformers import AutoTokenizer
 
-    from sparsekd.cache_builder.corpus import _builtin_documents
+    from sparsekd.cache_builder.corpus import builtin_documents
 
     root = tmp_path_factory.mktemp("refine")
     rng = random.Random(0)
     natural = []
-    for _, text in _builtin_documents():
+    for _, text in builtin_documents():
         natural += [text[i : i + 900] for i in range(0, min(len(text), 2700), 900)]
         if len(natural) >= 4:
             break
@@ -119,7 +119,7 @@ def test_junk_lands_below_the_cut_and_scores_match_transformers(mixed, tmp_path)
     assert (out / "scores.png").stat().st_size > 10_000
 
     scores = pq.read_table(out / "scores.parquet").to_pydict()
-    assert scores["seq_id"] == list(range(len(kinds)))
+    assert scores["seq_id"] == list(range(len(kinds)))  # one corpus file: domain 0
     s = np.array(scores["score"])
     kept = np.array(scores["kept"])
     # Every junk sequence scores below the cut, every kept one is (at least part) text.
@@ -136,7 +136,7 @@ def test_junk_lands_below_the_cut_and_scores_match_transformers(mixed, tmp_path)
     assert verify_cache(out) == []
     refined = open_cache(out)
     assert refined.meta["refined"]["ratio"] == 0.4 and len(refined) == kept.sum()
-    table = pq.read_table(refined.shard_path(refined.shards[0]))
+    table = pq.read_table(refined.shard_path(0))
     assert table.column("seq_id").to_pylist() == np.flatnonzero(kept).tolist()
     np.testing.assert_allclose(table.column("score").to_numpy(), s[kept], rtol=1e-6)
     from transformers import AutoTokenizer
@@ -214,8 +214,8 @@ def test_verify_checks_the_order_across_a_refined_sets_shards(mixed, tmp_path):
     import pyarrow as pa
 
     from sparsekd.cache_builder.refine import RefineConfig, run
-    from sparsekd.cache_builder.writer import write_shard
-    from sparsekd.schemas.manifest import MANIFEST, atomic_write_json, build_manifest
+    from sparsekd.cache_builder.writer import ShardFiles, write_shard
+    from sparsekd.schemas.manifest import ShardIndex, write_manifest
 
     good = tmp_path / "good"
     cfg = RefineConfig(
@@ -226,17 +226,16 @@ def test_verify_checks_the_order_across_a_refined_sets_shards(mixed, tmp_path):
     )
     run(cfg)
     refined = open_cache(good)
-    assert len(refined.shards) >= 2 and verify_cache(good) == []
+    assert len(refined.index) >= 2 and verify_cache(good) == []
 
     # The same kept rows dealt alternately into two shards: each shard is increasing and
     # starts at its first_seq, but their ranges interleave, so a sequence order is broken.
-    rows = pa.concat_tables(pq.read_table(refined.shard_path(e)) for e in refined.shards)
+    rows = pa.concat_tables(pq.read_table(refined.shard_path(i)) for i in range(len(refined.index)))
     rows = rows.replace_schema_metadata(None).slice(0, 4)
     bad = tmp_path / "bad"
     bad.mkdir()
-    meta, fp = refined.meta, refined.manifest["fingerprint"]
-    shards = {u: write_shard(bad, u, rows.take([u, u + 2]), meta) for u in (0, 1)}
-    totals = {"num_sequences": 4, "bad_lines": None}
-    atomic_write_json(bad / MANIFEST, build_manifest(meta, fp, shards, totals))
+    files = ShardFiles(bad)
+    entries = [write_shard(files, u, 0, rows.take([u, u + 2]), refined.meta) for u in (0, 1)]
+    write_manifest(bad, meta=refined.meta, fingerprint=refined.fingerprint, shards=ShardIndex.from_entries(entries), tables={"kept": pa.table({"seq_id": rows.column("seq_id")})})
     problems = verify_cache(bad)
-    assert len(problems) == 1 and "overlaps the shard before it" in problems[0], problems
+    assert len(problems) == 1 and "overlap the shard before it" in problems[0], problems

@@ -1,31 +1,34 @@
-"""Sample and logprob caches through the hidden-state path, on the real SmolLM2 teacher:
-the stored targets are what the teacher head drew, deterministic, and inspectable; the
-hidden path's top-K equals vLLM's log-prob path's."""
+"""The sparse encoder: sample and logprob caches through the hidden-state path on the real
+SmolLM2 teacher (the stored targets are what the teacher head drew, deterministic,
+inspectable), the hidden path's top-K equal to vLLM's log-prob path's, and the encoder
+settings that make no sense together refused."""
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
 
 from sparsekd import open_cache
-from sparsekd.cache_builder.build import BuildConfig, EncoderConfig, WriterConfig, run
-from sparsekd.cache_builder.corpus import CorpusConfig
-from sparsekd.cache_builder.engines import TeacherConfig, VllmEngine, VllmHiddenEngine
-from sparsekd.inspect import cache_stats, verify_cache
-from tests.conftest import error_line, run_cli
+from sparsekd.cache_builder.build import run
+from sparsekd.cache_builder.config import BuildConfig
+from sparsekd.cache_builder.encoder import EncoderConfig, teacher_view
+from sparsekd.cache_builder.engines import VllmEngine, VllmHiddenEngine
+from sparsekd.cache_builder.teacher import TeacherConfig, load_lm_head
+from sparsekd.config import build
+from sparsekd.errors import ConfigError, TeacherError
+from sparsekd.inspection import cache_stats, verify_cache
+from tests.helpers import digests, error_line, run_cli
 
 
-def _build(teacher, out, engine="hf", **enc):
-    return run(
-        BuildConfig(
-            teacher=TeacherConfig(path=str(teacher), engine=engine),
-            corpus=CorpusConfig(seq_len=48, max_sequences=8),
-            encoder=EncoderConfig(**enc),
-            writer=WriterConfig(out=str(out), shard_sequences=4),
-            progress=False,
-        )
-    )
+def _build(teacher, out, engine="hf", workers=(1, 0), **enc):
+    cfg = {
+        "teacher": {"path": str(teacher), "engine": engine},
+        "corpus": {"seq_len": 48, "max_sequences": 8},
+        "encoder": enc,
+        "writer": {"out": str(out), "shard_sequences": 4, "num_workers": workers[0], "worker_index": workers[1]},
+        "progress": False,
+    }
+    return run(build(BuildConfig, cfg))
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +57,8 @@ def test_sample_cache_targets(sample_cache):
 def test_sample_cache_is_deterministic_across_worker_splits(tmp_path, smollm2_dir, sample_cache):
     out = tmp_path / "w"
     for i in range(2):
-        run(
-            BuildConfig(
-                teacher=TeacherConfig(path=str(smollm2_dir), engine="hf"),
-                corpus=CorpusConfig(seq_len=48, max_sequences=8),
-                encoder=EncoderConfig(mode="sample", samples=50),
-                writer=WriterConfig(out=str(out), shard_sequences=4, num_workers=2, worker_index=i),
-                progress=False,
-            )
-        )
-    digest = lambda d: {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-        for p in sorted(d.glob("shard-*"))
-    }
-    assert digest(out) == digest(sample_cache)
+        _build(smollm2_dir, out, workers=(2, i), mode="sample", samples=50)
+    assert digests(out) == digests(sample_cache)
 
 
 def test_tempered_proposal_stores_weights_and_stays_unbiased_in_mean(tmp_path, smollm2_dir):
@@ -85,15 +76,14 @@ def test_tempered_proposal_stores_weights_and_stays_unbiased_in_mean(tmp_path, s
 
 def test_logprob_mode_stores_only_token_logprobs(tmp_path, smollm2_dir, hf_topk_cache):
     out = tmp_path / "lp"
-    run(
-        BuildConfig(
-            teacher=TeacherConfig(path=str(smollm2_dir), engine="hf"),
-            corpus=CorpusConfig(seq_len=64, max_sequences=10),
-            encoder=EncoderConfig(mode="logprob"),
-            writer=WriterConfig(out=str(out), shard_sequences=4),
-            progress=False,
-        )
-    )
+    cfg = {
+        "teacher": {"path": str(smollm2_dir), "engine": "hf"},
+        "corpus": {"seq_len": 64, "max_sequences": 10},
+        "encoder": {"mode": "logprob"},
+        "writer": {"out": str(out), "shard_sequences": 4},
+        "progress": False,
+    }
+    run(build(BuildConfig, cfg))
     a, b = open_cache(out), open_cache(hf_topk_cache)
     assert verify_cache(out) == []
     for x, y in zip(a, b):
@@ -102,22 +92,28 @@ def test_logprob_mode_stores_only_token_logprobs(tmp_path, smollm2_dir, hf_topk_
     assert open_cache(out).manifest["bytes"] < open_cache(hf_topk_cache).manifest["bytes"] / 2
 
 
-def test_sample_mode_refuses_the_logprob_path(tmp_path, smollm2_dir):
+@pytest.mark.parametrize(
+    "enc, match",
+    [
+        (dict(mode="sample", path="logprob"), "needs the hidden-state path"),
+        (dict(mode="topk", samples=50), r"encoder.samples \(--samples\) applies to --mode sample only"),
+        (dict(mode="topk", sampler="systematic"), "encoder.sampler .* applies to --mode sample"),
+        (dict(mode="logprob", k=4), r"encoder.k \(--k\) applies to --mode topk only"),
+        (dict(mode="sample", proposal_temperature=0.0), "proposal_temperature must be > 0"),
+        (dict(mode="topk", k=0), "encoder.k must be in 1..1024"),
+        (dict(mode="sample", samples=70_000), "encoder.samples must be in 1..65535"),
+    ],
+)
+def test_settings_that_make_no_sense_together_are_refused(enc, match):
+    with pytest.raises(ConfigError, match=match):
+        EncoderConfig(**enc)
+
+
+def test_sample_mode_refuses_the_logprob_path_in_one_line(tmp_path, smollm2_dir):
     proc = run_cli(
-        "build-cache",
-        "--teacher",
-        smollm2_dir,
-        "--out",
-        tmp_path / "c",
-        "--mode",
-        "sample",
-        "--path",
-        "logprob",
-        "--engine",
-        "hf",
-        "--seq-len",
-        "16",
-    )
+        "build-cache", "--teacher", smollm2_dir, "--out", tmp_path / "c", "--mode", "sample",
+        "--path", "logprob", "--engine", "hf", "--seq-len", "16",
+    )  # fmt: skip
     assert proc.returncode == 2 and "needs the hidden-state path" in error_line(proc)
 
 
@@ -125,12 +121,13 @@ def test_sample_mode_refuses_the_logprob_path(tmp_path, smollm2_dir):
 def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from sparsekd.cache_builder.build import teacher_view
-    from sparsekd.cache_builder.corpus import pack_sequences
+    from sparsekd.cache_builder.corpus import builtin_documents
+    from sparsekd.cache_builder.packing import pack
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    seqs = list(pack_sequences(CorpusConfig(seq_len=48, max_sequences=6), tok, tok.eos_token_id))
-    sid, ids, nxt = [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs]
+    docs = [t for _, t in builtin_documents()]
+    seqs = list(pack(docs, tok, tok.eos_token_id, 48, limit=6))
+    sid, ids, nxt = list(range(6)), [s[0] for s in seqs], [s[1] for s in seqs]
     cfg = TeacherConfig(path=str(smollm2_dir))
     views = {}
     for path, cls in (("hidden", VllmHiddenEngine), ("logprob", VllmEngine)):
@@ -141,7 +138,8 @@ def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
             )
         finally:
             eng.close()
-    (tl_h, sup_h), (tl_l, sup_l) = views["hidden"], views["logprob"]
+    (tl_h, sup_h) = views["hidden"].token_logprobs, views["hidden"].supports
+    (tl_l, sup_l) = views["logprob"].token_logprobs, views["logprob"].supports
     agree = total = 0
     for a, b, x, y in zip(sup_h, sup_l, tl_h, tl_l):
         np.testing.assert_allclose(x, y, atol=2e-3)
@@ -180,34 +178,28 @@ def test_vllm_hidden_states_times_head_reproduce_transformers_logits(request, mo
 def test_soft_capped_head_is_refused_on_the_hidden_path(tmp_path, tiny_llama_dir):
     import shutil
 
-    from sparsekd.cache_builder.engines import load_lm_head
-
     d = tmp_path / "capped"
     shutil.copytree(tiny_llama_dir, d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["final_logit_softcapping"] = 30.0
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+    with pytest.raises(TeacherError, match="final_logit_softcapping=30.0"):
         load_lm_head(str(d))
 
 
 def test_trainer_learns_from_a_sample_cache(tmp_path, sample_cache, tiny_student):
-    from sparsekd.student_train.trainer import TrainConfig
+    from sparsekd.student_train.config import TrainConfig
     from sparsekd.student_train.trainer import run as train
 
-    rec = train(
-        TrainConfig(
-            cache=str(sample_cache),
-            student=str(tiny_student),
-            out=str(tmp_path / "run"),
-            steps=8,
-            batch_size=2,
-            lr=3e-3,
-            warmup=1,
-            loss="fkl",
-            progress=False,
-            tensorboard=False,
-        )
-    )
+    cfg = {
+        "student": str(tiny_student),
+        "out": str(tmp_path / "run"),
+        "steps": 8,
+        "data": {"cache": str(sample_cache), "batch_size": 2},
+        "optim": {"lr": 3e-3, "warmup": 1},
+        "progress": False,
+        "tensorboard": False,
+    }
+    rec = train(build(TrainConfig, cfg))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rec["step"] == 8 and lines[-1]["kd"] < lines[0]["kd"]

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import error_line, run_cli
+from tests.helpers import error_line, run_cli
 
 
 def test_logits_equal_transformers_gguf_loading(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sparsekd.cache_builder.teacher import default_gguf_path
+    from sparsekd.cache_builder.gguf import default_gguf_path
 
     gguf = default_gguf_path()
     ref = AutoModelForCausalLM.from_pretrained(

