@@ -23,9 +23,18 @@ from pathlib import Path
 
 import click
 
+from sparsekd.config import setting
+
 HELDOUT_EVERY = 8  # document i is held out when i % 8 == 7
 EVAL_K = 1024  # top-K of the held-out reference cache
 KD_WEIGHT = 0.9  # of the two distilled students; the CE student trains with 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    out: str = setting("sparsekd-demo", "Working folder (teacher, caches, report).", flag=True)
+    quick: bool = setting(False, "A smaller run for CI (a few minutes).", flag="--quick")
+    engine: str = setting("vllm", "Teacher engine.", flag=True, choices=("vllm", "hf"))
 
 
 @dataclass(frozen=True)
@@ -72,12 +81,12 @@ class _Timings:
 
 def _write_corpus(out: Path) -> tuple[Path, Path]:
     """The built-in corpus as two jsonl files: training and held-out documents."""
-    from sparsekd.cache_builder.corpus import _builtin_documents
+    from sparsekd.cache_builder.corpus import builtin_documents
 
     out.mkdir(parents=True, exist_ok=True)
     train, held = out / "train.jsonl", out / "heldout.jsonl"
     if not held.exists():
-        docs = [text for _, text in _builtin_documents()]
+        docs = [text for _, text in builtin_documents()]
         parts = {train: [], held: []}
         for i, text in enumerate(docs):
             parts[held if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else train].append(text)
@@ -91,15 +100,14 @@ def _write_corpus(out: Path) -> tuple[Path, Path]:
 def _build_caches(out: Path, teacher: Path, size: DemoSize, engine_name: str) -> dict:
     """The three caches through one engine: {name: (path, seconds, built now)}, and the
     engine's start-up seconds under "engine_start_s" when it was started."""
-    from sparsekd.cache_builder.build import (
-        BuildConfig,
-        EncoderConfig,
-        WriterConfig,
-        format_summary,
-    )
+    from sparsekd.cache_builder.build import format_summary
     from sparsekd.cache_builder.build import run as build_cache
+    from sparsekd.cache_builder.config import BuildConfig
     from sparsekd.cache_builder.corpus import CorpusConfig
-    from sparsekd.cache_builder.engines import TeacherConfig, make_engine
+    from sparsekd.cache_builder.encoder import EncoderConfig
+    from sparsekd.cache_builder.engines import make_engine
+    from sparsekd.cache_builder.teacher import TeacherConfig
+    from sparsekd.cache_builder.writer import WriterConfig
     from sparsekd.schemas.manifest import MANIFEST
 
     train, held = _write_corpus(out / "corpus")
@@ -121,7 +129,6 @@ def _build_caches(out: Path, teacher: Path, size: DemoSize, engine_name: str) ->
                 )
                 _stage(f"building the {what} cache: {n_seq} sequences x {size.seq_len} tokens")
                 if engine is None:  # one hidden-state engine serves all three builds
-                    t = time.perf_counter()
                     engine = make_engine(tcfg, k=EVAL_K, seq_len=size.seq_len, path="hidden")
                     result["engine_start_s"] = round(time.perf_counter() - t, 1)
                     t = time.perf_counter()
@@ -132,6 +139,7 @@ def _build_caches(out: Path, teacher: Path, size: DemoSize, engine_name: str) ->
                     ),
                     encoder=EncoderConfig(**enc, path="hidden"),
                     writer=WriterConfig(out=str(path), shard_sequences=16),
+                    progress=False,
                 )
                 click.echo(format_summary(build_cache(cfg, engine=engine)))
             result[name] = (path, round(time.perf_counter() - t, 1), built)
@@ -145,30 +153,29 @@ def _train(
     out: Path, label: str, init: Path, cache: Path, heldout: Path, loss: str, size: DemoSize
 ) -> bool:
     """Train one student into `out` unless it is finished; True when it trained now."""
-    from sparsekd.student_train.trainer import TrainConfig
+    from sparsekd.config import build
+    from sparsekd.student_train.config import TrainConfig
     from sparsekd.student_train.trainer import run as train
 
     if (out / "final" / "config.json").exists():
         return False
     _stage(f"training the {label} student: {size.steps} steps x {size.batch_size} sequences")
     shutil.rmtree(out, ignore_errors=True)  # an unfinished run: start it again
-    train(
-        TrainConfig(
-            cache=str(cache),
-            student=str(init),
-            out=str(out),
-            steps=size.steps,
-            loss=loss,
-            kd_weight=KD_WEIGHT,
-            batch_size=size.batch_size,
-            lr=2e-3,
-            warmup=max(1, size.steps // 10),
-            eval_cache=str(heldout),
-            eval_every=size.eval_every,
-            eval_sequences=size.heldout_sequences,
-            tensorboard=False,
-        )
-    )
+    cfg = {
+        "student": str(init),
+        "out": str(out),
+        "steps": size.steps,
+        "data": {"cache": str(cache), "batch_size": size.batch_size},
+        "loss": {"kind": loss, "kd_weight": KD_WEIGHT},
+        "optim": {"lr": 2e-3, "warmup": max(1, size.steps // 10)},
+        "eval": {
+            "cache": str(heldout),
+            "every": size.eval_every,
+            "sequences": size.heldout_sequences,
+        },
+        "tensorboard": False,
+    }
+    train(build(TrainConfig, cfg))
     return True
 
 
@@ -184,15 +191,16 @@ def _curves(run: Path, kd_weight: float) -> dict:
     return {"train_ce": train_ce, "heldout_lm_loss": held}
 
 
-def run_demo(out: Path, *, quick: bool = False, engine: str = "vllm") -> dict:
+def run_demo(cfg: DemoConfig) -> dict:
     import torch
 
-    from sparsekd.cache_builder.teacher import prepare_teacher
-    from sparsekd.inspect import cache_stats, verify_cache
+    from sparsekd.cache_builder.gguf import convert_gguf
+    from sparsekd.inspection import cache_stats, verify_cache
     from sparsekd.schemas.cache import open_cache
-    from sparsekd.student_train.evaluate import MetricSums, evaluate
-    from sparsekd.student_train.model import init_student, load_student
+    from sparsekd.student_train.evaluate import MetricSums, evaluate_model
+    from sparsekd.student_train.model import InitStudentConfig, init_student, load_student
 
+    out, quick = Path(cfg.out), cfg.quick
     size = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     timings = _Timings(out / "timings.json")
@@ -203,10 +211,10 @@ def run_demo(out: Path, *, quick: bool = False, engine: str = "vllm") -> dict:
     ran = not (teacher / "config.json").exists()
     if ran:
         _stage("preparing the SmolLM2-135M-Instruct teacher from its GGUF")
-        prepare_teacher(teacher)
+        convert_gguf(teacher)
     timings.record("prepare_teacher_s", time.perf_counter() - t, ran)
 
-    caches = _build_caches(out, teacher, size, engine)
+    caches = _build_caches(out, teacher, size, cfg.engine)
     if "engine_start_s" in caches:
         timings.record("engine_start_s", caches.pop("engine_start_s"), True)
     cache_info = {}
@@ -220,7 +228,7 @@ def run_demo(out: Path, *, quick: bool = False, engine: str = "vllm") -> dict:
     init = out / "students" / "init"
     if not (init / "config.json").exists():
         shutil.rmtree(init, ignore_errors=True)
-        init_student(teacher, init, seed=0, **size.student)
+        init_student(InitStudentConfig(like=str(teacher), out=str(init), seed=0, **size.student))
     heldout = open_cache(caches["heldout"][0])
     results, curves, reliability = {}, {}, {}
     for key, label, cache_name, loss in STUDENTS:
@@ -231,7 +239,7 @@ def run_demo(out: Path, *, quick: bool = False, engine: str = "vllm") -> dict:
         model, _ = load_student(run / "final")
         sums = MetricSums()
         with torch.no_grad():
-            metrics = evaluate(model, heldout, sums=sums)
+            metrics = evaluate_model(model, heldout, sums=sums)
         results[key] = {"label": label, **metrics, "train_s": secs}
         curves[key] = _curves(run, 0.0 if loss == "ce" else KD_WEIGHT)
         reliability[key] = [a.tolist() for a in sums.reliability()]
@@ -263,7 +271,7 @@ def run_demo(out: Path, *, quick: bool = False, engine: str = "vllm") -> dict:
         "timings": timings,
         "setup": {
             "quick": quick,
-            "engine": engine,
+            "engine": cfg.engine,
             "seq_len": size.seq_len,
             "train_sequences": size.train_sequences,
             "heldout_sequences": size.heldout_sequences,

@@ -9,37 +9,52 @@ Metrics over every position (token) of the evaluated sequences:
 - `top1_agreement`: student argmax == teacher's most likely stored id, over positions with
   a support;
 - `tokens`: positions evaluated.
+`kl` and `top1_agreement` are null for a cache without teacher targets (mode logprob).
+
+Distributed (inside train-student): every rank evaluates its share of each batch and the
+sums are all-reduced; ranks run the same number of forwards (a rank without sequences in
+the last batch runs one it discards), since an FSDP2 forward is a collective.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from sparsekd.config import check, setting
+
 ECE_BINS = 15
-KEYS = ("lm_loss", "kl", "ece", "top1_agreement", "tokens")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    model: str = setting(doc="Student model folder.", flag=True)
+    cache: str = setting(doc="Cache to evaluate on.", flag=True)
+    max_sequences: int | None = setting(None, "Evaluate the first M sequences.", flag=True)
+    batch_size: int = setting(4, "Sequences per forward.")
+
+    def __post_init__(self):
+        check(
+            self.max_sequences is None or self.max_sequences >= 1,
+            f"--max-sequences must be >= 1, got {self.max_sequences}",
+        )
+        check(self.batch_size >= 1, "batch_size must be >= 1")
 
 
 class MetricSums:
-    """Accumulates the sums behind the metrics across batches."""
+    """Accumulates the sums behind the metrics across batches (and ranks)."""
+
+    FIELDS = ("n", "nll", "kl", "n_support", "agree")
 
     def __init__(self):
-        self.n = 0
-        self.nll = 0.0
-        self.kl = 0.0
-        self.n_support = 0
-        self.agree = 0
+        self.n = self.nll = self.kl = self.n_support = self.agree = 0.0
         self.bin_count = np.zeros(ECE_BINS)
         self.bin_conf = np.zeros(ECE_BINS)
         self.bin_acc = np.zeros(ECE_BINS)
 
-    def add(
-        self,
-        logq_NV: torch.Tensor,
-        labels_N: torch.Tensor,
-        ids_NS: torch.Tensor,
-        probs_NS: torch.Tensor,
-    ) -> None:
+    def add(self, logq_NV, labels_N, ids_NS, probs_NS) -> None:
         logq = logq_NV.double()
         self.n += logq.shape[0]
         self.nll -= logq.gather(1, labels_N[:, None])[:, 0].sum().item()
@@ -60,16 +75,34 @@ class MetricSums:
         teacher_top = ids_NS.gather(1, torch.where(mask, p, -1.0).argmax(-1, keepdim=True))[:, 0]
         self.agree += int(((pred == teacher_top) & has).sum())
 
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        t = torch.tensor(
+            [getattr(self, f) for f in self.FIELDS]
+            + [*self.bin_count, *self.bin_conf, *self.bin_acc],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(t)
+        v = t.tolist()
+        for i, f in enumerate(self.FIELDS):
+            setattr(self, f, v[i])
+        k = len(self.FIELDS)
+        self.bin_count, self.bin_conf, self.bin_acc = (
+            np.array(v[k + i * ECE_BINS : k + (i + 1) * ECE_BINS]) for i in range(3)
+        )
+
     def result(self) -> dict:
         n = max(self.n, 1)
         occupied = self.bin_count > 0
         ece = float(np.sum(np.abs(self.bin_acc[occupied] - self.bin_conf[occupied])) / n)
+        has_support = self.n_support > 0
         return {
             "lm_loss": self.nll / n,
-            "kl": self.kl / max(self.n_support, 1),
+            "kl": self.kl / self.n_support if has_support else None,
             "ece": ece,
-            "top1_agreement": self.agree / max(self.n_support, 1),
-            "tokens": self.n,
+            "top1_agreement": self.agree / self.n_support if has_support else None,
+            "tokens": int(self.n),
         }
 
     def reliability(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -80,43 +113,64 @@ class MetricSums:
 
 @torch.no_grad()
 def evaluate(
-    model,
+    logits_fn,
     cache,
     *,
+    device="cpu",
     max_sequences: int | None = None,
     batch_size: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
     sums: MetricSums | None = None,
 ) -> dict:
-    """Metrics of `model` over the cache's sequences in manifest order."""
+    """Metrics over the first `max_sequences` sequences of `cache` (all by default).
+
+    `logits_fn(input_ids [B, L]) -> logits [B, L, V]`; under DDP/FSDP2 every rank calls
+    this with the same arguments except its rank.
+    """
     from sparsekd.student_train.reader import collate
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     sums = sums or MetricSums()
-    buf, seen = [], 0
-
-    def flush():
-        b = collate(buf)
-        x = torch.from_numpy(b.input_ids).to(device)
-        logits_BLV = model(input_ids=x).logits.float()
-        logq = torch.log_softmax(logits_BLV, -1).reshape(-1, logits_BLV.shape[-1])
+    seqs, step = [], batch_size * world_size
+    for seq in cache:
+        if max_sequences is not None and len(seqs) >= max_sequences:
+            break
+        seqs.append(seq)
+    for g0 in range(0, len(seqs), step):
+        group = seqs[g0 : g0 + step]
+        mine = group[rank * batch_size : (rank + 1) * batch_size]
+        b = collate(mine or group[:1])  # an empty share still joins the collective forward
+        logits_BLV = logits_fn(torch.from_numpy(b.input_ids).to(device)).float()
+        if not mine:
+            continue
         sums.add(
-            logq,
+            torch.log_softmax(logits_BLV, -1).reshape(-1, logits_BLV.shape[-1]),
             torch.from_numpy(b.labels).to(device),
             torch.from_numpy(b.ids).to(device),
             torch.from_numpy(b.probs).to(device),
         )
-
-    for seq in cache:
-        buf.append(seq)
-        seen += 1
-        if len(buf) == batch_size:
-            flush()
-            buf = []
-        if max_sequences is not None and seen >= max_sequences:
-            break
-    if buf:
-        flush()
-    model.train(was_training)
+    if world_size > 1:
+        sums.all_reduce()
     return sums.result()
+
+
+def evaluate_model(model, cache, **kwargs) -> dict:
+    """`evaluate` with a plain causal LM (eval mode during the call)."""
+    was = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        return evaluate(lambda x: model(input_ids=x).logits, cache, device=device, **kwargs)
+    finally:
+        model.train(was)
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    """The `sparsekd evaluate` command: load, check, evaluate."""
+    from sparsekd.schemas.cache import open_cache
+    from sparsekd.student_train.model import check_compatible, load_student
+
+    model, tok = load_student(cfg.model)
+    cache = open_cache(cfg.cache)
+    check_compatible(model, tok, cache.meta)
+    return evaluate_model(model, cache, max_sequences=cfg.max_sequences, batch_size=cfg.batch_size)

@@ -1,20 +1,29 @@
 """Students: create one shaped like a teacher, load one, check it against a cache, and the
-training module that turns a batch into the distillation loss.
+module that turns a batch into the distillation loss.
 
 `DistillModule.forward` runs the student's decoder to its final hidden states and hands
 them, with the LM head, to `sparse_kl_loss`: the [tokens, V] logits are never formed. The
-whole loss is computed inside `forward` so that DDP/FSDP see every parameter use.
+whole loss is computed inside `forward`, so DDP and FSDP2 see every parameter use;
+`forward(input_ids, logits_only=True)` is the evaluation path through the same root
+module (an FSDP2 forward is a collective that must enter through the root).
+
+`check_head` proves, on a few tokens, that the model's logits are `hidden @ W.T + b`:
+a model whose head scales, caps or otherwise transforms its logits is refused, since the
+fused loss would silently train a different model.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sparsekd.kernels import sparse_kl_loss_parts
+from sparsekd.config import check, setting
+from sparsekd.errors import StudentError
+from sparsekd.kernels import SparseKLConfig, sparse_kl_loss
 from sparsekd.schemas.identity import tokenizer_hash
 
 _TOKENIZER_FILES = (
@@ -26,44 +35,50 @@ _TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
-# Heads whose logits are not hidden @ W.T + b: the fused loss would silently be wrong.
-_UNSUPPORTED_HEAD = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
-class StudentError(ValueError):
-    """A student that cannot be trained on a given cache."""
+@dataclass(frozen=True, kw_only=True)
+class InitStudentConfig:
+    like: str = setting(doc="Teacher folder (tokenizer, vocabulary).", flag=True)
+    out: str = setting(doc="Folder to write.", flag=True)
+    layers: int = setting(doc="Decoder layers.", flag=True)
+    hidden: int = setting(doc="Hidden size.", flag=True)
+    heads: int = setting(doc="Attention heads.", flag=True)
+    kv_heads: int | None = setting(None, "Key/value heads (default: --heads).", flag=True)
+    intermediate: int | None = setting(None, "MLP width (default 4 x hidden).", flag=True)
+    seed: int = setting(0, "Initialisation seed.", flag=True)
+
+    def __post_init__(self):
+        for name in ("layers", "hidden", "heads"):
+            check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
+        check(
+            self.hidden % self.heads == 0,
+            f"--hidden {self.hidden} is not divisible by --heads {self.heads}",
+        )
+        kv = self.kv_heads or self.heads
+        check(kv >= 1 and self.heads % kv == 0, f"--kv-heads {kv} must divide --heads {self.heads}")
+        check(self.intermediate is None or self.intermediate >= 1, "--intermediate must be >= 1")
 
 
-def init_student(
-    like: str | Path,
-    out: str | Path,
-    *,
-    layers: int,
-    hidden: int,
-    heads: int,
-    intermediate: int | None = None,
-    kv_heads: int | None = None,
-    seed: int = 0,
-) -> Path:
+def init_student(cfg: InitStudentConfig) -> Path:
     """A randomly initialised Llama-style student with the teacher's tokenizer and vocabulary."""
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-    like, out = Path(like), Path(out)
+    like, out = Path(cfg.like), Path(cfg.out)
     if not (like / "config.json").is_file():
         raise StudentError(f"--like {like}: no config.json (not a model folder)")
-    if out.exists() and any(out.iterdir()):
-        raise StudentError(f"--out {out} exists and is not empty")
-    if hidden % heads:
-        raise StudentError(f"--hidden {hidden} is not divisible by --heads {heads}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StudentError(f"--out {out} exists and is not an empty folder")
     t = AutoConfig.from_pretrained(like)
-    cfg = LlamaConfig(
+    t = getattr(t, "text_config", t)
+    model_cfg = LlamaConfig(
         vocab_size=t.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads or heads,
-        head_dim=hidden // heads,
-        intermediate_size=intermediate or 4 * hidden,
+        hidden_size=cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads or cfg.heads,
+        head_dim=cfg.hidden // cfg.heads,
+        intermediate_size=cfg.intermediate or 4 * cfg.hidden,
         max_position_embeddings=getattr(t, "max_position_embeddings", 2048),
         rms_norm_eps=getattr(t, "rms_norm_eps", 1e-5),
         rope_theta=getattr(t, "rope_theta", 1e4),
@@ -72,13 +87,47 @@ def init_student(
         eos_token_id=t.eos_token_id,
         pad_token_id=getattr(t, "pad_token_id", None),
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(model_cfg).to(torch.float32)
     model.save_pretrained(out)
     for name in _TOKENIZER_FILES:
         if (like / name).exists():
             shutil.copy(like / name, out / name)
     return out
+
+
+@torch.no_grad()
+def check_head(model) -> None:
+    """Refuse a model whose logits are not `final hidden @ W.T (+ b)` (checked on 8 tokens)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise StudentError("the student has no output embedding (LM head) the loss can use")
+    was = model.training
+    model.eval()
+    x = torch.arange(8, device=head.weight.device)[None] % head.weight.shape[0]
+    logits = model(input_ids=x).logits.float()
+    hidden = model.get_decoder()(input_ids=x).last_hidden_state.float()
+    ours = hidden @ head.weight.float().T
+    if getattr(head, "bias", None) is not None:
+        ours = ours + head.bias.float()
+    model.train(was)
+    scale = ours.abs().max().clamp_min(1.0)
+    if not torch.allclose(logits, ours, atol=1e-3 * float(scale), rtol=1e-3):
+        transforms = [
+            f"{k}={getattr(model.config, k)}"
+            for k in (
+                "final_logit_softcapping",
+                "logit_scale",
+                "logits_scaling",
+                "output_multiplier_scale",
+            )
+            if getattr(model.config, k, None) not in (None, 1, 1.0)
+        ]
+        what = f" ({', '.join(transforms)})" if transforms else ""
+        raise StudentError(
+            f"the student's head transforms its logits{what}: the fused loss computes "
+            "hidden @ W.T + b and would train another model"
+        )
 
 
 def load_student(path: str | Path):
@@ -87,13 +136,11 @@ def load_student(path: str | Path):
     p = Path(path)
     if not (p / "config.json").is_file():
         raise StudentError(f"student folder {p} has no config.json")
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
-    for attr in _UNSUPPORTED_HEAD:
-        val = getattr(model.config, attr, None)
-        if val not in (None, 1, 1.0):
-            raise StudentError(
-                f"student head uses {attr}={val}; the fused loss does not reproduce it yet"
-            )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise StudentError(f"cannot load the student in {p}: {str(e).splitlines()[0]}") from e
+    check_head(model)
     try:
         tok = AutoTokenizer.from_pretrained(p)
     except Exception as e:
@@ -112,39 +159,37 @@ def check_compatible(model, tok, meta: dict) -> None:
     h = tokenizer_hash(tok)
     if h != meta["tokenizer_hash"]:
         raise StudentError(
-            f"tokenizer mismatch: student tokenizer {h[:16]}, cache {meta['tokenizer_hash'][:16]}"
+            f"tokenizer mismatch: student tokenizer {h[:16]}, cache {meta['tokenizer_hash'][:16]} "
+            "(another vocabulary, normaliser or special tokens)"
         )
 
 
 class DistillModule(torch.nn.Module):
     """Wraps a causal LM: forward(batch tensors) -> (loss, kd_part, ce_part)."""
 
-    def __init__(self, model, *, divergence: str, kd_weight: float, backend: str = "auto"):
+    def __init__(self, model, loss: SparseKLConfig):
         super().__init__()
         self.model = model
-        self.divergence = divergence
-        self.kd_weight = kd_weight
-        self.backend = backend
+        self.loss = loss
 
-    def forward(self, input_ids, labels, ids, probs):
-        decoder = self.model.get_decoder()
-        hidden_BLD = decoder(input_ids=input_ids).last_hidden_state
+    def forward(self, input_ids, labels=None, ids=None, probs=None, *, logits_only=False):
+        if logits_only:
+            return self.model(input_ids=input_ids).logits
+        hidden_BLD = self.model.get_decoder()(input_ids=input_ids).last_hidden_state
         head = self.model.get_output_embeddings()
         hidden_ND = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])
-        if self.kd_weight == 0.0:  # plain CE: no support to visit
-            ids = torch.full((hidden_ND.shape[0], 1), -1, dtype=ids.dtype, device=ids.device)
-            probs = torch.zeros(ids.shape, dtype=probs.dtype, device=probs.device)
-        return sparse_kl_loss_parts(
+        if self.loss.kd_weight == 0.0:  # plain CE: no support to visit
+            ids = torch.full((hidden_ND.shape[0], 1), -1, dtype=torch.long, device=ids.device)
+            probs = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+        return sparse_kl_loss(
             hidden_ND,
             head.weight,
             ids,
             probs,
             labels,
-            divergence=self.divergence,
-            kd_weight=self.kd_weight,
-            ce_weight=1.0 - self.kd_weight,
-            backend=self.backend,
             bias=head.bias,
+            config=self.loss,
+            return_parts=True,
         )
 
 

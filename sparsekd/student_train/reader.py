@@ -1,34 +1,41 @@
-"""Streaming reader over a cache for training: row groups strided by rank, a seeded shuffle
-buffer, fixed-size batches, and a state that makes resuming exact.
+"""Streaming reader: each rank reads only its own part of a cache, in a seeded order that a
+resume reaches by seeking, with batches prepared ahead in a background thread.
 
-`keep` (a set of seq_ids) restricts the stream to those sequences: how a refined set's
-sequences are read with the targets of the full teacher cache (`train-student --cache
-REFINED --teacher-cache FULL`).
+Streams. The cache's row groups (from the shard index: no shard is opened to list them)
+are cut into `streams` contiguous ranges; stream i (a rank, or a (rank, DataLoader
+worker) pair) reads only range i, so it opens about 1/streams of the shards. `keep` (a
+sorted array of seq_ids) restricts the stream to those sequences: how a refined set's
+sequences are read with the targets of the full teacher cache; row groups holding none
+are dropped before the cut, from the index alone.
 
-The unit of reading is a Parquet row group (`schemas.format.ROW_GROUP_SIZE` sequences);
-rank r of R reads row groups r, r + R, ... of the manifest-ordered list, so ranks never
-share a sequence. Each epoch visits the rank's row groups in an order drawn from
-(seed, epoch, rank) and passes the sequences through a shuffle buffer seeded the same way.
-The stream is infinite (epochs follow each other); training is counted in steps.
+Order. Epoch e of stream i visits its row groups in an order drawn from (seed, e, i), in
+windows of `shuffle_buffer` sequences' worth of groups; each window's sequences are
+shuffled by (seed, e, i, window). The stream is a pure function of (cache, seed, i,
+streams), so the position `{"epoch", "window", "offset"}` names the next sequence exactly:
+resuming decodes one window (at most `shuffle_buffer` sequences plus a row group) and
+skips `offset` of them, whatever the number of sequences consumed before.
 
-State is `{"epoch", "consumed"}` (sequences yielded in the current epoch): the stream is a
-pure function of (cache, seed, rank, world), so `load_state_dict` replays it to that point
-without touching the model, and the next batch is the one an uninterrupted run would get.
+Batches (`CacheReader`): B sequences collated into numpy arrays (`collate`), converted to
+torch tensors (pinned on CUDA for one non-blocking copy per step) by a background thread
+`prefetch` batches ahead. `state_dict()` is the position after the last batch handed out,
+not after the ones prepared; `wait_s` is the time `next()` waited for the thread.
 
     reader = CacheReader(cache, batch_size=8, rank=0, world_size=1, seed=0)
-    batch = next(reader)            # Batch of numpy arrays, see `collate`
+    batch = next(reader)            # dict of tensors, see `collate`
     state = reader.state_dict()
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from sparsekd.schemas import format as F
+from sparsekd.errors import CacheError
 from sparsekd.schemas.cache import Cache, Sequence
 
 
@@ -41,6 +48,12 @@ class Batch:
     labels: np.ndarray  # int64 [B * L]
     ids: np.ndarray  # int64 [B * L, S], -1 = padding
     probs: np.ndarray  # float32 [B * L, S], 0 on padding
+
+    def tensors(self, pin: bool = False) -> dict:
+        import torch
+
+        out = {k: torch.from_numpy(v) for k, v in vars(self).items()}
+        return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
 def collate(seqs: list[Sequence]) -> Batch:
@@ -66,6 +79,84 @@ def collate(seqs: list[Sequence]) -> Batch:
     )
 
 
+def _cut(n: int, parts: int, i: int) -> slice:
+    return slice(n * i // parts, n * (i + 1) // parts)
+
+
+class SequenceStream:
+    """Stream i of `streams` over a cache: its row groups, its windows, its sequences."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        *,
+        stream: int = 0,
+        streams: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        shuffle: bool = True,
+        keep: np.ndarray | None = None,
+    ):
+        if not 0 <= stream < streams:
+            raise ValueError(f"stream {stream} is outside 0..{streams - 1}")
+        self.cache, self.stream, self.streams = cache, stream, streams
+        self.seed, self.shuffle, self.keep = seed, shuffle, keep
+        shard, group, rows = cache.row_groups()
+        if keep is not None:  # only groups holding a kept sequence (ids are consecutive)
+            first = cache.index.first_seq[shard] + group * cache.row_group_size
+            lo = np.searchsorted(keep, first)
+            hi = np.searchsorted(keep, first + rows)
+            has = hi > lo
+            shard, group = shard[has], group[has]
+        mine = _cut(len(shard), streams, stream)
+        self.shard, self.group = shard[mine], group[mine]
+        if not len(self.shard):
+            raise CacheError(
+                f"stream {stream} of {streams} gets no data: the cache has {len(shard)} row "
+                "groups"
+                + (" holding kept sequences" if keep is not None else "")
+                + "; use fewer ranks or DataLoader workers, or a larger cache"
+            )
+        self.window_groups = max(1, -(-shuffle_buffer // cache.row_group_size))
+
+    @property
+    def num_windows(self) -> int:
+        return -(-len(self.shard) // self.window_groups)
+
+    def _rng(self, *key) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.stream, *key])
+
+    def window(self, epoch: int, w: int) -> list[Sequence]:
+        """The sequences of window w of an epoch, in the order the stream yields them."""
+        n = len(self.shard)
+        order = self._rng(epoch).permutation(n) if self.shuffle else np.arange(n)
+        seqs = []
+        for gi in order[w * self.window_groups : (w + 1) * self.window_groups]:
+            seqs += self.cache.read_group(int(self.shard[gi]), int(self.group[gi]))
+        if self.keep is not None and seqs:
+            kept = np.isin(np.array([s.seq_id for s in seqs]), self.keep)
+            seqs = [s for s, k in zip(seqs, kept) if k]
+        if self.shuffle:
+            seqs = [seqs[i] for i in self._rng(epoch, w).permutation(len(seqs))]
+        return seqs
+
+    def iterate(self, state: dict | None = None, epochs: int | None = None):
+        """Yield `(sequence, state after it)` from `state` on; `epochs` bounds the epoch
+        number (None: forever)."""
+        state = state or {}
+        epoch, w, offset = state.get("epoch", 0), state.get("window", 0), state.get("offset", 0)
+        while epochs is None or epoch < epochs:
+            while w < self.num_windows:
+                seqs = self.window(epoch, w)
+                for i in range(offset, len(seqs)):
+                    nxt = {"epoch": epoch, "window": w, "offset": i + 1}
+                    if i + 1 == len(seqs):
+                        nxt = {"epoch": epoch, "window": w + 1, "offset": 0}
+                    yield seqs[i], nxt
+                w, offset = w + 1, 0
+            epoch, w = epoch + 1, 0
+
+
 class CacheReader:
     """Infinite, deterministic, resumable batch stream over this rank's part of a cache."""
 
@@ -78,80 +169,95 @@ class CacheReader:
         world_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = 256,
-        keep: frozenset[int] | None = None,
+        keep: np.ndarray | None = None,
+        prefetch: int = 4,
+        pin_memory: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.cache = cache
-        self.batch_size = batch_size
-        self.rank, self.world_size = rank, world_size
-        self.seed = seed
-        self.shuffle_buffer = max(1, shuffle_buffer)
-        self.keep = keep
-        groups = []
-        for entry in cache.shards:
-            pf = pq.ParquetFile(cache.shard_path(entry))
-            for g in range(pf.metadata.num_row_groups):
-                if keep is None or not keep.isdisjoint(
-                    pf.read_row_group(g, columns=[F.COL_SEQ_ID]).column(0).to_pylist()
-                ):
-                    groups.append((entry, g))
-        self.groups = groups[rank::world_size]
-        if not self.groups:
-            raise ValueError(
-                f"rank {rank} of {world_size} gets no data: the cache has {len(groups)} row "
-                "groups"
-                + (" holding kept sequences" if keep is not None else "")
-                + "; use fewer ranks or a larger cache"
-            )
-        self.epoch = 0
-        self.consumed = 0
-        self._it = self._stream(self.epoch, 0)
+        self.stream = SequenceStream(
+            cache,
+            stream=rank,
+            streams=world_size,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            keep=keep,
+        )
+        self.batch_size, self.prefetch, self.pin = batch_size, prefetch, pin_memory
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.state = {"epoch": 0, "window": 0, "offset": 0}
+        self.wait_s = 0.0
+        self._start(self.state)
 
-    def _epoch_sequences(self, epoch: int) -> Iterator[Sequence]:
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
-        buf: list[Sequence] = []
-        for gi in rng.permutation(len(self.groups)):
-            entry, g = self.groups[gi]
-            for seq in self.cache.iter_shard(entry, [g]):
-                if self.keep is not None and seq.seq_id not in self.keep:
-                    continue
-                buf.append(seq)
-                if len(buf) >= self.shuffle_buffer:
-                    yield buf.pop(int(rng.integers(len(buf))))
-        while buf:
-            yield buf.pop(int(rng.integers(len(buf))))
+    def _batches(self, state: dict) -> Iterator[tuple[dict, dict]]:
+        seqs: list[Sequence] = []
+        for seq, after in self.stream.iterate(state):
+            seqs.append(seq)
+            if len(seqs) == self.batch_size:
+                yield collate(seqs).tensors(self.pin), after
+                seqs = []
 
-    def _stream(self, epoch: int, skip: int) -> Iterator[Sequence]:
-        while True:
-            for i, seq in enumerate(self._epoch_sequences(epoch)):
-                if i >= skip:
-                    self.epoch, self.consumed = epoch, i + 1
-                    yield seq
-            epoch, skip = epoch + 1, 0
-            self.epoch, self.consumed = epoch, 0
+    def _start(self, state: dict) -> None:
+        self._stop()
+        it = self._batches(state)
+        if not self.prefetch:
+            self._next = lambda: next(it)
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for item in it:
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            except BaseException as e:  # handed to the consumer, raised there
+                q.put(e)
+
+        thread = threading.Thread(target=produce, name="sparsekd-reader", daemon=True)
+        thread.start()
+
+        def take():
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+        self._next, self._thread, self._stop_event = take, thread, stop
+
+    def _stop(self) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self._stop_event.set()
+            self._thread.join()
+            self._thread = None
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> Batch:
-        return collate([next(self._it) for _ in range(self.batch_size)])
+    def __next__(self) -> dict:
+        t0 = time.perf_counter()
+        batch, self.state = self._next()
+        self.wait_s += time.perf_counter() - t0
+        return batch
+
+    def close(self) -> None:
+        self._stop()
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "consumed": self.consumed,
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-        }
+        return {**self.state, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "rank", "world_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(
-                    f"reader state was saved with {key}={state[key]}, "
-                    f"this run has {getattr(self, key)}"
+                    f"reader state was saved with {key}={state[key]}, this run has "
+                    f"{getattr(self, key)}"
                 )
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
-        self._it = self._stream(self.epoch, self.consumed)
+        self.state = {k: state[k] for k in ("epoch", "window", "offset")}
+        self._start(self.state)

@@ -56,7 +56,7 @@ def test_ece_is_zero_when_calibrated():
 def test_evaluate_cli_json_has_exactly_the_keys(vllm_topk_cache, tiny_student):
     import json
 
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     proc = run_cli(
         "evaluate",
@@ -74,34 +74,26 @@ def test_evaluate_cli_json_has_exactly_the_keys(vllm_topk_cache, tiny_student):
     assert res["tokens"] == 4 * 64 and res["lm_loss"] > 5  # an untrained student
 
 
-def test_init_student_refusals(tmp_path, smollm2_dir):
-    from tests.conftest import error_line, run_cli
+def test_a_cache_without_targets_reports_kl_and_agreement_as_absent():
+    m = MetricSums()
+    q = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]])
+    m.add(q.log(), torch.tensor([0, 1]), torch.full((2, 1), -1), torch.zeros(2, 1))
+    r = m.result()
+    assert r["kl"] is None and r["top1_agreement"] is None and r["tokens"] == 2
 
-    proc = run_cli(
-        "init-student",
-        "--like",
-        tmp_path / "nope",
-        "--layers",
-        "1",
-        "--hidden",
-        "64",
-        "--heads",
-        "2",
-        "--out",
-        tmp_path / "s",
-    )
-    assert proc.returncode == 2 and "no config.json" in error_line(proc)
-    proc = run_cli(
-        "init-student",
-        "--like",
-        smollm2_dir,
-        "--layers",
-        "1",
-        "--hidden",
-        "65",
-        "--heads",
-        "2",
-        "--out",
-        tmp_path / "s",
-    )
-    assert proc.returncode == 2 and "not divisible by --heads 2" in error_line(proc)
+
+@pytest.mark.slow
+def test_evaluate_on_a_logprob_cache_and_max_sequences_zero(tmp_path, smollm2_dir, tiny_student):
+    import json
+
+    from tests.helpers import error_line, run_cli
+
+    lp = tmp_path / "lp"
+    run_cli("build-cache", "--teacher", smollm2_dir, "--out", lp, "--engine", "hf", "--mode", "logprob", "--seq-len", "32", "--max-sequences", "4", "--quiet", check=True)  # fmt: skip
+    proc = run_cli("evaluate", "--model", tiny_student, "--cache", lp, "--json", check=True)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["kl"] is None and res["top1_agreement"] is None and res["lm_loss"] > 5
+    proc = run_cli("evaluate", "--model", tiny_student, "--cache", lp)
+    assert "kl -" in proc.stdout and "top1_agreement -" in proc.stdout
+    proc = run_cli("evaluate", "--model", tiny_student, "--cache", lp, "--max-sequences", "0")
+    assert proc.returncode == 2 and "--max-sequences must be >= 1, got 0" in error_line(proc)

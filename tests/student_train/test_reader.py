@@ -1,50 +1,93 @@
-"""The training reader: ranks disjoint and complete, exact resume, collation."""
+"""The training reader: streams disjoint and complete, resume by seeking (the exact batches of
+an uninterrupted run, decoding one window whatever the position), prefetch, collation."""
 
 import numpy as np
 import pytest
 
 from sparsekd import open_cache
-from sparsekd.student_train.reader import CacheReader, collate
+from sparsekd.student_train.reader import CacheReader, SequenceStream, collate
+from tests.helpers import synthetic_cache
 
 
-def test_ranks_are_disjoint_and_cover_an_epoch(hf_topk_cache):
-    cache = open_cache(hf_topk_cache)  # 10 sequences in 3 shards (row groups of 16 -> 3)
-    seen = []
-    for rank in range(3):
-        r = CacheReader(cache, batch_size=1, rank=rank, world_size=3, seed=5, shuffle_buffer=4)
-        n = sum(e["rows"] for e in r.cache.shards[rank::3])
-        ids = [int(next(r).seq_ids[0]) for _ in range(n)]
-        assert len(set(ids)) == n
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """200 sequences in 13 shards of 16 (row groups of 16: one per shard)."""
+    path = tmp_path_factory.mktemp("reader") / "c"
+    synthetic_cache(path, n=200, L=5, K=3, per_shard=16)
+    return open_cache(path)
+
+
+def _ids(batch):
+    return batch["seq_ids"].tolist()
+
+
+@pytest.mark.parametrize("streams", [1, 3, 8])
+def test_streams_are_disjoint_contiguous_and_cover_an_epoch(big, streams):
+    seen, shards = [], []
+    for i in range(streams):
+        st = SequenceStream(big, stream=i, streams=streams, seed=5, shuffle_buffer=32)
+        ids = [s.seq_id for s, _ in st.iterate(epochs=1)]
+        assert len(ids) == len(set(ids))
         seen.append(set(ids))
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
-    assert set().union(*seen) == set(range(10))
+        shards.append(set(st.shard.tolist()))
+    assert set().union(*seen) == set(big.index.first_seq[0] + np.arange(200))
+    assert sum(len(s) for s in seen) == 200
+    # each stream opens only its own contiguous run of shards
+    if streams > 1:
+        assert all(max(a) <= min(b) for a, b in zip(shards, shards[1:]))
 
 
-def test_resume_gives_the_identical_next_batches(hf_topk_cache):
-    cache = open_cache(hf_topk_cache)
-    a = CacheReader(cache, batch_size=3, seed=7, shuffle_buffer=5)
-    for _ in range(4):  # crosses into the second epoch (10 sequences)
+def test_resume_at_any_point_gives_the_uninterrupted_batches(big):
+    a = CacheReader(big, batch_size=7, seed=7, shuffle_buffer=40, prefetch=0)
+    batches, states = [], []
+    for _ in range(80):  # 560 sequences: into the third epoch
+        batches.append(_ids(next(a)))
+        states.append(a.state_dict())
+    for k in (0, 5, 28, 29, 57, 70):
+        b = CacheReader(big, batch_size=7, seed=7, shuffle_buffer=40, prefetch=2)
+        b.load_state_dict(states[k])
+        assert [_ids(next(b)) for _ in range(80 - k - 1)] == batches[k + 1 :], k
+        b.close()
+    c = CacheReader(big, batch_size=7, seed=8, shuffle_buffer=40)
+    with pytest.raises(ValueError, match="seed=7"):
+        c.load_state_dict(states[3])
+    c.close()
+
+
+def test_resume_decodes_one_window_whatever_the_position(big, monkeypatch):
+    """Seeking, not replaying: the first batch after a resume reads at most one window of
+    row groups (shuffle_buffer sequences), late in an epoch as early."""
+    reads = []
+    original = big.read_group
+    monkeypatch.setattr(big, "read_group", lambda i, g: reads.append((i, g)) or original(i, g))
+    a = CacheReader(big, batch_size=4, seed=1, shuffle_buffer=32, prefetch=0)
+    for _ in range(45):
         next(a)
     state = a.state_dict()
-    expected = [next(a) for _ in range(3)]
-    b = CacheReader(cache, batch_size=3, seed=7, shuffle_buffer=5)
+    expected = _ids(next(a))
+    reads.clear()
+    b = CacheReader(big, batch_size=4, seed=1, shuffle_buffer=32, prefetch=0)
     b.load_state_dict(state)
-    for e in expected:
-        got = next(b)
-        for field in ("seq_ids", "input_ids", "labels", "ids", "probs"):
-            assert np.array_equal(getattr(got, field), getattr(e, field)), field
-    c = CacheReader(cache, batch_size=3, seed=8, shuffle_buffer=5)
-    with pytest.raises(ValueError, match="seed=7"):
-        c.load_state_dict(state)
+    assert _ids(next(b)) == expected
+    assert len(reads) <= 2 + 1  # one window of 32 sequences = 2 row groups (+1 if it ends)
 
 
-def test_collate_matches_targets(hf_topk_cache):
-    seqs = list(open_cache(hf_topk_cache))[:2]
+def test_keep_restricts_to_the_kept_sequences_from_the_index_alone(big):
+    first = int(big.index.first_seq[0])
+    keep = np.array([first + i for i in range(0, 200, 7)], dtype=np.int64)
+    st = SequenceStream(big, seed=0, keep=keep)
+    assert len(st.shard) == len({i // 16 for i in range(0, 200, 7)})
+    got = sorted(s.seq_id for s, _ in st.iterate(epochs=1))
+    assert got == keep.tolist()
+
+
+def test_collate_matches_targets(big):
+    seqs = list(big)[:2]
     b = collate(seqs)
     L = len(seqs[0].input_ids)
-    assert b.input_ids.shape == (2, L) and b.labels.shape == (2 * L,) and b.ids.shape == (2 * L, 8)
+    assert b.input_ids.shape == (2, L) and b.labels.shape == (2 * L,) and b.ids.shape == (2 * L, 3)
     off, ids, probs = seqs[1].targets()
-    p = 5
+    p = 2
     assert b.ids[L + p].tolist() == ids[off[p] : off[p + 1]].tolist()
     np.testing.assert_array_equal(b.probs[L + p], probs[off[p] : off[p + 1]])
     assert b.labels[L - 1] == seqs[0].next_token

@@ -1,22 +1,25 @@
 """`sparsekd inspect`: what is in a cache, whether it is intact, and what it looks like.
 
 - `cache_stats(cache)`: one pass over every shard; the JSON keys of `inspect --json`.
-- `verify_cache(path)`: every problem found (schema, checksums, row and token counts,
-  metadata, shards missing from disk or from the manifest), as a list of one-line messages.
+- `verify_cache(path)`: every problem found, as one-line messages: each shard's sha256
+  against the index, its footer metadata against the manifest, every row group's page
+  CRCs, content checksum and structure, sequence ids, shards missing from disk or from the
+  index, and the totals.
 - `plot_cache(cache, png)`: histograms of teacher NLL, tail mass and support size.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
 from sparsekd.schemas.cache import Cache, open_cache
-from sparsekd.schemas.manifest import CacheError, sha256_file
+from sparsekd.schemas.manifest import read_domain_index
 
 
 def _position_arrays(cache: Cache, max_positions: int | None = None):
@@ -70,7 +73,9 @@ def cache_stats(cache: Cache) -> dict:
         "k": meta.get("k"),
         "sequences": m["num_sequences"],
         "tokens": m["num_tokens"],
-        "shards": len(cache.shards),
+        "shards": m["num_shards"],
+        "shard_glob": F.SHARD_GLOB,
+        "fingerprint": cache.fingerprint,
         "bytes": m["bytes"],
         "bytes_per_token": m["bytes"] / max(m["num_tokens"], 1),
         "samples": meta.get("samples"),
@@ -85,6 +90,7 @@ def cache_stats(cache: Cache) -> dict:
         "seq_len": meta["seq_len"],
         "engine": meta["engine"],
         "bad_lines": m.get("bad_lines"),
+        "teacher_weights_sha256": meta.get("teacher_weights_sha256"),
         "refined": meta.get("refined"),
     }
 
@@ -127,112 +133,87 @@ def format_stats(s: dict, path: str) -> str:
     return "\n".join(lines)
 
 
-def _verify_shard(path: Path, entry: dict, manifest: dict) -> tuple[list[str], int | None]:
-    """The shard's problems, and its last seq_id (None when it cannot be read)."""
-    problems = []
-    name = entry["file"]
-    meta = manifest["meta"]
-    L = int(meta["seq_len"])
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        problems.append(f"{name}: size {size} bytes, manifest says {entry['bytes']} (truncated?)")
-    if sha256_file(path) != entry["sha256"]:
-        problems.append(f"{name}: checksum mismatch (file changed or corrupted)")
+PLACE_KEYS = ("domain", "part", "first_seq", "rows", "checksums")
+
+
+def _verify_shard(cache: Cache, i: int, full: bool) -> tuple[list[str], int | None]:
+    """Shard i's problems, and its last seq_id (None when it cannot be read)."""
+    name = cache.index.relpath(i)
+    if full and (problem := cache.verify_full(i)):
+        return [problem], None
     try:
-        pf = pq.ParquetFile(path)
-        schema = pf.schema_arrow
+        sf = cache.shard(i)
+        footer = json.loads(sf.pf.schema_arrow.metadata[F.META_KEY])
+        own = {k: v for k, v in footer.items() if k not in PLACE_KEYS}
+        if own != cache.meta:
+            keys = sorted(k for k in set(own) | set(cache.meta) if own.get(k) != cache.meta.get(k))
+            return [f"{name}: its metadata differs from the manifest's in {', '.join(keys)}"], None
+        meta = cache.meta
         expected = F.arrow_schema(meta["mode"], meta.get("weighted", False), "refined" in meta)
-        if not schema.remove_metadata().equals(expected):
-            problems.append(f"{name}: schema differs from the {meta['mode']} shard schema")
-        md = (schema.metadata or {}).get(F.META_KEY)
-        if md is None:
-            problems.append(f"{name}: no sparsekd metadata")
-        else:
-            import json
-
-            sm = json.loads(md)
-            if sm.get("fingerprint") != manifest["fingerprint"]:
-                problems.append(f"{name}: metadata fingerprint differs from the manifest's")
-            if sm.get("unit") != entry["unit"]:
-                problems.append(f"{name}: metadata unit {sm.get('unit')} != {entry['unit']}")
-        if pf.metadata.num_rows != entry["rows"]:
-            problems.append(f"{name}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
-        table = pf.read()
-    except Exception as e:  # any decode failure is a finding, not a crash
-        problems.append(f"{name}: unreadable Parquet ({type(e).__name__}: {str(e)[:120]})")
-        return problems, None
-
-    def lens(col):
-        return np.diff(table.column(col).combine_chunks().offsets.to_numpy())
-
-    seq = table.column(F.COL_SEQ_ID).to_numpy()
-    if "refined" in meta:  # a refined set keeps a subset, in corpus order
-        if len(seq) and (seq[0] != entry["first_seq"] or np.any(np.diff(seq) <= 0)):
-            problems.append(f"{name}: seq_id not increasing from {entry['first_seq']}")
-    elif not np.array_equal(seq, np.arange(entry["first_seq"], entry["first_seq"] + len(seq))):
-        problems.append(f"{name}: seq_id not consecutive from {entry['first_seq']}")
-    for col in (F.COL_INPUT_IDS, F.COL_TOKEN_LOGPROB, F.COL_SUPPORT_SIZE):
-        if np.any(lens(col) != L):
-            problems.append(f"{name}: {col} rows are not {L} long")
-    support = table.column(F.COL_SUPPORT_SIZE).combine_chunks().values.to_numpy()
-    per_row = (
-        np.add.reduceat(support.astype(np.int64), np.arange(0, len(support), L))
-        if len(support)
-        else np.zeros(0, np.int64)
-    )
-    for col in (F.COL_IDS, *F.value_columns(meta["mode"], meta.get("weighted", False))):
-        if not np.array_equal(lens(col), per_row):
-            problems.append(f"{name}: {col} lengths do not match support_size")
-    ids = table.column(F.COL_IDS).combine_chunks().values.to_numpy()
-    if len(ids) and (ids.min() < 0 or ids.max() >= int(meta["vocab_size"])):
-        problems.append(f"{name}: ids outside the vocabulary [0, {meta['vocab_size']})")
-    if len(seq) * L != entry["tokens"]:
-        problems.append(f"{name}: {len(seq) * L} tokens, manifest says {entry['tokens']}")
-    return problems, int(seq[-1]) if len(seq) else None
+        if not sf.pf.schema_arrow.remove_metadata().equals(expected):
+            return [f"{name}: schema differs from the {meta['mode']} shard schema"], None
+        seq = np.concatenate(
+            [
+                cache.read_group_table(i, g)[1][F.COL_SEQ_ID][1]
+                for g in range(sf.pf.metadata.num_row_groups)
+            ]
+        )
+    except CacheError as e:
+        return [str(e)], None
+    first = int(cache.index.first_seq[i])
+    if "refined" in cache.meta:  # a refined set keeps a subset, in corpus order
+        if len(seq) and (seq[0] != first or np.any(np.diff(seq) <= 0)):
+            return [f"{name}: seq_id not increasing from {first}"], None
+    elif not np.array_equal(seq, np.arange(first, first + len(seq))) or (
+        F.seq_domain(first) != int(cache.index.domain[i])
+    ):
+        return [
+            f"{name}: seq_id not consecutive from {first} in domain {cache.index.domain[i]}"
+        ], None
+    return [], int(seq[-1]) if len(seq) else None
 
 
-def verify_cache(path: str | os.PathLike) -> list[str]:
-    """Every problem found in the cache at `path` (empty when it is intact)."""
+def verify_cache(path: str | os.PathLike, full: bool = True) -> list[str]:
+    """Every problem found in the cache at `path` (empty when it is intact). `full`: also
+    the sha256 of every shard."""
     p = Path(path)
     try:
-        manifest = open_cache(p).manifest
+        cache = open_cache(p)
     except CacheError as e:
         return [str(e)]
-    problems = []
-    listed = {e["file"] for e in manifest["shards"]}
-    last_seq = {}
-    for entry in manifest["shards"]:
-        sp = p / entry["file"]
-        if not sp.exists():
-            problems.append(f"{entry['file']}: listed in the manifest but missing on disk")
-            continue
-        found, last_seq[entry["file"]] = _verify_shard(sp, entry, manifest)
-        problems.extend(found)
-    for f in sorted(p.glob("shard-*.parquet")):
-        if f.name not in listed:
-            problems.append(f"{f.name}: on disk but not in the manifest")
-    rows = sum(e["rows"] for e in manifest["shards"])
-    if rows != manifest["num_sequences"]:
-        problems.append(
-            f"manifest: shards hold {rows} rows, num_sequences says {manifest['num_sequences']}"
-        )
-    expect = 0
-    for e in sorted(manifest["shards"], key=lambda e: e["first_seq"]):
-        if "refined" in manifest["meta"]:  # a subset: shards follow each other, gaps allowed
-            if e["first_seq"] < expect:
-                problems.append(f"manifest: {e['file']} overlaps the shard before it")
-            last = last_seq.get(e["file"])
-            expect = e["first_seq"] + 1 if last is None else last + 1
-            continue
-        if e["first_seq"] != expect:
-            problems.append(f"manifest: sequences {expect}..{e['first_seq'] - 1} are in no shard")
-        expect = e["first_seq"] + e["rows"]
-    tokens = sum(e["tokens"] for e in manifest["shards"])
-    if tokens != manifest["num_tokens"]:
-        problems.append(
-            f"manifest: shards hold {tokens} tokens, num_tokens says {manifest['num_tokens']}"
-        )
+    problems, last = [], None
+    for i in range(len(cache.index)):
+        found, seq_end = _verify_shard(cache, i, full)
+        problems += found
+        first = int(cache.index.first_seq[i])
+        if last is not None and first <= last:
+            problems.append(f"{cache.index.relpath(i)}: its sequences overlap the shard before it")
+        last = seq_end if seq_end is not None else last
+    listed = {cache.index.relpath(i) for i in range(len(cache.index))}
+    for f in sorted(p.glob(F.SHARD_GLOB)):
+        rel = f.relative_to(p).as_posix()
+        if rel not in listed:
+            problems.append(f"{rel}: on disk but not in the manifest")
+    problems += _verify_domains(cache)
     return problems
+
+
+def _verify_domains(cache: Cache) -> list[str]:
+    """Each domain's recorded sequence count equals the rows of its shards."""
+    ref = cache.manifest["index"].get("domains")
+    if ref is None:
+        return []
+    try:
+        domains = read_domain_index(cache.path, ref)
+    except CacheError as e:
+        return [str(e)]
+    rows = np.bincount(cache.index.domain, weights=cache.index.rows, minlength=domains.num_rows)
+    want = domains.column("sequences").to_numpy()
+    bad = np.flatnonzero(rows[: len(want)] != want)
+    return [
+        f"domain {int(d)}: {int(rows[d])} sequences in its shards, {int(want[d])} recorded"
+        for d in bad[:5]
+    ]
 
 
 def plot_cache(cache: Cache, png: str | os.PathLike, max_positions: int = 2_000_000) -> None:

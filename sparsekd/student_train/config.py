@@ -1,0 +1,171 @@
+"""`TrainConfig`: the settings of `sparsekd train-student`, one section per concern.
+
+    data        which cache, batch size, shuffle buffer, prefetch
+    loss        ce or a divergence, KD weight, temperature, beta, backend
+    optim       AdamW, warm-up and cosine schedule, clipping, accumulation
+    checkpoint  how often, whether to resume
+    eval        held-out cache, how often, how much
+    parallel    FSDP2 or DDP under torchrun
+plus the run itself: student, out, steps, seed, logging. Flags, `--config FILE.yaml`
+(sections as nested mappings) and `--set optim.lr=3e-4` all come from these declarations.
+
+On `--resume`, `RESUME_SAFE` settings may differ from the checkpoint's (the change is
+recorded in train_config.json); any other difference is refused, naming the setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparsekd.config import check, section, setting
+from sparsekd.kernels.divergences import NAMES as DIVERGENCES
+from sparsekd.kernels.sparse_kl import BACKENDS
+
+LOSSES = ("ce", *DIVERGENCES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    cache: str = setting(doc="Training cache directory (or a refined set).", flag="--cache")
+    teacher_cache: str | None = setting(
+        None,
+        "Take the KD targets of --cache's sequences from this full cache (for a refined set).",
+        flag=True,
+    )
+    batch_size: int = setting(8, "Sequences per micro-batch per rank.", flag=True)
+    shuffle_buffer: int = setting(
+        256, "Sequences shuffled together (whole row groups; also what a resume decodes)."
+    )
+    prefetch: int = setting(4, "Batches prepared ahead by the reader's thread (0: none).")
+
+    def __post_init__(self):
+        check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+        check(self.prefetch >= 0, "data.prefetch must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    kind: str = setting(
+        "fkl",
+        "ce ignores the teacher; the others distil (docs/losses.md).",
+        flag="--loss",
+        choices=LOSSES,
+    )
+    kd_weight: float = setting(0.9, "A in (1 - A) CE + A KD.", flag=True)
+    temperature: float = setting(1.0, "Student logits are divided by it in the loss.")
+    beta: float = setting(0.1, "Mixture weight of skew_fkl, skew_rkl and jsd.")
+    backend: str = setting(
+        "auto", "Loss backend (auto: triton on CUDA, torch on CPU).", flag=True, choices=BACKENDS
+    )
+    chunk_rows: int | None = setting(None, "Rows per loss chunk (default: from a memory budget).")
+
+    def __post_init__(self):
+        check(
+            0.0 <= self.kd_weight <= 1.0, f"loss.kd_weight must be in [0, 1], got {self.kd_weight}"
+        )
+        check(self.temperature > 0, "loss.temperature must be > 0")
+        check(0.0 < self.beta < 1.0, "loss.beta must be in (0, 1)")
+        check(self.chunk_rows is None or self.chunk_rows >= 1, "loss.chunk_rows must be >= 1")
+
+    @property
+    def divergence(self) -> str:
+        return "fkl" if self.kind == "ce" else self.kind
+
+    @property
+    def effective_kd_weight(self) -> float:
+        return 0.0 if self.kind == "ce" else self.kd_weight
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = setting(1e-3, "Peak learning rate.", flag=True)
+    warmup: int = setting(10, "Linear warm-up steps.", flag=True)
+    decay_steps: int | None = setting(
+        None, "Length of the cosine decay to 10 % (default: --steps; kept on resume)."
+    )
+    weight_decay: float = setting(0.01, "AdamW weight decay (matrices only, not norms or biases).")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", flag=True)
+
+    def __post_init__(self):
+        check(self.lr > 0, "optim.lr must be > 0")
+        check(self.warmup >= 0, "optim.warmup must be >= 0")
+        check(self.decay_steps is None or self.decay_steps >= 1, "optim.decay_steps must be >= 1")
+        check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        check(self.max_grad_norm > 0, "optim.max_grad_norm must be > 0")
+        check(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every: int = setting(
+        0, "Checkpoint every C steps (0: only the final model).", flag="--save-every"
+    )
+    resume: bool = setting(
+        False, "Continue from the newest intact checkpoint of --out.", flag="--resume"
+    )
+
+    def __post_init__(self):
+        check(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    cache: str | None = setting(None, "Cache to evaluate on.", flag="--eval-cache")
+    every: int = setting(0, "Evaluate every E steps.", flag="--eval-every")
+    sequences: int = setting(64, "Held-out sequences per evaluation.")
+
+    def __post_init__(self):
+        check(self.every >= 0, "eval.every must be >= 0")
+        check(self.sequences >= 1, "eval.sequences must be >= 1")
+        check(not (self.every and not self.cache), "--eval-every needs --eval-cache")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    fsdp: bool = setting(False, "Shard with FSDP2 under torchrun (default: DDP).", flag="--fsdp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    student: str = setting(doc="Student model folder (init-student or any causal LM).", flag=True)
+    out: str = setting(doc="Run directory (metrics, checkpoints, final model).", flag=True)
+    steps: int = setting(doc="Optimizer steps.", flag=True)
+    seed: int = setting(
+        0, "Seed of the model's dropout, the data order and the shuffle.", flag=True
+    )
+    data: DataConfig = section(DataConfig, "What to read.", required=True)
+    loss: LossConfig = section(LossConfig, "The objective.")
+    optim: OptimConfig = section(OptimConfig, "The optimizer and schedule.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Saving and resuming.")
+    eval: EvalConfig = section(EvalConfig, "Held-out evaluation.")
+    parallel: ParallelConfig = section(ParallelConfig, "Data parallelism.")
+    log_every: int = setting(1, "Write a metrics record every N steps (a host sync each).")
+    progress: bool = setting(True, "Show a progress bar.", flag="--progress/--quiet")
+    tensorboard: bool = setting(True, "Also log to TensorBoard when it is installed.")
+
+    def __post_init__(self):
+        check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+
+
+# Settings a resumed run may change: they touch neither the data order nor the math.
+RESUME_SAFE = (
+    "steps",
+    "log_every",
+    "progress",
+    "tensorboard",
+    "checkpoint.every",
+    "checkpoint.resume",
+    "eval.cache",
+    "eval.every",
+    "eval.sequences",
+    "data.prefetch",
+    "loss.backend",
+    "parallel.fsdp",
+    "out",
+    "student",
+    "data.cache",
+    "data.teacher_cache",
+)

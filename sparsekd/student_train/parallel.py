@@ -1,0 +1,81 @@
+"""Data parallelism under torchrun: the process group, the device, DDP or FSDP2 wrapping,
+and full (unsharded) state dicts for checkpoints.
+
+Without torchrun (no WORLD_SIZE) everything is a single process and nothing is wrapped.
+NCCL on GPU, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Dist(rank, world, device)
+
+
+def wrap(module: torch.nn.Module, decoder_layers, d: Dist, fsdp: bool):
+    """The module the step calls: DDP, FSDP2 (each decoder layer a unit, the root last),
+    or the module itself on one process."""
+    if d.world == 1:
+        return module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers:
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def full_state(model, opt=None):
+    """Full model and optimizer state dicts on the CPU (a collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=o)
+    osd = get_optimizer_state_dict(model, opt, options=o) if opt is not None else None
+    return msd, osd
+
+
+def load_full_state(model, opt, model_sd, optim_sd) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    o = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=o)
+    set_optimizer_state_dict(model, opt, optim_sd, options=o)

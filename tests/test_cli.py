@@ -1,0 +1,102 @@
+"""The command line: every command with settings takes them by flag, --config and --set
+(all from one declaration); errors a user causes are one line and exit 2, a bug shows its
+traceback and exits 1; the README documents every option `--help` shows."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sparsekd import cli
+from sparsekd.errors import CacheError
+from tests.helpers import error_line, run_cli
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+# command -> (required flags, a flag to set, the --set key it maps to, value)
+COMMANDS = {
+    "build-cache": (["--teacher", "t", "--out", "o"], "--seq-len", "corpus.seq_len", 64),
+    "train-student": (["--cache", "c", "--student", "s", "--out", "o", "--steps", "3"], "--batch-size", "data.batch_size", 5),
+    "refine": (["--teacher-cache", "a", "--reference-cache", "b", "--out", "o"], "--ratio", "ratio", 0.25),
+    "evaluate": (["--model", "m", "--cache", "c"], "--max-sequences", "max_sequences", 7),
+    "init-student": (["--like", "t", "--out", "o", "--layers", "2", "--hidden", "64"], "--heads", "heads", 4),
+    "demo": ([], "--engine", "engine", "hf"),
+}
+
+
+def _get(cfg: dict, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_settings_by_flag_config_file_and_set(tmp_path, capsys, command):
+    required, flag, key, value = COMMANDS[command]
+    run = lambda *a: cli.main([command, *required, *map(str, a), "--print-config"])  # noqa: E731
+    assert run(flag, value) == 0
+    assert _get(json.loads(capsys.readouterr().out), key) == value
+    node = value
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(json.dumps(node))  # JSON is YAML
+    assert run("--config", yaml) == 0
+    assert _get(json.loads(capsys.readouterr().out), key) == value
+    assert run("--config", yaml, "--set", f"{key}={json.dumps(value)}") == 0
+    assert _get(json.loads(capsys.readouterr().out), key) == value
+    other = {"build-cache": 32, "train-student": 2, "refine": 0.5, "evaluate": 3, "init-student": 2, "demo": "vllm"}[command]
+    assert run(flag, value, "--set", f"{key}={json.dumps(other)}") == 0  # --set beats the flag
+    assert _get(json.loads(capsys.readouterr().out), key) == other
+
+
+def test_user_errors_are_one_line_and_bugs_show_a_traceback(tmp_path, capsys, monkeypatch):
+    assert cli.main(["inspect", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"sparsekd: error: cache directory not found: {tmp_path / 'nope'}"
+    monkeypatch.setenv("SPARSEKD_TRACEBACK", "1")
+    assert cli.main(["inspect", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().endswith("cache directory not found: " + str(tmp_path / "nope"))
+    monkeypatch.delenv("SPARSEKD_TRACEBACK")
+
+    import sparsekd.schemas.cache as cache_module
+
+    def broken(path):  # stands for any defect inside the package
+        raise KeyError("oops")
+
+    monkeypatch.setattr(cache_module, "open_cache", broken)
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "sparsekd: internal error (a bug): KeyError: 'oops'" in err
+    assert issubclass(CacheError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "out, match",
+    [
+        ("FILE", "is a file, not a directory"),
+        ("FILE/sub", "Not a directory"),
+        ("/proc/sparsekd-test", ""),
+    ],
+)
+def test_out_on_a_file_or_an_unwritable_place_is_one_line(tmp_path, tiny_llama_dir, out, match):
+    (tmp_path / "FILE").write_text("x")
+    target = out if out.startswith("/") else tmp_path / out
+    proc = run_cli("build-cache", "--teacher", tiny_llama_dir, "--out", target, "--engine", "hf", "--seq-len", "16", "--max-sequences", "1", "--quiet")  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-800:]
+    assert error_line(proc).startswith("sparsekd: error:") and match in error_line(proc)
+    assert (tmp_path / "FILE").read_text() == "x"
+
+
+def _options(command: str) -> list[str]:
+    proc = run_cli(command, "--help", check=True)
+    return sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", proc.stdout)) - {"--help"})
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "inspect", "prepare-teacher"])
+def test_the_readme_documents_every_option(command):
+    section = README.split(f"### `sparsekd {command}")[1].split("\n### ")[0]
+    missing = [o for o in _options(command) if o not in section]
+    assert not missing, f"README's sparsekd {command} section lacks {missing}"
