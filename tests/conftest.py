@@ -91,10 +91,24 @@ def vllm_topk_cache(tmp_path_factory, smollm2_dir) -> Path:
     built-in corpus."""
     out = tmp_path_factory.mktemp("caches") / "vllm-topk"
     run_cli(
-        "build-cache", "--teacher", smollm2_dir, "--out", out, "--engine", "vllm",
-        "--k", "12", "--seq-len", "64", "--max-sequences", "48", "--shard-sequences", "16",
-        "--quiet", check=True,
-    )  # fmt: skip
+        "build-cache",
+        "--teacher",
+        smollm2_dir,
+        "--out",
+        out,
+        "--engine",
+        "vllm",
+        "--k",
+        "12",
+        "--seq-len",
+        "64",
+        "--max-sequences",
+        "48",
+        "--shard-sequences",
+        "16",
+        "--quiet",
+        check=True,
+    )
     return out
 
 
@@ -102,7 +116,19 @@ def vllm_topk_cache(tmp_path_factory, smollm2_dir) -> Path:
 def tiny_student(tmp_path_factory, smollm2_dir) -> Path:
     out = tmp_path_factory.mktemp("students") / "tiny"
     run_cli(
-        "init-student", "--like", smollm2_dir, "--layers", "2", "--hidden", "64",
-        "--heads", "2", "--intermediate", "128", "--out", out, check=True,
-    )  # fmt: skip
+        "init-student",
+        "--like",
+        smollm2_dir,
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "2",
+        "--intermediate",
+        "128",
+        "--out",
+        out,
+        check=True,
+    )
     return out

@@ -103,14 +103,24 @@ def synthetic_cache(
         np.sort(np.stack([rng.choice(V, K, replace=False) for _ in range(L)]), 1).astype(np.int32)
         for _ in range(n)
     ]
-    top_lp = [np.log(rng.dirichlet(np.ones(K + 3), size=L)[:, :K]).astype(np.float32) for _ in range(n)]
+    top_lp = [
+        np.log(rng.dirichlet(np.ones(K + 3), size=L)[:, :K]).astype(np.float32) for _ in range(n)
+    ]
     tok_lp = [-rng.exponential(2, size=L).astype(np.float32) for _ in range(n)]
     meta = {
-        "format": F.FORMAT_NAME, "mode": "topk", "k": K, "seq_len": L, "fingerprint": fingerprint,
-        "vocab_size": V, "tokenizer_hash": "t" * 64, "logprob_scale": F.LOGPROB_SCALE,
-        "weighted": False, "row_group_size": F.ROW_GROUP_SIZE, "teacher": "synthetic",
+        "format": F.FORMAT_NAME,
+        "mode": "topk",
+        "k": K,
+        "seq_len": L,
+        "fingerprint": fingerprint,
+        "vocab_size": V,
+        "tokenizer_hash": "t" * 64,
+        "logprob_scale": F.LOGPROB_SCALE,
+        "weighted": False,
+        "row_group_size": F.ROW_GROUP_SIZE,
+        "teacher": "synthetic",
         "samples": None,
-    }  # fmt: skip
+    }
     files, entries = ShardFiles(path), []
     for part, a in enumerate(range(0, n, per_shard)):
         b = min(n, a + per_shard)
@@ -118,5 +128,14 @@ def synthetic_cache(
         t = encode_table("topk", seq_ids[a:b], ids[a:b], nxt[a:b], tok_lp[a:b], supports)
         entries.append(write_shard(files, 0, part, t, meta))
     files.close()
-    write_manifest(path, meta=meta, fingerprint=fingerprint, shards=ShardIndex.from_entries(entries))
-    return {"seq_ids": seq_ids, "ids": ids, "nxt": nxt, "top_ids": top_ids, "top_lp": top_lp, "tok_lp": tok_lp}
+    write_manifest(
+        path, meta=meta, fingerprint=fingerprint, shards=ShardIndex.from_entries(entries)
+    )
+    return {
+        "seq_ids": seq_ids,
+        "ids": ids,
+        "nxt": nxt,
+        "top_ids": top_ids,
+        "top_lp": top_lp,
+        "tok_lp": tok_lp,
+    }

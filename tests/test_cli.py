@@ -17,10 +17,25 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 # command -> (required flags, a flag to set, the --set key it maps to, value)
 COMMANDS = {
     "build-cache": (["--teacher", "t", "--out", "o"], "--seq-len", "corpus.seq_len", 64),
-    "train-student": (["--cache", "c", "--student", "s", "--out", "o", "--steps", "3"], "--batch-size", "data.batch_size", 5),
-    "refine": (["--teacher-cache", "a", "--reference-cache", "b", "--out", "o"], "--ratio", "ratio", 0.25),
+    "train-student": (
+        ["--cache", "c", "--student", "s", "--out", "o", "--steps", "3"],
+        "--batch-size",
+        "data.batch_size",
+        5,
+    ),
+    "refine": (
+        ["--teacher-cache", "a", "--reference-cache", "b", "--out", "o"],
+        "--ratio",
+        "ratio",
+        0.25,
+    ),
     "evaluate": (["--model", "m", "--cache", "c"], "--max-sequences", "max_sequences", 7),
-    "init-student": (["--like", "t", "--out", "o", "--layers", "2", "--hidden", "64"], "--heads", "heads", 4),
+    "init-student": (
+        ["--like", "t", "--out", "o", "--layers", "2", "--hidden", "64"],
+        "--heads",
+        "heads",
+        4,
+    ),
     "demo": ([], "--engine", "engine", "hf"),
 }
 
@@ -46,7 +61,14 @@ def test_settings_by_flag_config_file_and_set(tmp_path, capsys, command):
     assert _get(json.loads(capsys.readouterr().out), key) == value
     assert run("--config", yaml, "--set", f"{key}={json.dumps(value)}") == 0
     assert _get(json.loads(capsys.readouterr().out), key) == value
-    other = {"build-cache": 32, "train-student": 2, "refine": 0.5, "evaluate": 3, "init-student": 2, "demo": "vllm"}[command]
+    other = {
+        "build-cache": 32,
+        "train-student": 2,
+        "refine": 0.5,
+        "evaluate": 3,
+        "init-student": 2,
+        "demo": "vllm",
+    }[command]
     assert run(flag, value, "--set", f"{key}={json.dumps(other)}") == 0  # --set beats the flag
     assert _get(json.loads(capsys.readouterr().out), key) == other
 
@@ -58,7 +80,9 @@ def test_user_errors_are_one_line_and_bugs_show_a_traceback(tmp_path, capsys, mo
     monkeypatch.setenv("SPARSEKD_TRACEBACK", "1")
     assert cli.main(["inspect", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.strip().endswith("cache directory not found: " + str(tmp_path / "nope"))
+    assert "Traceback" in err and err.strip().endswith(
+        "cache directory not found: " + str(tmp_path / "nope")
+    )
     monkeypatch.delenv("SPARSEKD_TRACEBACK")
 
     import sparsekd.schemas.cache as cache_module
@@ -84,7 +108,20 @@ def test_user_errors_are_one_line_and_bugs_show_a_traceback(tmp_path, capsys, mo
 def test_out_on_a_file_or_an_unwritable_place_is_one_line(tmp_path, tiny_llama_dir, out, match):
     (tmp_path / "FILE").write_text("x")
     target = out if out.startswith("/") else tmp_path / out
-    proc = run_cli("build-cache", "--teacher", tiny_llama_dir, "--out", target, "--engine", "hf", "--seq-len", "16", "--max-sequences", "1", "--quiet")  # fmt: skip
+    proc = run_cli(
+        "build-cache",
+        "--teacher",
+        tiny_llama_dir,
+        "--out",
+        target,
+        "--engine",
+        "hf",
+        "--seq-len",
+        "16",
+        "--max-sequences",
+        "1",
+        "--quiet",
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-800:]
     assert error_line(proc).startswith("sparsekd: error:") and match in error_line(proc)
     assert (tmp_path / "FILE").read_text() == "x"

@@ -53,7 +53,9 @@ def test_yaml_values_are_checked_the_same_way(tmp_path):
 
 def test_precedence_defaults_yaml_flags_set(tmp_path):
     f = tmp_path / "b.yaml"
-    f.write_text("teacher: {path: t}\nwriter: {out: o}\ncorpus: {seq_len: 128, text_field: body}\nseed: 3\n")
+    f.write_text(
+        "teacher: {path: t}\nwriter: {out: o}\ncorpus: {seq_len: 128, text_field: body}\nseed: 3\n"
+    )
     cfg = resolve(BuildConfig, {"corpus": {"seq_len": 256}}, str(f), ["corpus.seq_len=64"])
     assert cfg.corpus.seq_len == 64  # --set beats the flag, which beats the file
     assert cfg.corpus.text_field == "body" and cfg.seed == 3  # the file beats the defaults
@@ -70,7 +72,10 @@ def test_missing_required_settings_name_their_flag():
 
 
 def test_round_trip_and_types():
-    cfg = _build(corpus={"paths": "one.jsonl", "seq_len": 32}, encoder={"proposal_temperature": 1, "mode": "sample"})
+    cfg = _build(
+        corpus={"paths": "one.jsonl", "seq_len": 32},
+        encoder={"proposal_temperature": 1, "mode": "sample"},
+    )
     assert cfg.corpus.paths == ("one.jsonl",) and cfg.encoder.proposal_temperature == 1.0
     assert build(BuildConfig, to_dict(cfg)) == cfg
     assert parse_sets(["a.b=1", "a.c=x", 'd="2"']) == {"a": {"b": 1, "c": "x"}, "d": "2"}
@@ -79,6 +84,8 @@ def test_round_trip_and_types():
 def test_every_setting_has_a_doc():
     for cls in (BuildConfig, TrainConfig):
         rows = describe(cls)
-        assert rows and all(doc.strip() for _, _, _, doc in rows), [r for r in rows if not r[3].strip()]
+        assert rows and all(doc.strip() for _, _, _, doc in rows), [
+            r for r in rows if not r[3].strip()
+        ]
         keys = [k for k, *_ in rows]
         assert len(keys) == len(set(keys))

@@ -73,7 +73,14 @@ class SparseKDMixin:
         beta: float = 0.1,
         **kwargs,
     ):
+        cache_ds = kwargs.get("train_dataset")
+        if isinstance(cache_ds, CacheDataset) and _validates_hf_datasets(type(self)):
+            # TRL's trainers accept only `datasets` objects: a one-row stand-in passes their
+            # checks, and the cache dataset takes its place once they are done
+            kwargs["train_dataset"] = _stand_in()
         super().__init__(*args, **kwargs)
+        if isinstance(cache_ds, CacheDataset):
+            self.train_dataset = cache_ds
         self.sparse_kl = SparseKLConfig(
             divergence=divergence,
             kd_weight=kd_weight,
@@ -144,6 +151,20 @@ class SparseKDMixin:
             config=self.sparse_kl,
         )
         return (loss, out) if return_outputs else loss
+
+
+def _validates_hf_datasets(cls) -> bool:
+    return any(c.__module__.split(".")[0] == "trl" for c in cls.__mro__)
+
+
+def _stand_in():
+    import datasets
+
+    return datasets.IterableDataset.from_generator(_one_row)
+
+
+def _one_row():  # TRL looks at the first example of the dataset it is given
+    yield {"input_ids": [0], "labels": [0]}
 
 
 class SparseKDTrainer(SparseKDMixin, transformers.Trainer):

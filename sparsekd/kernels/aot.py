@@ -74,9 +74,18 @@ def specialisations() -> list[tuple[Spec, object, dict, dict]]:
     for name, d in DV.DIVERGENCES.items():
         for bv, vocabs in block_vs.items():
             for bs in block_ss:
-                ce = {"SUPPORT_FN": d.triton_support, "OFF_FN": d.triton_off, "BLOCK_V": bv, "BLOCK_S": bs}
+                ce = {
+                    "SUPPORT_FN": d.triton_support,
+                    "OFF_FN": d.triton_off,
+                    "BLOCK_V": bv,
+                    "BLOCK_S": bs,
+                }
                 sig = {**kl_sig, **{k: "constexpr" for k in ce}}
-                spec = Spec("_sparse_kl_fwd_kernel", {"DIV": name, "BLOCK_V": bv, "BLOCK_S": bs}, tuple(vocabs))
+                spec = Spec(
+                    "_sparse_kl_fwd_kernel",
+                    {"DIV": name, "BLOCK_V": bv, "BLOCK_S": bs},
+                    tuple(vocabs),
+                )
                 out.append((spec, SK._sparse_kl_fwd_kernel, sig, ce))
     sample_sig = {
         "z_ptr": "*fp32", "t_ptr": "*fp64", "draw_ptr": "*i32", "lse_ptr": "*fp32",

@@ -30,7 +30,9 @@ def corpus(tmp_path_factory):
     docs = [t for _, t in builtin_documents()]
     for i in range(N_FILES):
         part = docs[i * 4 : i * 4 + 2 + i % 3]
-        (d / f"part-{i:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+        (d / f"part-{i:02d}.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in part)
+        )
     return d
 
 
@@ -49,9 +51,23 @@ def _cfg(teacher, corpus, out, **writer):
 
 def _args(teacher, corpus, out, *extra):
     return [
-        "--teacher", teacher, "--corpus", corpus, "--out", out, "--engine", "hf", "--k", "4",
-        "--seq-len", "32", "--shard-sequences", "8", "--quiet", *extra,
-    ]  # fmt: skip
+        "--teacher",
+        teacher,
+        "--corpus",
+        corpus,
+        "--out",
+        out,
+        "--engine",
+        "hf",
+        "--k",
+        "4",
+        "--seq-len",
+        "32",
+        "--shard-sequences",
+        "8",
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +118,27 @@ def test_kill_9_at_several_points_then_completion_is_byte_identical(
     out = tmp_path / "cache"
     for i, at in enumerate(kills):  # worker i of 2 killed once `at` shards exist
         written = kill_build_after(
-            out, at, *_args(tiny_llama_dir, corpus, out, "--num-workers", "2", "--worker-index", str(i))
+            out,
+            at,
+            *_args(tiny_llama_dir, corpus, out, "--num-workers", "2", "--worker-index", str(i)),
         )
         assert written >= at - 1
     assert not (out / "manifest.json").exists()
     with pytest.raises(CacheError, match="not complete"):
         open_cache(out)
     for i in range(2):
-        run_cli("build-cache", *_args(tiny_llama_dir, corpus, out, "--num-workers", "2", "--worker-index", str(i)), check=True)  # fmt: skip
+        run_cli(
+            "build-cache",
+            *_args(tiny_llama_dir, corpus, out, "--num-workers", "2", "--worker-index", str(i)),
+            check=True,
+        )
     assert digests(out) == digests(reference)
     assert not list(out.glob("shards/.tmp/*/*"))
 
 
-def test_rerun_rechecks_what_it_skips_and_redoes_a_damaged_shard(tmp_path, tiny_llama_dir, corpus, reference):
+def test_rerun_rechecks_what_it_skips_and_redoes_a_damaged_shard(
+    tmp_path, tiny_llama_dir, corpus, reference
+):
     out = tmp_path / "cache"
     shutil.copytree(reference, out)
     shard = shard_files(out)[3]
@@ -126,7 +150,9 @@ def test_rerun_rechecks_what_it_skips_and_redoes_a_damaged_shard(tmp_path, tiny_
     assert "wrote 0 shards" in proc.stdout and "cache complete" in proc.stdout
 
 
-def test_the_same_worker_twice_at_once_does_not_collide(tmp_path, tiny_llama_dir, corpus, reference):
+def test_the_same_worker_twice_at_once_does_not_collide(
+    tmp_path, tiny_llama_dir, corpus, reference
+):
     out = tmp_path / "cache"
     errors = []
 
@@ -160,7 +186,9 @@ def test_a_corpus_changed_under_a_half_built_cache_is_refused(tmp_path, tiny_lla
         run(_cfg(tiny_llama_dir, src, out, num_workers=2, worker_index=0))
 
 
-def test_renamed_corpus_file_other_tokenizer_or_other_weights_are_refused(tmp_path, tiny_llama_dir, corpus):
+def test_renamed_corpus_file_other_tokenizer_or_other_weights_are_refused(
+    tmp_path, tiny_llama_dir, corpus
+):
     from tokenizers import normalizers
     from transformers import AutoTokenizer
 
@@ -200,7 +228,9 @@ def test_a_failed_first_build_does_not_block_the_corrected_command(tmp_path, tin
     assert verify_cache(out) == []
 
 
-def test_different_configuration_is_refused_and_nothing_is_touched(reference, tiny_llama_dir, corpus):
+def test_different_configuration_is_refused_and_nothing_is_touched(
+    reference, tiny_llama_dir, corpus
+):
     before = digests(reference)
     args = [a if a != "32" else "64" for a in _args(tiny_llama_dir, corpus, reference)]
     proc = run_cli("build-cache", *args)
@@ -213,7 +243,11 @@ def test_different_configuration_is_refused_and_nothing_is_touched(reference, ti
 def test_environment_launchers_pick_the_worker(tmp_path, tiny_llama_dir, corpus, reference):
     out = tmp_path / "cache"
     for i in range(2):  # a SLURM array of two tasks, no worker flags
-        env = {"SLURM_ARRAY_TASK_ID": str(10 + i), "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "2"}
+        env = {
+            "SLURM_ARRAY_TASK_ID": str(10 + i),
+            "SLURM_ARRAY_TASK_MIN": "10",
+            "SLURM_ARRAY_TASK_COUNT": "2",
+        }
         proc = run_cli("build-cache", *_args(tiny_llama_dir, corpus, out), env=env, check=True)
         assert f"worker {i}/2" in proc.stdout
     assert digests(out) == digests(reference)

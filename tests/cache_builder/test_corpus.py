@@ -86,7 +86,9 @@ def test_a_large_jsonl_is_cut_at_line_starts_and_every_line_read_once(tmp_path):
 
 def test_parquet_domains_take_the_row_groups_that_begin_in_them(tmp_path):
     texts = [f"row {i} " + "y" * 300 for i in range(4000)]
-    pq.write_table(pa.table({"text": texts}), tmp_path / "p.parquet", row_group_size=150, compression="none")
+    pq.write_table(
+        pa.table({"text": texts}), tmp_path / "p.parquet", row_group_size=150, compression="none"
+    )
     domains, _, docs = _documents([tmp_path / "p.parquet"], domain_bytes=1 << 16)
     assert len(domains) > 2 and sum(1 for d in docs if d) > 2
     assert [t for part in docs for t in part] == texts
@@ -169,8 +171,14 @@ def test_builtin_default_corpus_exists_and_is_stable(tok):
     [
         (lambda d: d / "missing.jsonl", "corpus path not found"),
         (lambda d: (d / "x.csv").write_text("a") and d / "x.csv", "unsupported type"),
-        (lambda d: (d / "b.txt").write_bytes(b"ok\n\xff\xfe\xfa") and d / "b.txt", r"b\.txt:2: not UTF-8"),
-        (lambda d: (d / "z.jsonl.zst").write_bytes(b"garbage") and d / "z.jsonl.zst", "cannot read"),
+        (
+            lambda d: (d / "b.txt").write_bytes(b"ok\n\xff\xfe\xfa") and d / "b.txt",
+            r"b\.txt:2: not UTF-8",
+        ),
+        (
+            lambda d: (d / "z.jsonl.zst").write_bytes(b"garbage") and d / "z.jsonl.zst",
+            "cannot read",
+        ),
         (lambda d: str(d / "*.nothing"), "matches no"),
     ],
 )

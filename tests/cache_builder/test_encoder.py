@@ -25,7 +25,12 @@ def _build(teacher, out, engine="hf", workers=(1, 0), **enc):
         "teacher": {"path": str(teacher), "engine": engine},
         "corpus": {"seq_len": 48, "max_sequences": 8},
         "encoder": enc,
-        "writer": {"out": str(out), "shard_sequences": 4, "num_workers": workers[0], "worker_index": workers[1]},
+        "writer": {
+            "out": str(out),
+            "shard_sequences": 4,
+            "num_workers": workers[0],
+            "worker_index": workers[1],
+        },
         "progress": False,
     }
     return run(build(BuildConfig, cfg))
@@ -96,7 +101,10 @@ def test_logprob_mode_stores_only_token_logprobs(tmp_path, smollm2_dir, hf_topk_
     "enc, match",
     [
         (dict(mode="sample", path="logprob"), "needs the hidden-state path"),
-        (dict(mode="topk", samples=50), r"encoder.samples \(--samples\) applies to --mode sample only"),
+        (
+            dict(mode="topk", samples=50),
+            r"encoder.samples \(--samples\) applies to --mode sample only",
+        ),
         (dict(mode="topk", sampler="systematic"), "encoder.sampler .* applies to --mode sample"),
         (dict(mode="logprob", k=4), r"encoder.k \(--k\) applies to --mode topk only"),
         (dict(mode="sample", proposal_temperature=0.0), "proposal_temperature must be > 0"),
@@ -111,9 +119,20 @@ def test_settings_that_make_no_sense_together_are_refused(enc, match):
 
 def test_sample_mode_refuses_the_logprob_path_in_one_line(tmp_path, smollm2_dir):
     proc = run_cli(
-        "build-cache", "--teacher", smollm2_dir, "--out", tmp_path / "c", "--mode", "sample",
-        "--path", "logprob", "--engine", "hf", "--seq-len", "16",
-    )  # fmt: skip
+        "build-cache",
+        "--teacher",
+        smollm2_dir,
+        "--out",
+        tmp_path / "c",
+        "--mode",
+        "sample",
+        "--path",
+        "logprob",
+        "--engine",
+        "hf",
+        "--seq-len",
+        "16",
+    )
     assert proc.returncode == 2 and "needs the hidden-state path" in error_line(proc)
 
 

@@ -61,18 +61,44 @@ def mixed(tmp_path_factory, smollm2_dir, tiny_student):
 
     def build(teacher, out, *extra):
         run_cli(
-            "build-cache", "--teacher", teacher, "--corpus", corpus, "--out", out,
-            "--engine", "hf", "--seq-len", L, "--quiet", *extra, check=True,
-        )  # fmt: skip
+            "build-cache",
+            "--teacher",
+            teacher,
+            "--corpus",
+            corpus,
+            "--out",
+            out,
+            "--engine",
+            "hf",
+            "--seq-len",
+            L,
+            "--quiet",
+            *extra,
+            check=True,
+        )
         return out
 
     teacher_cache = build(smollm2_dir, root / "teacher", "--mode", "logprob")
     # The small reference: the tiny student trained with plain CE on the same corpus.
     run_cli(
-        "train-student", "--cache", teacher_cache, "--student", tiny_student,
-        "--out", root / "ref-run", "--loss", "ce", "--steps", 30, "--batch-size", 4,
-        "--lr", 3e-3, "--quiet", check=True,
-    )  # fmt: skip
+        "train-student",
+        "--cache",
+        teacher_cache,
+        "--student",
+        tiny_student,
+        "--out",
+        root / "ref-run",
+        "--loss",
+        "ce",
+        "--steps",
+        30,
+        "--batch-size",
+        4,
+        "--lr",
+        3e-3,
+        "--quiet",
+        check=True,
+    )
     reference = root / "ref-run" / "final"
     reference_cache = build(reference, root / "reference", "--mode", "logprob")
     return {
@@ -89,9 +115,16 @@ def mixed(tmp_path_factory, smollm2_dir, tiny_student):
 
 def _refine(m, out, *extra, check=True):
     return run_cli(
-        "refine", "--teacher-cache", m["teacher_cache"], "--reference-cache",
-        m["reference_cache"], "--out", out, *extra, check=check,
-    )  # fmt: skip
+        "refine",
+        "--teacher-cache",
+        m["teacher_cache"],
+        "--reference-cache",
+        m["reference_cache"],
+        "--out",
+        out,
+        *extra,
+        check=check,
+    )
 
 
 @torch.no_grad()
@@ -158,20 +191,54 @@ def test_train_student_on_the_refined_set_ce_and_kd(mixed, tmp_path, tiny_studen
     kept = {s.seq_id for s in open_cache(out)}
     # The refined set of log-prob caches trains with CE; KD asks for targets.
     run_cli(
-        "train-student", "--cache", out, "--student", tiny_student, "--out", tmp_path / "ce",
-        "--loss", "ce", "--steps", 4, "--batch-size", 2, "--quiet", check=True,
-    )  # fmt: skip
+        "train-student",
+        "--cache",
+        out,
+        "--student",
+        tiny_student,
+        "--out",
+        tmp_path / "ce",
+        "--loss",
+        "ce",
+        "--steps",
+        4,
+        "--batch-size",
+        2,
+        "--quiet",
+        check=True,
+    )
     proc = run_cli(
-        "train-student", "--cache", out, "--student", tiny_student, "--out", tmp_path / "x",
-        "--steps", 2, "--quiet",
-    )  # fmt: skip
+        "train-student",
+        "--cache",
+        out,
+        "--student",
+        tiny_student,
+        "--out",
+        tmp_path / "x",
+        "--steps",
+        2,
+        "--quiet",
+    )
     assert proc.returncode == 2 and "needs teacher targets" in error_line(proc)
     # KD: the targets of the refined sequences come from a top-K cache of the same corpus.
     topk = mixed["build"](mixed["teacher"], mixed["root"] / "teacher-topk", "--k", "8")
     run_cli(
-        "train-student", "--cache", out, "--teacher-cache", topk, "--student", tiny_student,
-        "--out", tmp_path / "kd", "--steps", 6, "--batch-size", 2, "--quiet", check=True,
-    )  # fmt: skip
+        "train-student",
+        "--cache",
+        out,
+        "--teacher-cache",
+        topk,
+        "--student",
+        tiny_student,
+        "--out",
+        tmp_path / "kd",
+        "--steps",
+        6,
+        "--batch-size",
+        2,
+        "--quiet",
+        check=True,
+    )
     for run in ("ce", "kd"):
         lines = (tmp_path / run / "data" / "rank-0.txt").read_text().splitlines()
         seen = {int(i) for ln in lines for i in ln.split()[1:]}
@@ -236,6 +303,12 @@ def test_verify_checks_the_order_across_a_refined_sets_shards(mixed, tmp_path):
     bad.mkdir()
     files = ShardFiles(bad)
     entries = [write_shard(files, u, 0, rows.take([u, u + 2]), refined.meta) for u in (0, 1)]
-    write_manifest(bad, meta=refined.meta, fingerprint=refined.fingerprint, shards=ShardIndex.from_entries(entries), tables={"kept": pa.table({"seq_id": rows.column("seq_id")})})
+    write_manifest(
+        bad,
+        meta=refined.meta,
+        fingerprint=refined.fingerprint,
+        shards=ShardIndex.from_entries(entries),
+        tables={"kept": pa.table({"seq_id": rows.column("seq_id")})},
+    )
     problems = verify_cache(bad)
     assert len(problems) == 1 and "overlap the shard before it" in problems[0], problems

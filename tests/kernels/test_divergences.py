@@ -27,7 +27,19 @@ def test_cli_choices_are_the_registry():
 
 
 @triton.jit
-def _terms_kernel(p_ptr, q_ptr, f_ptr, g_ptr, h_ptr, N, beta, log_inv_beta, SUPPORT_FN: tl.constexpr, OFF_FN: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _terms_kernel(
+    p_ptr,
+    q_ptr,
+    f_ptr,
+    g_ptr,
+    h_ptr,
+    N,
+    beta,
+    log_inv_beta,
+    SUPPORT_FN: tl.constexpr,
+    OFF_FN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     o = tl.arange(0, BLOCK)
     m = o < N
     p = tl.load(p_ptr + o, mask=m, other=0.0)
@@ -35,7 +47,9 @@ def _terms_kernel(p_ptr, q_ptr, f_ptr, g_ptr, h_ptr, N, beta, log_inv_beta, SUPP
     f, g = SUPPORT_FN(p, q, beta)
     tl.store(f_ptr + o, f, mask=m)
     tl.store(g_ptr + o, g, mask=m)
-    h, g_out = OFF_FN(tl.sum(tl.where(m, p, 0.0), 0), tl.sum(tl.where(m, q, 0.0), 0), beta, log_inv_beta)
+    h, g_out = OFF_FN(
+        tl.sum(tl.where(m, p, 0.0), 0), tl.sum(tl.where(m, q, 0.0), 0), beta, log_inv_beta
+    )
     tl.store(h_ptr, h)
     tl.store(h_ptr + 1, g_out)
 
@@ -49,9 +63,24 @@ def test_triton_terms_equal_torch_terms(name):
     p[3] = 0.0  # a stored id the teacher gave no mass
     q = torch.rand(13, generator=g) * 0.05 + 1e-4
     beta = 0.2
-    f, gg, h = (torch.empty(13, device=dev), torch.empty(13, device=dev), torch.empty(2, device=dev))
-    _terms_kernel[(1,)](p.to(dev), q.to(dev), f, gg, h, 13, beta, float(torch.log(torch.tensor(1 / beta))),
-                        SUPPORT_FN=d.triton_support, OFF_FN=d.triton_off, BLOCK=16)  # fmt: skip
+    f, gg, h = (
+        torch.empty(13, device=dev),
+        torch.empty(13, device=dev),
+        torch.empty(2, device=dev),
+    )
+    _terms_kernel[(1,)](
+        p.to(dev),
+        q.to(dev),
+        f,
+        gg,
+        h,
+        13,
+        beta,
+        float(torch.log(torch.tensor(1 / beta))),
+        SUPPORT_FN=d.triton_support,
+        OFF_FN=d.triton_off,
+        BLOCK=16,
+    )
     f_t, g_t = d.torch_support(p.double(), q.double(), beta)
     h_t, g_out_t = d.torch_off(p.sum().double(), q.sum().double(), beta)
     torch.testing.assert_close(f.cpu().double(), f_t, rtol=1e-5, atol=1e-7)

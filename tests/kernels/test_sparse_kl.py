@@ -99,7 +99,9 @@ def test_vocab_above_65536(backend, div):
         w,
     )
     ref, ref_grads = _loss_and_grads(
-        lambda h, w: sparse_kl_loss_ref(h, w, ids, p.double(), labels, divergence=div, ce_weight=1.0),
+        lambda h, w: sparse_kl_loss_ref(
+            h, w, ids, p.double(), labels, divergence=div, ce_weight=1.0
+        ),
         h.double(),
         w.double(),
     )
@@ -123,7 +125,16 @@ def test_every_row_padded_gives_zero_and_ce_still_trains(backend):
 def test_gradcheck_float64(divergence):
     h, w, b, ids, p, labels = (t.cpu() for t in _case(5, 4, 23, 3, seed=3))
     fn = lambda h, w, b: sparse_kl_loss(  # noqa: E731
-        h, w, ids, p, labels, divergence=divergence, ce_weight=0.3, bias=b, backend="torch", chunk_rows=2
+        h,
+        w,
+        ids,
+        p,
+        labels,
+        divergence=divergence,
+        ce_weight=0.3,
+        bias=b,
+        backend="torch",
+        chunk_rows=2,
     )
     assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in (h, w, b)))
 
@@ -133,7 +144,9 @@ def test_custom_ignore_index_is_skipped_not_rejected():
     labels = torch.where(labels == -100, torch.full_like(labels, -1), labels)
     kw = dict(ce_weight=1.0, ignore_index=-1)
     out = sparse_kl_loss(h, w, ids, p, labels, backend="torch", **kw)
-    torch.testing.assert_close(out, sparse_kl_loss_ref(h, w, ids, p, labels, **kw), **LOSS_TOL[torch.float64])
+    torch.testing.assert_close(
+        out, sparse_kl_loss_ref(h, w, ids, p, labels, **kw), **LOSS_TOL[torch.float64]
+    )
 
 
 @pytest.mark.parametrize(
@@ -205,9 +218,16 @@ def test_same_loss_curve_with_triton_and_torch_backends():
         curve = []
         for _ in range(30):
             loss = sparse_kl_loss(
-                emb(x), head.weight, ids, p, ids[:, 0], divergence="ghost",
-                kd_weight=0.8, ce_weight=0.2, backend=backend,
-            )  # fmt: skip
+                emb(x),
+                head.weight,
+                ids,
+                p,
+                ids[:, 0],
+                divergence="ghost",
+                kd_weight=0.8,
+                ce_weight=0.2,
+                backend=backend,
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()

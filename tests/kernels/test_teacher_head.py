@@ -26,7 +26,10 @@ def _problem(T, D, V, seed=0, scale=0.5):
 def _expand(ids, cnt):
     """The sorted draws behind (distinct ids, counts) rows."""
     return torch.stack(
-        [torch.repeat_interleave(i[c > 0].long().cpu(), c[c > 0].long().cpu()) for i, c in zip(ids, cnt)]
+        [
+            torch.repeat_interleave(i[c > 0].long().cpu(), c[c > 0].long().cpu())
+            for i, c in zip(ids, cnt)
+        ]
     )
 
 

@@ -25,8 +25,17 @@ def _rows(cache):
     out = []
     for s in cache:
         off, ids, probs = s.targets()
-        out.append((s.seq_id, s.input_ids.tolist(), s.next_token, s.token_logprobs.tolist(),
-                    off.tolist(), ids.tolist(), probs.tolist()))  # fmt: skip
+        out.append(
+            (
+                s.seq_id,
+                s.input_ids.tolist(),
+                s.next_token,
+                s.token_logprobs.tolist(),
+                off.tolist(),
+                ids.tolist(),
+                probs.tolist(),
+            )
+        )
     return out
 
 
@@ -41,12 +50,16 @@ def test_writer_to_open_cache_round_trip(synth):
     for i, s in enumerate(seqs):
         assert s.input_ids.dtype == np.int32 and np.array_equal(s.input_ids, w["ids"][i])
         assert np.array_equal(s.labels, np.append(w["ids"][i][1:], w["nxt"][i]))
-        np.testing.assert_allclose(s.token_logprobs, w["tok_lp"][i], atol=0.5 / F.LOGPROB_SCALE + 1e-6)
+        np.testing.assert_allclose(
+            s.token_logprobs, w["tok_lp"][i], atol=0.5 / F.LOGPROB_SCALE + 1e-6
+        )
         off, ids, probs = s.targets()
         assert np.array_equal(ids, w["top_ids"][i].reshape(-1))
         np.testing.assert_allclose(np.log(probs), w["top_lp"][i].reshape(-1), atol=1e-3)
     shard, group, rows = cache.row_groups()
-    assert shard.tolist() == [0, 1, 2] and group.tolist() == [0, 0, 0] and rows.tolist() == [4, 4, 1]
+    assert (
+        shard.tolist() == [0, 1, 2] and group.tolist() == [0, 0, 0] and rows.tolist() == [4, 4, 1]
+    )
 
 
 def test_open_cache_refusals(tmp_path, synth):

@@ -16,7 +16,10 @@ def test_quantisation_error_is_bounded():
     assert np.abs(back - lp)[inside].max() <= 0.5 / F.LOGPROB_SCALE + 1e-6
     assert back[~inside].min() >= floor - 1e-3
     # another scale is honoured both ways
-    assert np.abs(F.dequantize_logprobs(F.quantize_logprobs(lp[:100], 512.0), 512.0) - lp[:100]).max() <= 1 / 1024 + 1e-6
+    assert (
+        np.abs(F.dequantize_logprobs(F.quantize_logprobs(lp[:100], 512.0), 512.0) - lp[:100]).max()
+        <= 1 / 1024 + 1e-6
+    )
 
 
 def test_seq_ids_name_their_domain():

@@ -53,7 +53,9 @@ def finished(tmp_path_factory, hf_topk_cache, tiny_student):
         ({"seed": 1}, "seed"),
     ],
 )
-def test_resume_with_changed_data_or_math_is_refused_by_name(tmp_path, finished, hf_topk_cache, tiny_student, change, named):
+def test_resume_with_changed_data_or_math_is_refused_by_name(
+    tmp_path, finished, hf_topk_cache, tiny_student, change, named
+):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     record = (out / "train_config.json").read_text()
@@ -62,13 +64,28 @@ def test_resume_with_changed_data_or_math_is_refused_by_name(tmp_path, finished,
     assert (out / "train_config.json").read_text() == record  # the run's record is untouched
 
 
-def test_resume_on_another_cache_or_student_is_refused(tmp_path, finished, hf_topk_cache, vllm_topk_cache, tiny_student, smollm2_dir):
+def test_resume_on_another_cache_or_student_is_refused(
+    tmp_path, finished, hf_topk_cache, vllm_topk_cache, tiny_student, smollm2_dir
+):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     with pytest.raises(RunError, match=r"cache \(identity\)"):
         T.run(_cfg(vllm_topk_cache, tiny_student, out, **{"checkpoint.resume": True}))
     other = tmp_path / "wider"
-    run_cli("init-student", "--like", smollm2_dir, "--layers", "2", "--hidden", "96", "--heads", "3", "--out", other, check=True)  # fmt: skip
+    run_cli(
+        "init-student",
+        "--like",
+        smollm2_dir,
+        "--layers",
+        "2",
+        "--hidden",
+        "96",
+        "--heads",
+        "3",
+        "--out",
+        other,
+        check=True,
+    )
     with pytest.raises(RunError, match=r"student \(identity\)"):
         T.run(_cfg(hf_topk_cache, other, out, **{"checkpoint.resume": True}))
 
@@ -87,7 +104,9 @@ def test_safe_changes_are_allowed_and_recorded(tmp_path, finished, hf_topk_cache
     assert steps == [1, 2, 4, 6]  # resumed at 2 (the last checkpoint before 4), logged every 2
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, hf_topk_cache, tiny_student, capsys):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
+    tmp_path, hf_topk_cache, tiny_student, capsys
+):
     out = tmp_path / "run"
     T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6))
     model = out / "checkpoints" / "step-4" / "model.pt"
@@ -100,15 +119,36 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, hf_t
     assert json.loads((out / "train_config.json").read_text())["resumes"] == []
 
 
-def test_a_run_killed_before_its_first_checkpoint_resumes_from_zero(tmp_path, hf_topk_cache, tiny_student):
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_zero(
+    tmp_path, hf_topk_cache, tiny_student
+):
     out = tmp_path / "run"
     cfg = _cfg(hf_topk_cache, tiny_student, out, **{"checkpoint.every": 0})
     T.run(cfg)
     reference = (out / "final" / "model.safetensors").read_bytes()
     shutil.rmtree(out / "final")  # as if killed at the end: metrics and config, no checkpoint
-    proc = run_cli("train-student", "--cache", hf_topk_cache, "--student", tiny_student, "--out", out, "--steps", "4", "--batch-size", "2", "--lr", "3e-3", "--warmup", "1", "--quiet")  # fmt: skip
+    proc = run_cli(
+        "train-student",
+        "--cache",
+        hf_topk_cache,
+        "--student",
+        tiny_student,
+        "--out",
+        out,
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "1",
+        "--quiet",
+    )
     assert proc.returncode == 2 and "already holds a run; pass --resume" in error_line(proc)
-    T.run(_cfg(hf_topk_cache, tiny_student, out, **{"checkpoint.every": 0, "checkpoint.resume": True}))
+    T.run(
+        _cfg(hf_topk_cache, tiny_student, out, **{"checkpoint.every": 0, "checkpoint.resume": True})
+    )
     assert (out / "final" / "model.safetensors").read_bytes() == reference
 
 
@@ -131,8 +171,20 @@ def test_out_that_is_a_file_or_inside_a_cache_is_refused(tmp_path, hf_topk_cache
         ("--kd-weight", "1.5", "loss.kd_weight must be in"),
     ],
 )
-def test_nonsense_settings_are_refused_in_one_line(tmp_path, hf_topk_cache, tiny_student, flag, value, match):
-    args = ["train-student", "--cache", hf_topk_cache, "--student", tiny_student, "--out", tmp_path / "o", "--steps", "2"]  # fmt: skip
+def test_nonsense_settings_are_refused_in_one_line(
+    tmp_path, hf_topk_cache, tiny_student, flag, value, match
+):
+    args = [
+        "train-student",
+        "--cache",
+        hf_topk_cache,
+        "--student",
+        tiny_student,
+        "--out",
+        tmp_path / "o",
+        "--steps",
+        "2",
+    ]
     proc = run_cli(*args, flag, value)
     assert proc.returncode == 2 and match in error_line(proc), proc.stderr[-500:]
     assert not (tmp_path / "o").exists()

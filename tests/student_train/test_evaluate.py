@@ -89,7 +89,23 @@ def test_evaluate_on_a_logprob_cache_and_max_sequences_zero(tmp_path, smollm2_di
     from tests.helpers import error_line, run_cli
 
     lp = tmp_path / "lp"
-    run_cli("build-cache", "--teacher", smollm2_dir, "--out", lp, "--engine", "hf", "--mode", "logprob", "--seq-len", "32", "--max-sequences", "4", "--quiet", check=True)  # fmt: skip
+    run_cli(
+        "build-cache",
+        "--teacher",
+        smollm2_dir,
+        "--out",
+        lp,
+        "--engine",
+        "hf",
+        "--mode",
+        "logprob",
+        "--seq-len",
+        "32",
+        "--max-sequences",
+        "4",
+        "--quiet",
+        check=True,
+    )
     proc = run_cli("evaluate", "--model", tiny_student, "--cache", lp, "--json", check=True)
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["kl"] is None and res["top1_agreement"] is None and res["lm_loss"] > 5

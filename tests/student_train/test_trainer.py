@@ -48,13 +48,24 @@ def _records(out):
 def test_lm_loss_falls_clearly(tmp_path, vllm_topk_cache, tiny_student):
     cache = open_cache(vllm_topk_cache)
     before = evaluate_model(load_student(tiny_student)[0], cache)
-    T.run(_cfg(vllm_topk_cache, tiny_student, tmp_path / "run", steps=40, data={"batch_size": 4}, loss={"kd_weight": 0.5}))
+    T.run(
+        _cfg(
+            vllm_topk_cache,
+            tiny_student,
+            tmp_path / "run",
+            steps=40,
+            data={"batch_size": 4},
+            loss={"kd_weight": 0.5},
+        )
+    )
     after = evaluate_model(load_student(tmp_path / "run" / "final")[0], cache)
     assert after["lm_loss"] < before["lm_loss"] - 3.0, (before, after)
     assert after["kl"] < before["kl"] and after["tokens"] == before["tokens"] == 48 * 64
     recs = [r for r in _records(tmp_path / "run") if "loss" in r]
     assert len(recs) == 40
-    assert {"step", "loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "data_wait_s"} <= set(recs[0])
+    assert {"step", "loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "data_wait_s"} <= set(
+        recs[0]
+    )
     assert recs[-1]["loss"] == pytest.approx(recs[-1]["ce"] + recs[-1]["kd"], rel=1e-5)
     assert all(0 <= r["data_wait_frac"] < 1 for r in recs)
 
@@ -62,7 +73,14 @@ def test_lm_loss_falls_clearly(tmp_path, vllm_topk_cache, tiny_student):
 def test_same_loss_curve_with_triton_and_torch(tmp_path, vllm_topk_cache, tiny_student):
     curves = {}
     for backend in ("torch", "triton"):
-        cfg = _cfg(vllm_topk_cache, tiny_student, tmp_path / backend, steps=4, data={"batch_size": 1}, loss={"kind": "ghost", "backend": backend})
+        cfg = _cfg(
+            vllm_topk_cache,
+            tiny_student,
+            tmp_path / backend,
+            steps=4,
+            data={"batch_size": 1},
+            loss={"kind": "ghost", "backend": backend},
+        )
         T.run(cfg)
         curves[backend] = [r["loss"] for r in _records(tmp_path / backend)]
     assert len(curves["torch"]) == 4
@@ -100,7 +118,9 @@ class NoHostSync(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_training_step_makes_no_host_synchronisation(tmp_path, vllm_topk_cache, tiny_student, monkeypatch):
+def test_a_training_step_makes_no_host_synchronisation(
+    tmp_path, vllm_topk_cache, tiny_student, monkeypatch
+):
     # the mode itself catches what it must
     with pytest.raises(AssertionError, match="item"), NoHostSync():
         torch.ones(2).sum().item()
@@ -115,16 +135,38 @@ def test_a_training_step_makes_no_host_synchronisation(tmp_path, vllm_topk_cache
 
     monkeypatch.setattr(T.Trainer, "train_step", guarded)
     for kind in ("fkl", "ce"):
-        cfg = _cfg(vllm_topk_cache, tiny_student, tmp_path / kind, steps=4, loss={"kind": kind}, optim={"grad_accum": 2}, log_every=4)
+        cfg = _cfg(
+            vllm_topk_cache,
+            tiny_student,
+            tmp_path / kind,
+            steps=4,
+            loss={"kind": kind},
+            optim={"grad_accum": 2},
+            log_every=4,
+        )
         T.run(cfg)
     assert len(steps) == 8 and all(isinstance(v, torch.Tensor) for v in steps[0].values())
 
 
 def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, vllm_topk_cache, tiny_student):
     args = [
-        "train-student", "--cache", vllm_topk_cache, "--student", tiny_student, "--steps", "16",
-        "--batch-size", "2", "--save-every", "4", "--lr", "3e-3", "--warmup", "2", "--quiet",
-    ]  # fmt: skip
+        "train-student",
+        "--cache",
+        vllm_topk_cache,
+        "--student",
+        tiny_student,
+        "--steps",
+        "16",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "4",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "2",
+        "--quiet",
+    ]
     run_cli(*args, "--out", tmp_path / "full", check=True)
 
     out = tmp_path / "resumed"
@@ -145,21 +187,50 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, vllm_topk_cache, 
     a = (tmp_path / "full" / "final" / "model.safetensors").read_bytes()
     b = (out / "final" / "model.safetensors").read_bytes()
     assert a == b, "final weights differ"
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "data_wait_s", "data_wait_frac")} for r in rs]  # noqa
+    strip = lambda rs: [
+        {k: v for k, v in r.items() if k not in ("tokens_per_s", "data_wait_s", "data_wait_frac")}
+        for r in rs
+    ]  # noqa
     assert strip(_records(out)) == strip(_records(tmp_path / "full"))
-    assert (out / "data" / "rank-0.txt").read_text() == (tmp_path / "full" / "data" / "rank-0.txt").read_text()
+    assert (out / "data" / "rank-0.txt").read_text() == (
+        tmp_path / "full" / "data" / "rank-0.txt"
+    ).read_text()
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(tmp_path, vllm_topk_cache, tiny_student, fsdp):
+def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
+    tmp_path, vllm_topk_cache, tiny_student, fsdp
+):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-port", str(29500 + int(fsdp)), "-m", "sparsekd", "train-student",
-        "--cache", str(vllm_topk_cache), "--student", str(tiny_student), "--out", str(out),
-        "--steps", "4", "--batch-size", "2", "--eval-cache", str(vllm_topk_cache),
-        "--eval-every", "2", "--set", "eval.sequences=6", "--quiet",
-    ] + (["--fsdp"] if fsdp else [])  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(29500 + int(fsdp)),
+        "-m",
+        "sparsekd",
+        "train-student",
+        "--cache",
+        str(vllm_topk_cache),
+        "--student",
+        str(tiny_student),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--eval-cache",
+        str(vllm_topk_cache),
+        "--eval-every",
+        "2",
+        "--set",
+        "eval.sequences=6",
+        "--quiet",
+    ] + (["--fsdp"] if fsdp else [])
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
