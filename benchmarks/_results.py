@@ -43,3 +43,35 @@ def append_csv(name: str, rows: list[dict]) -> Path:
             w.writeheader()
         w.writerows(rows)
     return path
+
+
+def builtin_sequences(teacher: str, seq_len: int, n: int):
+    """The first n packed sequences of the built-in corpus: (input_ids list, next tokens)."""
+    from transformers import AutoTokenizer
+
+    from sparsekd.cache_builder.corpus import builtin_documents
+    from sparsekd.cache_builder.packing import pack
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    seqs = list(pack((t for _, t in builtin_documents()), tok, tok.eos_token_id, seq_len, n))
+    return [s[0] for s in seqs], [s[1] for s in seqs]
+
+
+def build_config(teacher: str, out, *, engine="hf", corpus=None, seq_len=256, n=None, **enc):
+    """A BuildConfig from the few settings the benchmarks vary (shards of 16 sequences)."""
+    from sparsekd.cache_builder.config import BuildConfig
+    from sparsekd.config import build
+
+    corpus_cfg = {"seq_len": seq_len, "max_sequences": n}
+    if corpus is not None:
+        corpus_cfg["paths"] = [str(c) for c in corpus]
+    return build(
+        BuildConfig,
+        {
+            "teacher": {"path": str(teacher), "engine": engine},
+            "corpus": corpus_cfg,
+            "encoder": enc,
+            "writer": {"out": str(out), "shard_sequences": 16},
+            "progress": False,
+        },
+    )

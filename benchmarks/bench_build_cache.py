@@ -28,17 +28,10 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 def main():
-    from transformers import AutoTokenizer
-
-    from sparsekd.cache_builder.build import (
-        BuildConfig,
-        EncoderConfig,
-        WriterConfig,
-        _versions,
-        run,
-    )
-    from sparsekd.cache_builder.corpus import CorpusConfig, pack_sequences
-    from sparsekd.cache_builder.engines import TeacherConfig, VllmEngine
+    from sparsekd.cache_builder.build import run
+    from sparsekd.cache_builder.engines import VllmEngine
+    from sparsekd.cache_builder.plan import versions as _versions
+    from sparsekd.cache_builder.teacher import TeacherConfig
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", required=True)
@@ -48,10 +41,7 @@ def main():
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
 
-    corpus = CorpusConfig(seq_len=args.seq_len, max_sequences=args.sequences)
-    tok = AutoTokenizer.from_pretrained(args.teacher)
-    seqs = list(pack_sequences(corpus, tok, tok.eos_token_id))
-    ids, nxt = [s[1] for s in seqs], [s[2] for s in seqs]
+    ids, nxt = _results.builtin_sequences(args.teacher, args.seq_len, args.sequences)
     tokens = sum(len(x) for x in ids)
 
     teacher = TeacherConfig(path=args.teacher, engine="vllm")
@@ -76,12 +66,8 @@ def main():
             before = prefill_rate()
             logprob_only = vllm_logprob_rate(k)
             out = tmp / f"k{k}"
-            cfg = BuildConfig(
-                teacher=teacher,
-                corpus=corpus,
-                encoder=EncoderConfig(k=k),
-                writer=WriterConfig(out=str(out), shard_sequences=16),
-                progress=False,
+            cfg = _results.build_config(
+                args.teacher, out, engine="vllm", seq_len=args.seq_len, n=args.sequences, k=k
             )
             t = time.perf_counter()
             summary = run(cfg, engine=engine)

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sparsekd.cache_builder.corpus import CorpusConfig, pack_sequences
-from sparsekd.cache_builder.engines import HfEngine, TeacherConfig
+from sparsekd.cache_builder.engines import HfEngine
+from sparsekd.cache_builder.teacher import TeacherConfig
 from sparsekd.schemas import format as F
 
 
@@ -95,20 +95,13 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "encodings.md"))
     args = ap.parse_args()
 
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.teacher)
-    seqs = list(
-        pack_sequences(
-            CorpusConfig(seq_len=args.seq_len, max_sequences=args.sequences), tok, tok.eos_token_id
-        )
-    )
+    ids, nxt = _results.builtin_sequences(args.teacher, args.seq_len, args.sequences)
     engine = HfEngine(TeacherConfig(path=args.teacher, engine="hf"), k=64, seq_len=args.seq_len)
-    tb = engine.run([s[1] for s in seqs], [s[2] for s in seqs])
+    tb = engine.run(ids, nxt)
     ids64 = np.stack(tb.topk_ids)
     lp64 = np.stack(tb.topk_logprobs)
     tok_lp = np.stack(tb.token_logprobs)
-    input_ids = np.stack([s[1] for s in seqs])
+    input_ids = np.stack(ids)
     tokens = input_ids.size
 
     rows = []

@@ -23,11 +23,9 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
 def main():
-    from transformers import AutoTokenizer
-
-    from sparsekd.cache_builder.build import BuildConfig, EncoderConfig, WriterConfig, run
-    from sparsekd.cache_builder.corpus import CorpusConfig, pack_sequences
-    from sparsekd.cache_builder.engines import TeacherConfig, make_engine
+    from sparsekd.cache_builder.build import run
+    from sparsekd.cache_builder.engines import make_engine
+    from sparsekd.cache_builder.teacher import TeacherConfig
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", required=True)
@@ -35,9 +33,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--k", type=int, default=8)
     a = ap.parse_args()
-    corpus = CorpusConfig(seq_len=a.seq_len, max_sequences=a.sequences)
-    tok = AutoTokenizer.from_pretrained(a.teacher)
-    tokens = sum(len(s[1]) for s in pack_sequences(corpus, tok, tok.eos_token_id))
+    ids, _ = _results.builtin_sequences(a.teacher, a.seq_len, a.sequences)
+    tokens = sum(len(x) for x in ids)
     teacher = TeacherConfig(path=a.teacher, engine="vllm")
     tmp = Path(tempfile.mkdtemp(prefix="bench-paths-"))
     rates = {}
@@ -45,29 +42,12 @@ def main():
         for path in ("logprob", "hidden"):
             engine = make_engine(teacher, k=a.k, seq_len=a.seq_len, path=path)
             try:
-                enc = EncoderConfig(mode="topk", k=a.k, path=path)
-                warm = CorpusConfig(seq_len=a.seq_len, max_sequences=2)
-                run(
-                    BuildConfig(
-                        teacher=teacher,
-                        corpus=warm,
-                        encoder=enc,
-                        progress=False,
-                        writer=WriterConfig(out=str(tmp / f"w-{path}")),
-                    ),
-                    engine=engine,
-                )
+                enc = dict(mode="topk", k=a.k, path=path)
+                warm = _results.build_config(a.teacher, tmp / f"w-{path}", engine="vllm", seq_len=a.seq_len, n=2, **enc)
+                run(warm, engine=engine)
                 t = time.perf_counter()
-                run(
-                    BuildConfig(
-                        teacher=teacher,
-                        corpus=corpus,
-                        encoder=enc,
-                        progress=False,
-                        writer=WriterConfig(out=str(tmp / path), shard_sequences=16),
-                    ),
-                    engine=engine,
-                )
+                cfg = _results.build_config(a.teacher, tmp / path, engine="vllm", seq_len=a.seq_len, n=a.sequences, **enc)
+                run(cfg, engine=engine)
                 rates[path] = tokens / (time.perf_counter() - t)
             finally:
                 engine.close()

@@ -18,10 +18,8 @@ from pathlib import Path
 import _results
 
 from sparsekd import open_cache
-from sparsekd.cache_builder.build import BuildConfig, EncoderConfig, WriterConfig, run
-from sparsekd.cache_builder.corpus import CorpusConfig
-from sparsekd.cache_builder.engines import TeacherConfig
-from sparsekd.inspect import cache_stats
+from sparsekd.cache_builder.build import run
+from sparsekd.inspection import cache_stats
 
 
 def main():
@@ -36,15 +34,7 @@ def main():
     try:
         for n in (int(x) for x in a.ns.split(",")):
             out = tmp / f"n{n}"
-            run(
-                BuildConfig(
-                    teacher=TeacherConfig(path=a.teacher, engine="hf"),
-                    corpus=CorpusConfig(seq_len=a.seq_len, max_sequences=a.sequences),
-                    encoder=EncoderConfig(mode="sample", samples=n),
-                    writer=WriterConfig(out=str(out), shard_sequences=a.sequences),
-                    progress=False,
-                )
-            )
+            run(_results.build_config(a.teacher, out, seq_len=a.seq_len, n=a.sequences, mode="sample", samples=n))
             s = cache_stats(open_cache(out))
             entries = s["mean_support"] * s["tokens"]
             rows.append(

@@ -112,7 +112,7 @@ def main():
     ap.add_argument("--v", type=int, default=128256)
     ap.add_argument("--s", default="12,64")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--chunk-rows", type=int, default=1024)
+    ap.add_argument("--chunk-rows", type=int, default=None, help="default: the library's")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32

@@ -37,7 +37,8 @@ t = time.perf_counter()
 if which == "dense":
     loss = sparse_kl_loss_ref(h, w, ids, p, labels, ce_weight=0.1)
 else:
-    loss = sparse_kl_loss(h, w, ids, p, labels, ce_weight=0.1, backend="torch", chunk_rows=512)
+    chunk = None if which == "chunked_default" else int(which.split("_")[1])
+    loss = sparse_kl_loss(h, w, ids, p, labels, ce_weight=0.1, backend="torch", chunk_rows=chunk)
 loss.backward()
 sec = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -54,7 +55,7 @@ def main():
     ap.add_argument("--s", type=int, default=12)
     a = ap.parse_args()
     res = {}
-    for which in ("dense", "torch_chunked"):
+    for which in ("dense", "chunked_default", "chunked_1024"):
         out = subprocess.run(
             [sys.executable, "-c", CHILD, which, str(a.n), str(a.v), str(a.d), str(a.s)],
             capture_output=True,
@@ -63,9 +64,12 @@ def main():
         )
         res[which] = json.loads(out.stdout.strip().splitlines()[-1])
         print(res[which], flush=True)
-    ratio = res["torch_chunked"]["peak_mb"] / res["dense"]["peak_mb"]
-    rel = abs(res["torch_chunked"]["loss"] - res["dense"]["loss"]) / abs(res["dense"]["loss"])
+    ratio = res["chunked_default"]["peak_mb"] / res["dense"]["peak_mb"]
+    old = res["chunked_1024"]["peak_mb"] / res["dense"]["peak_mb"]
+    rel = abs(res["chunked_default"]["loss"] - res["dense"]["loss"]) / abs(res["dense"]["loss"])
     import torch
+
+    from sparsekd.kernels.sparse_kl import default_chunk_rows
 
     _results.append_csv(
         "sparse_kl_memory.csv",
@@ -77,17 +81,21 @@ def main():
                 "D": a.d,
                 "S": a.s,
                 "dense_peak_mb": round(res["dense"]["peak_mb"], 1),
-                "chunked_peak_mb": round(res["torch_chunked"]["peak_mb"], 1),
+                "default_chunk_rows": default_chunk_rows(a.v, "cpu"),
+                "chunked_peak_mb": round(res["chunked_default"]["peak_mb"], 1),
                 "memory_ratio": round(ratio, 4),
+                "chunk1024_peak_mb": round(res["chunked_1024"]["peak_mb"], 1),
+                "chunk1024_ratio": round(old, 4),
                 "dense_s": round(res["dense"]["seconds"], 2),
-                "chunked_s": round(res["torch_chunked"]["seconds"], 2),
+                "chunked_s": round(res["chunked_default"]["seconds"], 2),
                 "loss_rel_diff": f"{rel:.2e}",
             }
         ],
     )
     print(
-        f"peak memory: dense {res['dense']['peak_mb']:.0f} MB, chunked "
-        f"{res['torch_chunked']['peak_mb']:.0f} MB, ratio {ratio:.3f}; loss rel diff {rel:.1e}"
+        f"peak memory: dense {res['dense']['peak_mb']:.0f} MB, chunked (default "
+        f"{default_chunk_rows(a.v, 'cpu')} rows) {res['chunked_default']['peak_mb']:.0f} MB, "
+        f"ratio {ratio:.3f} (1024 rows: {old:.3f}); loss rel diff {rel:.1e}"
     )
 
 

@@ -39,17 +39,20 @@ if cfg["mode"] == "ce_hf":
     for step in range(cfg["steps"]):
         b = next(reader)
         t = time.perf_counter()
-        x = torch.from_numpy(b.input_ids)
+        x = b["input_ids"]
         logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                 torch.from_numpy(b.labels))
+                                                 b["labels"])
         loss.backward(); opt.step(); opt.zero_grad()
         rates.append(x.numel() / (time.perf_counter() - t))
 else:
-    from sparsekd.student_train.trainer import TrainConfig, run
-    run(TrainConfig(cache=cfg["cache"], student=cfg["student"], out=cfg["out"],
-                    steps=cfg["steps"], batch_size=cfg["batch"], loss=cfg["loss"],
-                    kd_weight=0.9, progress=False, tensorboard=False))
+    from sparsekd.config import build
+    from sparsekd.student_train.config import TrainConfig
+    from sparsekd.student_train.trainer import run
+    run(build(TrainConfig, {"student": cfg["student"], "out": cfg["out"], "steps": cfg["steps"],
+                            "data": {"cache": cfg["cache"], "batch_size": cfg["batch"]},
+                            "loss": {"kind": cfg["loss"], "kd_weight": 0.9},
+                            "progress": False, "tensorboard": False}))
     recs = [json.loads(l) for l in open(cfg["out"] + "/metrics.jsonl")]
     rates = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r]
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

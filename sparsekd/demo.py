@@ -191,20 +191,56 @@ def _curves(run: Path, kd_weight: float) -> dict:
     return {"train_ce": train_ce, "heldout_lm_loss": held}
 
 
+CACHE_KEYS = (
+    "mode", "k", "samples", "sequences", "tokens", "bytes", "bytes_per_token", "mean_support",
+    "tail_mass", "teacher_nll", "build_s",
+)  # fmt: skip
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    import torch
-
-    from sparsekd.cache_builder.gguf import convert_gguf
-    from sparsekd.inspection import cache_stats, verify_cache
-    from sparsekd.schemas.cache import open_cache
-    from sparsekd.student_train.evaluate import MetricSums, evaluate_model
-    from sparsekd.student_train.model import InitStudentConfig, init_student, load_student
-
-    out, quick = Path(cfg.out), cfg.quick
-    size = QUICK if quick else FULL
+    """teacher -> three caches -> three students -> held-out comparison -> report."""
+    out, size = Path(cfg.out), QUICK if cfg.quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     timings = _Timings(out / "timings.json")
     t0 = time.perf_counter()
+    teacher = _prepare_teacher(out, timings)
+    caches = _build_caches(out, teacher, size, cfg.engine)
+    if "engine_start_s" in caches:
+        timings.record("engine_start_s", caches.pop("engine_start_s"), True)
+    cache_info = _check_caches(caches, timings)
+    results, curves, reliability = _students(out, teacher, caches, size, timings)
+    timings.record("this_run_s", time.perf_counter() - t0, True)
+    report = {
+        **results,
+        "caches": {
+            n: {k: v for k, v in c.items() if k in CACHE_KEYS} for n, c in cache_info.items()
+        },
+        "timings": timings.saved,
+        "setup": {
+            "quick": cfg.quick,
+            "engine": cfg.engine,
+            "seq_len": size.seq_len,
+            "train_sequences": size.train_sequences,
+            "heldout_sequences": size.heldout_sequences,
+            "steps": size.steps,
+            "batch_size": size.batch_size,
+            "student": size.student,
+            "kd_weight": KD_WEIGHT,
+        },
+        "curves": curves,
+        "reliability": reliability,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_report(report, out / "demo.png")
+    click.echo(format_report(report))
+    click.echo(
+        f"demo done in {timings.saved['this_run_s']:.0f} s: {out}/results.json, {out}/demo.png"
+    )
+    return report
+
+
+def _prepare_teacher(out: Path, timings: _Timings) -> Path:
+    from sparsekd.cache_builder.gguf import convert_gguf
 
     teacher = out / "teacher"
     t = time.perf_counter()
@@ -213,17 +249,31 @@ def run_demo(cfg: DemoConfig) -> dict:
         _stage("preparing the SmolLM2-135M-Instruct teacher from its GGUF")
         convert_gguf(teacher)
     timings.record("prepare_teacher_s", time.perf_counter() - t, ran)
+    return teacher
 
-    caches = _build_caches(out, teacher, size, cfg.engine)
-    if "engine_start_s" in caches:
-        timings.record("engine_start_s", caches.pop("engine_start_s"), True)
-    cache_info = {}
+
+def _check_caches(caches: dict, timings: _Timings) -> dict:
+    """Verify each cache and collect its statistics and build time."""
+    from sparsekd.inspection import cache_stats, verify_cache
+    from sparsekd.schemas.cache import open_cache
+
+    info = {}
     for name, (path, secs, built) in caches.items():
         problems = verify_cache(path)
         if problems:
             raise ValueError(f"the demo cache {path} failed verification: {problems[0]}")
         stats = cache_stats(open_cache(path))
-        cache_info[name] = {**stats, "build_s": timings.record(f"build_{name}_s", secs, built)}
+        info[name] = {**stats, "build_s": timings.record(f"build_{name}_s", secs, built)}
+    return info
+
+
+def _students(out: Path, teacher: Path, caches: dict, size: DemoSize, timings: _Timings):
+    """Train (or reuse) each student and evaluate it on the held-out cache."""
+    import torch
+
+    from sparsekd.schemas.cache import open_cache
+    from sparsekd.student_train.evaluate import MetricSums, evaluate_model
+    from sparsekd.student_train.model import InitStudentConfig, init_student, load_student
 
     init = out / "students" / "init"
     if not (init / "config.json").exists():
@@ -243,51 +293,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         results[key] = {"label": label, **metrics, "train_s": secs}
         curves[key] = _curves(run, 0.0 if loss == "ce" else KD_WEIGHT)
         reliability[key] = [a.tolist() for a in sums.reliability()]
-    timings.record("this_run_s", time.perf_counter() - t0, True)
-    timings = timings.saved
-
-    report = {
-        **results,
-        "caches": {
-            name: {
-                k: info[k]
-                for k in (
-                    "mode",
-                    "k",
-                    "samples",
-                    "sequences",
-                    "tokens",
-                    "bytes",
-                    "bytes_per_token",
-                    "mean_support",
-                    "tail_mass",
-                    "teacher_nll",
-                    "build_s",
-                )
-                if k in info
-            }
-            for name, info in cache_info.items()
-        },
-        "timings": timings,
-        "setup": {
-            "quick": quick,
-            "engine": cfg.engine,
-            "seq_len": size.seq_len,
-            "train_sequences": size.train_sequences,
-            "heldout_sequences": size.heldout_sequences,
-            "steps": size.steps,
-            "batch_size": size.batch_size,
-            "student": size.student,
-            "kd_weight": KD_WEIGHT,
-        },
-        "curves": curves,
-        "reliability": reliability,
-    }
-    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot_report(report, out / "demo.png")
-    click.echo(format_report(report))
-    click.echo(f"demo done in {timings['this_run_s']:.0f} s: {out}/results.json, {out}/demo.png")
-    return report
+    return results, curves, reliability
 
 
 def format_report(r: dict) -> str:

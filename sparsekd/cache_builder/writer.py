@@ -62,7 +62,9 @@ class WriterConfig:
         "JOB_COMPLETION_INDEX (Kubernetes), RANK, or 0.",
         flag=True,
     )
-    queue_depth: int = setting(2, "Units waiting for the writer thread (teacher runs ahead).")
+    queue_depth: int = setting(
+        2, "Units waiting for the writer thread (0: write in the teacher's thread, serially)."
+    )
 
     def __post_init__(self):
         check(
@@ -79,7 +81,7 @@ class WriterConfig:
                 f"writer.worker_index must be in 0..{self.num_workers - 1}, "
                 f"got {self.worker_index}",
             )
-        check(self.queue_depth >= 1, "writer.queue_depth must be >= 1")
+        check(self.queue_depth >= 0, "writer.queue_depth must be >= 0")
 
     def sequences_per_shard(self, seq_len: int) -> int:
         return self.shard_sequences or max(1, DEFAULT_SHARD_TOKENS // seq_len)
@@ -197,14 +199,17 @@ def write_shard(files: ShardFiles, domain: int, part: int, table: pa.Table, meta
 
 class ShardWriter:
     """The background writer: `put(job)` hands a job (a callable returning nothing) to the
-    writer thread, blocking while `depth` jobs wait; `close()` drains the queue."""
+    writer thread, blocking while `depth` jobs wait; `close()` drains the queue. Depth 0
+    runs each job in the caller, serially (the baseline of benchmarks/bench_scale.py)."""
 
     def __init__(self, depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._error: BaseException | None = None
-        self.busy_s = 0.0  # time the thread spent working (encode, compress, write, record)
+        self.busy_s = 0.0  # time spent working (encode, compress, write, record)
+        self.serial = depth == 0
         self._thread = threading.Thread(target=self._loop, name="sparsekd-writer", daemon=True)
-        self._thread.start()
+        if not self.serial:
+            self._thread.start()
 
     def _loop(self) -> None:
         while True:
@@ -225,7 +230,12 @@ class ShardWriter:
 
     def put(self, job) -> None:
         self._raise()
-        self._queue.put(job)
+        if self.serial:
+            t0 = time.perf_counter()
+            job()
+            self.busy_s += time.perf_counter() - t0
+        else:
+            self._queue.put(job)
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -239,6 +249,6 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        else:  # let the queued work finish, but the caller's exception wins
+        elif self._thread.is_alive():  # let the queued work finish; the caller's error wins
             self._queue.put(None)
             self._thread.join()

@@ -91,6 +91,9 @@ class SparseKLConfig:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
 
 
+# One Triton program per row, kept in one body (about 80 lines with its argument list): the
+# passes share the row's lse, q_S and G in registers, and the house kernel style puts the
+# math of each pass as a comment above it.
 @triton.jit
 def _sparse_kl_fwd_kernel(
     # pointers

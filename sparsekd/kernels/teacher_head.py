@@ -203,6 +203,56 @@ def distinct_with_counts(draws_CN: torch.Tensor):
     return ids, cnt
 
 
+def _check_inputs(hidden, weight, labels, k, targets, tau, backend) -> None:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be auto, torch or triton, got {backend!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden [T, D] and weight [V, D] expected, got {tuple(hidden.shape)}, "
+            f"{tuple(weight.shape)}"
+        )
+    T, V = hidden.shape[0], weight.shape[0]
+    if labels.shape != (T,):
+        raise ValueError(f"labels must be [T={T}]")
+    if not 0 <= k <= V:
+        raise ValueError(f"k must be in 0..{V}, got {k}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if targets is not None and (targets.dim() != 2 or targets.shape[0] != T):
+        raise ValueError(f"targets must be [T={T}, N]")
+    use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda)
+    if use_triton and not hidden.is_cuda and not INTERPRETED:
+        raise ValueError("backend 'triton' needs CUDA or TRITON_INTERPRET=1 set before import")
+
+
+def _head_chunk(h_CD, weight, bias, labels_C, k, t_CN, tau, draw) -> dict:
+    """Everything the head returns, for one chunk of positions (one [C, V] logits block)."""
+    acc = torch.float64 if h_CD.dtype == torch.float64 else torch.float32
+    z_CV = lm_logits(h_CD, weight, bias, acc)
+    z_lab = z_CV.gather(1, labels_C.long()[:, None])[:, 0]
+    out = {}
+    lse = None if t_CN is not None and tau == 1.0 else z_CV.logsumexp(-1)
+    if t_CN is not None:  # at tau = 1 the sampler's normaliser is the log-sum-exp
+        if draw is _draws_blocked:  # z is needed again only for top-K or the weights
+            draws, lse_tau = draw(z_CV, t_CN, tau, inplace=not k and tau == 1.0)
+        else:
+            draws, lse_tau = draw(z_CV, t_CN, tau)
+        lse = lse_tau.to(acc) if lse is None else lse
+        out["sample_ids"], out["sample_counts"] = distinct_with_counts(draws)
+    out["lse"], out["token_logprob"] = lse, z_lab - lse
+    if k:
+        top_z, top_i = z_CV.topk(k, dim=-1)
+        order = top_i.argsort(dim=-1)
+        out["topk_ids"] = top_i.gather(1, order).to(torch.int32)
+        out["topk_logprobs"] = top_z.gather(1, order) - lse[:, None]
+    if t_CN is not None and tau != 1.0:
+        ids = out["sample_ids"]
+        zi = z_CV.gather(1, ids.clamp_min(0).long())
+        w = torch.exp((zi - lse[:, None]) - (zi / tau - lse_tau[:, None].to(zi.dtype)))
+        out["sample_weights"] = torch.where(ids >= 0, w, 0.0)
+    return out
+
+
 def teacher_head(
     hidden,
     weight,
@@ -231,58 +281,16 @@ def teacher_head(
     id), topk_logprobs [T, K]; with targets: sample_ids [T, N] int32 (-1 padded, distinct,
     ascending), sample_counts [T, N] int32, and with tau != 1 sample_weights [T, N] (p / r).
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be auto, torch or triton, got {backend!r}")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden [T, D] and weight [V, D] expected, got {tuple(hidden.shape)}, "
-            f"{tuple(weight.shape)}"
-        )
-    T, V = hidden.shape[0], weight.shape[0]
-    if labels.shape != (T,):
-        raise ValueError(f"labels must be [T={T}]")
-    if not 0 <= k <= V:
-        raise ValueError(f"k must be in 0..{V}, got {k}")
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if targets is not None and (targets.dim() != 2 or targets.shape[0] != T):
-        raise ValueError(f"targets must be [T={T}, N]")
+    _check_inputs(hidden, weight, labels, k, targets, tau, backend)
     use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda)
-    if use_triton and not hidden.is_cuda and not INTERPRETED:
-        raise ValueError("backend 'triton' needs CUDA or TRITON_INTERPRET=1 set before import")
     draw = sampler or (_draws_triton if use_triton else _draws_blocked)
-    C = chunk_rows or default_chunk_rows(V, hidden.device)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    C = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
     out: dict[str, list] = {}
-
-    def put(key, value):
-        out.setdefault(key, []).append(value)
-
-    for r0 in range(0, T, C):
-        rows = slice(r0, min(T, r0 + C))
-        z_CV = lm_logits(hidden[rows], weight, bias, acc)  # the one [C, V] logits block
-        z_lab = z_CV.gather(1, labels[rows].long()[:, None])[:, 0]
-        lse = None if targets is not None and tau == 1.0 else z_CV.logsumexp(-1)
-        if targets is not None:  # at tau = 1 the sampler's normaliser is the log-sum-exp
-            t = targets[rows].to(z_CV.device)
-            if draw is _draws_blocked:  # z is needed again only for top-K or the weights
-                draws, lse_tau = draw(z_CV, t, tau, inplace=not k and tau == 1.0)
-            else:
-                draws, lse_tau = draw(z_CV, t, tau)
-            lse = lse_tau.to(acc) if lse is None else lse
-        put("lse", lse)
-        put("token_logprob", z_lab - lse)
-        if k:
-            top_z, top_i = z_CV.topk(k, dim=-1)
-            order = top_i.argsort(dim=-1)
-            put("topk_ids", top_i.gather(1, order).to(torch.int32))
-            put("topk_logprobs", top_z.gather(1, order) - lse[:, None])
-        if targets is not None:
-            ids, cnt = distinct_with_counts(draws)
-            put("sample_ids", ids)
-            put("sample_counts", cnt)
-            if tau != 1.0:
-                zi = z_CV.gather(1, ids.clamp_min(0).long())
-                w = torch.exp((zi - lse[:, None]) - (zi / tau - lse_tau[:, None].to(zi.dtype)))
-                put("sample_weights", torch.where(ids >= 0, w, 0.0))
+    for r0 in range(0, hidden.shape[0], C):
+        rows = slice(r0, min(hidden.shape[0], r0 + C))
+        t = None if targets is None else targets[rows].to(hidden.device)
+        for key, value in _head_chunk(
+            hidden[rows], weight, bias, labels[rows], k, t, tau, draw
+        ).items():
+            out.setdefault(key, []).append(value)
     return {key: torch.cat(v) for key, v in out.items()}

@@ -195,7 +195,9 @@ def _read_index(cache_dir: Path, ref: dict, schema: pa.Schema) -> pa.Table:
         raise CacheError(f"index {path} listed in the manifest is missing") from e
     if hashlib.sha256(data).hexdigest() != ref["sha256"]:
         raise CacheError(f"index {path} does not match its checksum in the manifest")
-    table = pq.read_table(pa.BufferReader(data))
+    # synchronous and single-threaded: pq.read_table would hand the Python-owned bytes to a
+    # background scanner thread whose last release of them can race interpreter exit
+    table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
     if not table.schema.equals(schema) or table.num_rows != ref["rows"]:
         raise CacheError(f"index {path} does not have the schema or rows the manifest says")
     return table

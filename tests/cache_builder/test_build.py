@@ -8,7 +8,8 @@ documentation."""
 
 import json
 import shutil
-import threading
+import subprocess
+import sys
 
 import pytest
 
@@ -111,7 +112,7 @@ def test_workers_of_different_w_can_share_one_out(tmp_path, tiny_llama_dir, corp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kills", [(1, 5), (3, 9)])
+@pytest.mark.parametrize("kills", [(2, 6)])
 def test_kill_9_at_several_points_then_completion_is_byte_identical(
     tmp_path, tiny_llama_dir, corpus, reference, kills
 ):
@@ -153,22 +154,22 @@ def test_rerun_rechecks_what_it_skips_and_redoes_a_damaged_shard(
 def test_the_same_worker_twice_at_once_does_not_collide(
     tmp_path, tiny_llama_dir, corpus, reference
 ):
+    """Two processes started with the same index (a requeued task beside its original):
+    neither deletes the other's temporary files; the cache is the reference."""
     out = tmp_path / "cache"
-    errors = []
-
-    def worker():
-        try:
-            run(_cfg(tiny_llama_dir, corpus, out, num_workers=1, worker_index=0))
-        except Exception as e:  # collected: the assertion below names it
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert digests(out) == digests(reference)
+    args = _args(tiny_llama_dir, corpus, out, "--num-workers", "4", "--worker-index", "0")
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "sparsekd", "build-cache", *map(str, args)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in results]
+    mine, ref = digests(out), digests(reference)
+    assert len(mine) == len(
+        [f for f in ref if f.split("/")[-1][:8] in ("00000000", "00000004", "00000008")]
+    )
+    assert all(ref[f] == d for f, d in mine.items())
 
 
 def test_a_corpus_changed_under_a_half_built_cache_is_refused(tmp_path, tiny_llama_dir, corpus):

@@ -138,6 +138,7 @@ def test_sample_mode_refuses_the_logprob_path_in_one_line(tmp_path, smollm2_dir)
 
 @pytest.mark.slow
 def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
+    """Also: through the hidden path, vLLM's states times the tied head are the logits."""
     from transformers import AutoTokenizer
 
     from sparsekd.cache_builder.corpus import builtin_documents
@@ -155,6 +156,8 @@ def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
             views[path] = teacher_view(
                 eng, EncoderConfig(mode="topk", k=8, path=path), 0, sid, ids, nxt
             )
+            if path == "hidden":  # SmolLM2's head is tied: the embedding, as the model uses it
+                _check_hidden_times_head(eng, smollm2_dir, tied=True)
         finally:
             eng.close()
     (tl_h, sup_h) = views["hidden"].token_logprobs, views["hidden"].supports
@@ -172,26 +175,28 @@ def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
     assert agree >= 0.97 * total  # the rest: a tie at rank K within float noise
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny_llama_dir", "smollm2_dir"])
-def test_vllm_hidden_states_times_head_reproduce_transformers_logits(request, model):
-    """The tiny random Llama has an untied head, SmolLM2 a tied one."""
+def _check_hidden_times_head(eng, model_dir, tied: bool):
+    """vLLM's final hidden states times the head sparsekd loads are the model's logits."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model_dir = request.getfixturevalue(model)
     ids = np.arange(100, 140, dtype=np.int32)
-    eng = VllmHiddenEngine(TeacherConfig(path=str(model_dir)), k=1, seq_len=40)
-    try:
-        (h,) = eng.hidden([ids], [0])
-        w, b = eng.lm_head()
-    finally:
-        eng.close()
+    (h,) = eng.hidden([ids], [0])
+    w, b = eng.lm_head()
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    assert ref.config.tie_word_embeddings == (model == "smollm2_dir")
+    assert ref.config.tie_word_embeddings == tied
     with torch.no_grad():
         logits = ref(torch.from_numpy(ids).long()[None]).logits[0]
-    torch.testing.assert_close(h @ w.T, logits, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(h.float() @ w.float().T, logits, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_vllm_hidden_states_times_an_untied_head_reproduce_transformers_logits(tiny_llama_dir):
+    eng = VllmHiddenEngine(TeacherConfig(path=str(tiny_llama_dir)), k=1, seq_len=40)
+    try:
+        _check_hidden_times_head(eng, tiny_llama_dir, tied=False)
+    finally:
+        eng.close()
 
 
 def test_soft_capped_head_is_refused_on_the_hidden_path(tmp_path, tiny_llama_dir):

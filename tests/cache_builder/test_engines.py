@@ -1,4 +1,5 @@
-"""The real vLLM engine's top-K agrees with the transformers oracle (exact fp32 logits).
+"""The real vLLM engine's top-K agrees with the transformers oracle (exact fp32 logits), on
+SmolLM2 (an untied random model is compared the same way in the 201,088-id test).
 
 Ids must match wherever the log-prob gap to the next candidate outside the top-K exceeds
 fp32 noise; log-probs within 1e-3; the actual token's log-prob within 1e-3. One engine per
@@ -51,11 +52,6 @@ def _compare(model_dir):
             np.testing.assert_allclose(v_lp, [ref_by_id[i] for i in v_ids.tolist()], atol=1e-3)
             compared += 1
     assert compared > 0.9 * sum(len(x) for x in ids)
-
-
-@pytest.mark.slow
-def test_vllm_topk_matches_hf_on_tiny_random_llama(tiny_llama_dir):
-    _compare(tiny_llama_dir)
 
 
 @pytest.mark.slow
