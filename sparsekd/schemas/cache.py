@@ -343,12 +343,14 @@ def open_cache(path: str | os.PathLike) -> Cache:
 def check_same_sequences(a: Cache, b: Cache, what: str = "the two caches") -> None:
     """Refuse two caches whose tokenizer, corpus or packing differ: only then does a seq_id
     name the same tokens in both."""
+    from sparsekd.schemas.identity import fingerprint
+
     pairs = [
         ("tokenizer", a.meta.get("tokenizer_hash"), b.meta.get("tokenizer_hash")),
         (
             "corpus (files, text field, domains or --max-sequences)",
-            a.meta.get("corpus"),
-            b.meta.get("corpus"),
+            fingerprint(a.meta.get("corpus") or {}),
+            fingerprint(b.meta.get("corpus") or {}),
         ),
         (
             "corpus content",
