@@ -43,10 +43,14 @@ def main():
             engine = make_engine(teacher, k=a.k, seq_len=a.seq_len, path=path)
             try:
                 enc = dict(mode="topk", k=a.k, path=path)
-                warm = _results.build_config(a.teacher, tmp / f"w-{path}", engine="vllm", seq_len=a.seq_len, n=2, **enc)
+                warm = _results.build_config(
+                    a.teacher, tmp / f"w-{path}", engine="vllm", seq_len=a.seq_len, n=2, **enc
+                )
                 run(warm, engine=engine)
                 t = time.perf_counter()
-                cfg = _results.build_config(a.teacher, tmp / path, engine="vllm", seq_len=a.seq_len, n=a.sequences, **enc)
+                cfg = _results.build_config(
+                    a.teacher, tmp / path, engine="vllm", seq_len=a.seq_len, n=a.sequences, **enc
+                )
                 run(cfg, engine=engine)
                 rates[path] = tokens / (time.perf_counter() - t)
             finally:

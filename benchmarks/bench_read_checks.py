@@ -63,7 +63,13 @@ def _sweep(path: Path, shard: Path, offsets) -> dict:
 
     def rows():
         return [
-            (s.seq_id, s.input_ids.tobytes(), s.next_token, s.token_logprobs.tobytes(), *[a.tobytes() for a in s.targets()])
+            (
+                s.seq_id,
+                s.input_ids.tobytes(),
+                s.next_token,
+                s.token_logprobs.tobytes(),
+                *[a.tobytes() for a in s.targets()],
+            )
             for s in open_cache(path)
         ]
 
@@ -97,7 +103,10 @@ def main():
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-checks-"))
     rows = []
-    for name, enc in (("topk8", dict(mode="topk", k=8, path="hidden")), ("sample50", dict(mode="sample", samples=50))):
+    for name, enc in (
+        ("topk8", dict(mode="topk", k=8, path="hidden")),
+        ("sample50", dict(mode="sample", samples=50)),
+    ):
         out = tmp / name
         run(_results.build_config(a.teacher, out, seq_len=a.seq_len, n=a.sequences, **enc))
         cache = open_cache(out)
@@ -114,7 +123,9 @@ def main():
         shard = shard_files(out)[0]
         size = shard.stat().st_size
         footer = range(max(0, size - 4096), size)
-        offsets = sorted(set(np.linspace(0, size - 1, a.offsets).astype(int).tolist()) | set(footer))
+        offsets = sorted(
+            set(np.linspace(0, size - 1, a.offsets).astype(int).tolist()) | set(footer)
+        )
         sweep = _sweep(out, shard, offsets)
         rows.append(
             {

@@ -34,7 +34,11 @@ def main():
     try:
         for n in (int(x) for x in a.ns.split(",")):
             out = tmp / f"n{n}"
-            run(_results.build_config(a.teacher, out, seq_len=a.seq_len, n=a.sequences, mode="sample", samples=n))
+            run(
+                _results.build_config(
+                    a.teacher, out, seq_len=a.seq_len, n=a.sequences, mode="sample", samples=n
+                )
+            )
             s = cache_stats(open_cache(out))
             entries = s["mean_support"] * s["tokens"]
             rows.append(

@@ -78,21 +78,38 @@ def main():
 
     def expand(out):
         ids_, cnt = out["sample_ids"], out["sample_counts"]
-        return torch.stack([torch.repeat_interleave(i[c > 0].long(), c[c > 0].long()) for i, c in zip(ids_, cnt)])
+        return torch.stack(
+            [torch.repeat_interleave(i[c > 0].long(), c[c > 0].long()) for i, c in zip(ids_, cnt)]
+        )
 
     ref = expand(teacher_head_ref(h, w, lab, targets=t))
     agree_cpu = (expand(teacher_head(h, w, lab, targets=t)) == ref).float().mean().item()
     tmp = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
     torch.save((h[:128], w, lab[:128], t[:128]), tmp / "in.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    subprocess.run([sys.executable, "-c", AGREE_TRITON, tmp / "in.pt", tmp / "out.pt"], check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-c", AGREE_TRITON, tmp / "in.pt", tmp / "out.pt"], check=True, env=env
+    )
     tri_ids, tri_cnt = torch.load(tmp / "out.pt")
-    agree_triton = (expand({"sample_ids": tri_ids, "sample_counts": tri_cnt}) == ref[:128]).float().mean().item()
-    agree_cpu128 = (expand(teacher_head(h[:128], w, lab[:128], targets=t[:128])) == ref[:128]).float().mean().item()
+    agree_triton = (
+        (expand({"sample_ids": tri_ids, "sample_counts": tri_cnt}) == ref[:128])
+        .float()
+        .mean()
+        .item()
+    )
+    agree_cpu128 = (
+        (expand(teacher_head(h[:128], w, lab[:128], targets=t[:128])) == ref[:128])
+        .float()
+        .mean()
+        .item()
+    )
     print("agreement", agree_cpu, agree_cpu128, agree_triton, flush=True)
 
     build = {}
-    for name, enc in (("topk8", dict(mode="topk", k=8, path="hidden")), ("sample50", dict(mode="sample", samples=50))):
+    for name, enc in (
+        ("topk8", dict(mode="topk", k=8, path="hidden")),
+        ("sample50", dict(mode="sample", samples=50)),
+    ):
         cfg = _results.build_config(a.teacher, tmp / name, seq_len=a.seq_len, n=a.sequences, **enc)
         t0 = time.perf_counter()
         s = run(cfg)

@@ -38,11 +38,16 @@ def main():
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-zstd-"))
     rows = []
-    for name, enc in (("topk8", dict(mode="topk", k=8, path="hidden")), ("sample50", dict(mode="sample", samples=50))):
+    for name, enc in (
+        ("topk8", dict(mode="topk", k=8, path="hidden")),
+        ("sample50", dict(mode="sample", samples=50)),
+    ):
         out = tmp / name
         run(_results.build_config(a.teacher, out, seq_len=a.seq_len, n=a.sequences, **enc))
         cache = open_cache(out)
-        tables = [cache.read_group_table(int(i), int(g))[0] for i, g in zip(*cache.row_groups()[:2])]
+        tables = [
+            cache.read_group_table(int(i), int(g))[0] for i, g in zip(*cache.row_groups()[:2])
+        ]
         import pyarrow as pa
 
         table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
