@@ -314,3 +314,12 @@ def describe(cls) -> list[tuple[str, str, str, str]]:
         flag = ", ".join(_flag_names(f, path))
         rows.append((".".join(path), flag, _type_name(typ), _help(f, typ)))
     return rows
+
+
+def markdown(cls) -> str:
+    """The settings of `cls` as a Markdown table (docs/settings.md is made of these)."""
+    lines = ["| setting (`--set` key) | flag | type | meaning |", "|---|---|---|---|"]
+    for key, flag, typ, doc in describe(cls):
+        flag = f"`{flag}`" if flag else ""
+        lines.append(f"| `{key}` | {flag} | {typ} | {doc.replace('|', '/')} |")
+    return "\n".join(lines)

@@ -89,3 +89,12 @@ def test_every_setting_has_a_doc():
         ]
         keys = [k for k, *_ in rows]
         assert len(keys) == len(set(keys))
+
+
+def test_docs_settings_is_generated_from_the_declarations():
+    from pathlib import Path
+
+    from sparsekd.settings_doc import render
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
+    assert doc.read_text() == render(), "run: python -m sparsekd.settings_doc > docs/settings.md"

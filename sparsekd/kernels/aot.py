@@ -147,14 +147,39 @@ def compile_all(archs=ARCHS) -> list[Resources]:
     return [compile_one(*s, arch) for arch in archs for s in specialisations()]
 
 
+def markdown(results: list[Resources]) -> str:
+    import triton
+
+    lines = [
+        f"Triton {triton.__version__}, {len(results)} compilations "
+        f"({sum(r.seconds for r in results):.0f} s), num_warps 4.",
+        "",
+        "| kernel | sm | constexprs | vocabularies | registers | local (spill) B | shared B |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ce = ", ".join(f"{k}={v}" for k, v in r.constexprs.items())
+        vocabs = ", ".join(f"{v:,}" for v in r.vocabs)
+        lines.append(
+            f"| {r.kernel} | {r.arch} | {ce} | {vocabs} | {r.registers} | {r.local_bytes} | "
+            f"{r.shared_bytes} |"
+        )
+    spills = sum(r.local_bytes + r.stack_bytes for r in results)
+    lines += ["", f"Total spill (local + stack) bytes: {spills}."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, action="append", help="sm_XX (default 80 and 90)")
     ap.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    ap.add_argument("--markdown", action="store_true", help="a Markdown table on stdout")
     args = ap.parse_args(argv)
     results = compile_all(tuple(args.arch or ARCHS))
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
+    elif args.markdown:
+        print(markdown(results))
     else:
         for r in results:
             print(
