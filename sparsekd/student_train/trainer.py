@@ -155,62 +155,55 @@ class Trainer:
             self.module.train()
 
     def fit(self, start: int, run: dict, log: MetricsLog, data_log: DataLog) -> dict:
+        """The step loop: train, log every `log_every` steps (the only host syncs),
+        evaluate and checkpoint (their time is left out of the logged throughput)."""
         cfg = self.cfg
-        L = self.data.cache.meta["seq_len"]
-        tokens_per_step = cfg.data.batch_size * cfg.optim.grad_accum * L * self.d.world
+        tokens_per_step = (
+            cfg.data.batch_size
+            * cfg.optim.grad_accum
+            * self.data.cache.meta["seq_len"]
+            * self.d.world
+        )
         bar = _bar(cfg, start, self.d.rank)
         acc, since, t0, wait0, record = None, 0, time.perf_counter(), self.reader.wait_s, {}
         for step in range(start, cfg.steps):
             lr = self.opt.param_groups[0]["lr"]  # the rate this step uses
             batches = [next(self.reader) for _ in range(cfg.optim.grad_accum)]
             out = self.train_step(batches)
-            data_log.write(
-                step + 1, np.concatenate([b["seq_ids"].numpy() for b in batches]).tolist()
-            )
+            seq_ids = np.concatenate([b["seq_ids"].numpy() for b in batches])
+            data_log.write(step + 1, seq_ids.tolist())
             acc = out if acc is None else {k: acc[k] + v for k, v in out.items()}
             since += 1
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 dt, wait = time.perf_counter() - t0, self.reader.wait_s - wait0
                 record = {"step": step + 1, **{k: float(v) / since for k, v in acc.items()}}
-                record.update(
-                    lr=lr,
-                    tokens_per_s=tokens_per_step * since / dt,
-                    data_wait_s=wait,
-                    data_wait_frac=wait / dt,
-                )
+                record.update(lr=lr, tokens_per_s=tokens_per_step * since / dt)
+                record.update(data_wait_s=wait, data_wait_frac=wait / dt)
                 log.write(record)
-                acc, since, t0, wait0 = None, 0, time.perf_counter(), self.reader.wait_s
+                acc, since, wait0 = None, 0, self.reader.wait_s
+                t0 = time.perf_counter()
             if bar is not None:
                 bar.update(1)
                 if record:
                     bar.set_postfix(
                         loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
                     )
-            if (
-                self.data.eval_cache is not None
-                and cfg.eval.every
-                and (step + 1) % cfg.eval.every == 0
-            ):
-                ev = self.evaluate()
-                log.write({"step": step + 1, "eval": ev})
-            if (
-                cfg.checkpoint.every
-                and (step + 1) % cfg.checkpoint.every == 0
-                and step + 1 < cfg.steps
-            ):
-                checkpoint.save(
-                    Path(cfg.out),
-                    step + 1,
-                    self.d,
-                    self.module.model,
-                    self.opt,
-                    self.sched,
-                    self.reader,
-                    run,
-                )
+            t0 += self._after_step(step + 1, run, log)  # not training time
         if bar is not None:
             bar.close()
         return record
+
+    def _after_step(self, step: int, run: dict, log: MetricsLog) -> float:
+        """Evaluate and checkpoint when due; return the seconds it took."""
+        cfg, t = self.cfg, time.perf_counter()
+        if self.data.eval_cache is not None and cfg.eval.every and step % cfg.eval.every == 0:
+            log.write({"step": step, "eval": self.evaluate()})
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.steps:
+            mod = self.module.model
+            checkpoint.save(
+                Path(cfg.out), step, self.d, mod, self.opt, self.sched, self.reader, run
+            )
+        return time.perf_counter() - t
 
     def save_final(self, tok) -> None:
         model_sd, _ = parallel.full_state(self.module.model)  # a collective under FSDP2
