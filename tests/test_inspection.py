@@ -82,4 +82,4 @@ def test_verify_names_each_corruption(cache, corrupt, expect):
     assert any(expect in p for p in problems), problems
     proc = run_cli("inspect", cache, "--verify")
     assert proc.returncode == 2 and expect in proc.stderr
-    assert "problem(s) found" in error_line(proc) or expect in error_line(proc)
+    assert f"problem(s) found in {cache}" in error_line(proc)

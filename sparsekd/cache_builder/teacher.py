@@ -101,6 +101,8 @@ def inspect_teacher(path: str, tokenizer, seq_len: int, extra_positions: int) ->
 def load_tokenizer(path: str | Path, what: str = "teacher"):
     from transformers import AutoTokenizer
 
+    if what == "teacher" and (Path(path) / "config.json").is_file():
+        read_config(path)  # a broken config.json names itself, not a tokenizer failure
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:

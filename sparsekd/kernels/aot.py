@@ -49,57 +49,15 @@ class Resources:
     seconds: float
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def specialisations() -> list[tuple[Spec, object, dict, dict]]:
-    """(spec, kernel, signature, constexprs) for every specialisation."""
-    from sparsekd.kernels import divergences as DV
-    from sparsekd.kernels import sparse_kl as SK
-    from sparsekd.kernels import teacher_head as TH
+    """(spec, kernel, signature, constexprs) for every specialisation, as each kernel's own
+    module lists them (`aot_targets`)."""
+    from sparsekd.kernels import sparse_kl, teacher_head
 
     out = []
-    kl_sig = {
-        "z_ptr": "*fp32", "ids_ptr": "*i64", "p_ptr": "*fp32", "labels_ptr": "*i64",
-        "kd_scale_ptr": "*fp32", "ce_scale_ptr": "*fp32", "kd_out_ptr": "*fp32",
-        "ce_out_ptr": "*fp32", "corr_ptr": "*fp32", "stride_z": "i32", "stride_ids": "i32",
-        "stride_p": "i32", "stride_corr": "i32", "V": "i32", "S": "i32", "inv_temp": "fp32",
-        "beta": "fp32", "log_inv_beta": "fp32",
-    }  # fmt: skip
-    block_vs: dict[int, list[int]] = {}
-    for V in VOCABS:
-        block_vs.setdefault(min(SK.COMPILED_MAX_BLOCK_V, _next_pow2(V)), []).append(V)
-    block_ss = [1 << i for i in range(1, SK.MAX_BLOCK_S.bit_length())]
-    for name, d in DV.DIVERGENCES.items():
-        for bv, vocabs in block_vs.items():
-            for bs in block_ss:
-                ce = {
-                    "SUPPORT_FN": d.triton_support,
-                    "OFF_FN": d.triton_off,
-                    "BLOCK_V": bv,
-                    "BLOCK_S": bs,
-                }
-                sig = {**kl_sig, **{k: "constexpr" for k in ce}}
-                spec = Spec(
-                    "_sparse_kl_fwd_kernel",
-                    {"DIV": name, "BLOCK_V": bv, "BLOCK_S": bs},
-                    tuple(vocabs),
-                )
-                out.append((spec, SK._sparse_kl_fwd_kernel, sig, ce))
-    sample_sig = {
-        "z_ptr": "*fp32", "t_ptr": "*fp64", "draw_ptr": "*i32", "lse_ptr": "*fp32",
-        "stride_z": "i32", "stride_t": "i32", "stride_d": "i32", "V": "i32", "N": "i32",
-        "inv_tau": "fp32",
-    }  # fmt: skip
-    sample_bvs: dict[int, list[int]] = {}
-    for V in VOCABS:
-        sample_bvs.setdefault(min(TH.COMPILED_MAX_BLOCK_V, _next_pow2(V)), []).append(V)
-    for bv, vocabs in sample_bvs.items():
-        ce = {"BLOCK_V": bv, "BLOCK_N": TH.BLOCK_N}
-        sig = {**sample_sig, **{k: "constexpr" for k in ce}}
-        spec = Spec("_sample_fwd_kernel", dict(ce), tuple(vocabs))
-        out.append((spec, TH._sample_fwd_kernel, sig, ce))
+    for module in (sparse_kl, teacher_head):
+        for name, shown, vocabs, kernel, signature, constexprs in module.aot_targets(VOCABS):
+            out.append((Spec(name, shown, tuple(vocabs)), kernel, signature, constexprs))
     return out
 
 

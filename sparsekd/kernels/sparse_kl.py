@@ -225,6 +225,35 @@ def sparse_kl_rows_triton(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, 
     return kd_C, ce_C, corr_CS
 
 
+def aot_targets(vocabs):
+    """Every specialisation the launcher can produce for these vocabularies, for
+    `kernels.aot`: (name, shown constexprs, vocabularies, kernel, signature, constexprs)."""
+    sig = {
+        "z_ptr": "*fp32", "ids_ptr": "*i64", "p_ptr": "*fp32", "labels_ptr": "*i64",
+        "kd_scale_ptr": "*fp32", "ce_scale_ptr": "*fp32", "kd_out_ptr": "*fp32",
+        "ce_out_ptr": "*fp32", "corr_ptr": "*fp32", "stride_z": "i32", "stride_ids": "i32",
+        "stride_p": "i32", "stride_corr": "i32", "V": "i32", "S": "i32", "inv_temp": "fp32",
+        "beta": "fp32", "log_inv_beta": "fp32",
+    }  # fmt: skip
+    block_vs: dict[int, list[int]] = {}
+    for V in vocabs:
+        block_vs.setdefault(min(COMPILED_MAX_BLOCK_V, triton.next_power_of_2(V)), []).append(V)
+    out = []
+    for name, d in DV.DIVERGENCES.items():
+        for bv, vs in block_vs.items():
+            for bs in (1 << i for i in range(1, MAX_BLOCK_S.bit_length())):
+                ce = {
+                    "SUPPORT_FN": d.triton_support,
+                    "OFF_FN": d.triton_off,
+                    "BLOCK_V": bv,
+                    "BLOCK_S": bs,
+                }
+                shown = {"DIV": name, "BLOCK_V": bv, "BLOCK_S": bs}
+                sig_ce = {**sig, **{k: "constexpr" for k in ce}}
+                out.append(("_sparse_kl_fwd_kernel", shown, vs, _sparse_kl_fwd_kernel, sig_ce, ce))
+    return out
+
+
 def sparse_kl_rows_torch(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, cfg):
     """The row pass in plain torch.
 

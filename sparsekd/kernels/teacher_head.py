@@ -149,6 +149,24 @@ def _draws_triton(z_CV: torch.Tensor, t_CN: torch.Tensor, tau: float):
     return draws, lse_tau
 
 
+def aot_targets(vocabs):
+    """The sampling kernel's specialisations for these vocabularies (see `kernels.aot`)."""
+    sig = {
+        "z_ptr": "*fp32", "t_ptr": "*fp64", "draw_ptr": "*i32", "lse_ptr": "*fp32",
+        "stride_z": "i32", "stride_t": "i32", "stride_d": "i32", "V": "i32", "N": "i32",
+        "inv_tau": "fp32",
+    }  # fmt: skip
+    block_vs: dict[int, list[int]] = {}
+    for V in vocabs:
+        block_vs.setdefault(min(COMPILED_MAX_BLOCK_V, triton.next_power_of_2(V)), []).append(V)
+    out = []
+    for bv, vs in block_vs.items():
+        ce = {"BLOCK_V": bv, "BLOCK_N": BLOCK_N}
+        sig_ce = {**sig, **{k: "constexpr" for k in ce}}
+        out.append(("_sample_fwd_kernel", dict(ce), vs, _sample_fwd_kernel, sig_ce, ce))
+    return out
+
+
 def _draws_blocked(
     z_CV: torch.Tensor, t_CN: torch.Tensor, tau: float, inplace: bool = False, rows_per_pass=128
 ):
