@@ -31,11 +31,17 @@ def teachers(tmp_path_factory, smollm2_dir):
         ("small", [], "config vocab_size 1000 is below its tokenizer's 49152 ids"),
         ("no_weights", [], "has no weights"),
         ("bad_cfg", [], "config.json is not valid JSON"),
-        ("tiny", ["--seq-len", "2048"], "--seq-len 2048 needs 2048 positions on this path, the teacher has 1024"),
+        (
+            "tiny",
+            ["--seq-len", "2048"],
+            "--seq-len 2048 needs 2048 positions on this path, the teacher has 1024",
+        ),
         ("tiny", ["--engine", "vllm", "--seq-len", "1023"], "--seq-len 1023 needs 1025 positions"),
     ],
 )
-def test_teacher_problems_are_one_line_before_any_engine_starts(tmp_path, teachers, tiny_llama_dir, which, args, match):
+def test_teacher_problems_are_one_line_before_any_engine_starts(
+    tmp_path, teachers, tiny_llama_dir, which, args, match
+):
     teacher = tiny_llama_dir if which == "tiny" else teachers[which]
     base = ["build-cache", "--teacher", teacher, "--out", tmp_path / "c", "--quiet"]
     proc = run_cli(*base, *(args if "--engine" in args else ["--engine", "hf", *args]))

@@ -24,7 +24,9 @@ def test_integration_examples_run(tmp_path, hf_topk_cache, tiny_student, name):
     code = _example(name)
     out = tmp_path / "out"
     out.mkdir()
-    code = code.replace('"cache/"', repr(str(hf_topk_cache))).replace('"student/"', repr(str(tiny_student)))
+    code = code.replace('"cache/"', repr(str(hf_topk_cache))).replace(
+        '"student/"', repr(str(tiny_student))
+    )
     code = re.sub(r'"run-[\w]+/"', repr(str(out) + "/"), code)
     code = code.replace("max_steps=20", "max_steps=3").replace("save_steps=10", "save_steps=2")
     code = code.replace("num_workers=2", "num_workers=0").replace("range(2)", "range(1)")
