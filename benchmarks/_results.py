@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -75,3 +76,27 @@ def build_config(teacher: str, out, *, engine="hf", corpus=None, seq_len=256, n=
             "progress": False,
         },
     )
+
+
+def parser(sequences: int, seq_len: int) -> argparse.ArgumentParser:
+    """The options every cache-building benchmark takes."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--sequences", type=int, default=sequences)
+    ap.add_argument("--seq-len", type=int, default=seq_len)
+    return ap
+
+
+def topk_and_sample_caches(a, tmp: Path):
+    """Build the two default-user caches (top-8 on the hidden-state path, sample N = 50)
+    of `a.sequences` x `a.seq_len` tokens under `tmp`; yield (name, folder, open cache)."""
+    from sparsekd import open_cache
+    from sparsekd.cache_builder.build import run
+
+    for name, enc in (
+        ("topk8", dict(mode="topk", k=8, path="hidden")),
+        ("sample50", dict(mode="sample", samples=50)),
+    ):
+        out = tmp / name
+        run(build_config(a.teacher, out, seq_len=a.seq_len, n=a.sequences, **enc))
+        yield name, out, open_cache(out)

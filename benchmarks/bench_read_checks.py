@@ -16,7 +16,6 @@ error). The claim is zero silent flips.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -91,25 +90,14 @@ def _sweep(path: Path, shard: Path, offsets) -> dict:
 
 def main():
     from sparsekd import open_cache
-    from sparsekd.cache_builder.build import run
     from sparsekd.student_train.reader import CacheReader
-    from tests.helpers import shard_files
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--sequences", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = _results.parser(sequences=64, seq_len=512)
     ap.add_argument("--offsets", type=int, default=2000)
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-checks-"))
     rows = []
-    for name, enc in (
-        ("topk8", dict(mode="topk", k=8, path="hidden")),
-        ("sample50", dict(mode="sample", samples=50)),
-    ):
-        out = tmp / name
-        run(_results.build_config(a.teacher, out, seq_len=a.seq_len, n=a.sequences, **enc))
-        cache = open_cache(out)
+    for name, out, cache in _results.topk_and_sample_caches(a, tmp):
         tokens = cache.num_tokens
         unchecked = _rate(lambda c=cache: _unchecked_tokens(c), tokens)
         checked = _rate(lambda o=out: _checked_tokens(o), tokens)
@@ -120,7 +108,7 @@ def main():
                 next(r)
 
         batch_rate = _rate(batches, (len(cache) // 8) * 8 * a.seq_len)
-        shard = shard_files(out)[0]
+        shard = cache.shard_path(0)
         size = shard.stat().st_size
         footer = range(max(0, size - 4096), size)
         offsets = sorted(

@@ -13,7 +13,6 @@ Appends to results/zstd_level.csv and writes results/zstd_level.md.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -25,26 +24,15 @@ LEVELS = (1, 3, 6, 9, 12)
 
 
 def main():
-    from sparsekd import open_cache
-    from sparsekd.cache_builder.build import run
     from sparsekd.cache_builder.writer import shard_bytes
     from sparsekd.schemas import format as F
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--sequences", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = _results.parser(sequences=64, seq_len=512)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-zstd-"))
     rows = []
-    for name, enc in (
-        ("topk8", dict(mode="topk", k=8, path="hidden")),
-        ("sample50", dict(mode="sample", samples=50)),
-    ):
-        out = tmp / name
-        run(_results.build_config(a.teacher, out, seq_len=a.seq_len, n=a.sequences, **enc))
-        cache = open_cache(out)
+    for name, _, cache in _results.topk_and_sample_caches(a, tmp):
         tables = [
             cache.read_group_table(int(i), int(g))[0] for i, g in zip(*cache.row_groups()[:2])
         ]

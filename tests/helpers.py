@@ -39,6 +39,14 @@ def run_cli(*args, check: bool = False, timeout: int = 600, **kw) -> subprocess.
     return proc
 
 
+def run_torchrun(port: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Two local ranks (gloo on CPU) of `args` under torchrun, one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(port), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The last stderr line, which must be sparsekd's one-line error."""
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]

@@ -3,9 +3,6 @@ under DataLoader workers and two gloo ranks, and a dataset restored from its sta
 continues with exactly the batches an uninterrupted one gives."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,7 +12,7 @@ from torch.utils.data import DataLoader
 from sparsekd import open_cache
 from sparsekd.integrations.torch import CacheDataset, collate
 from sparsekd.kernels import sparse_kl_loss
-from tests.helpers import synthetic_cache
+from tests.helpers import run_torchrun, synthetic_cache
 
 
 @pytest.fixture(scope="module")
@@ -112,24 +109,8 @@ SCRIPT = textwrap.dedent(
 def test_two_gloo_ranks_with_two_workers_each_cover_every_sequence_once(tmp_path, cache):
     script = tmp_path / "ranks.py"
     script.write_text(SCRIPT)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29511",
-            str(script),
-            str(cache),
-            str(tmp_path / "seen"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_torchrun(29511, script, cache, tmp_path / "seen", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"seen-{r}.json").read_text()) for r in (0, 1)]
     all_ids = {s.seq_id for s in open_cache(cache)}
     for e in range(2):

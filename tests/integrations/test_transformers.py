@@ -5,9 +5,6 @@ refused; under torchrun (DDP, gloo) each rank trains on its own data. TRL's SFTT
 takes the same mixin."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from sparsekd.errors import StudentError
 from sparsekd.integrations.torch import CacheDataset, collate
 from sparsekd.integrations.transformers import SparseKDTrainer
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -188,25 +185,7 @@ DDP_SCRIPT = textwrap.dedent(
 def test_under_torchrun_each_rank_trains_on_its_own_data(tmp_path, vllm_topk_cache, tiny_student):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29513",
-            str(script),
-            str(vllm_topk_cache),
-            str(tiny_student),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_torchrun(29513, script, vllm_topk_cache, tiny_student, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = [set(json.loads((tmp_path / f"seen-{r}.json").read_text())) for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 6 and not seen[0] & seen[1]

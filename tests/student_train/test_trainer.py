@@ -19,7 +19,7 @@ from sparsekd.student_train import trainer as T
 from sparsekd.student_train.config import TrainConfig
 from sparsekd.student_train.evaluate import evaluate_model
 from sparsekd.student_train.model import load_student
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -202,14 +202,7 @@ def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
     tmp_path, vllm_topk_cache, tiny_student, fsdp
 ):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(29500 + int(fsdp)),
+    args = [
         "-m",
         "sparsekd",
         "train-student",
@@ -231,9 +224,7 @@ def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
         "eval.sequences=6",
         "--quiet",
     ] + (["--fsdp"] if fsdp else [])
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    proc = run_torchrun(29500 + int(fsdp), *args)
     # a failing rank's one-line error first: the tail is the launcher's traceback
     errors = [ln for ln in proc.stderr.splitlines() if "sparsekd: " in ln]
     assert proc.returncode == 0, "\n".join(errors) + "\n" + proc.stderr[-2000:]
