@@ -32,7 +32,7 @@ from sparsekd.cache_builder.writer import ShardFiles, write_shard
 from sparsekd.config import check, setting, to_dict
 from sparsekd.errors import CacheError, ConfigError
 from sparsekd.schemas import format as F
-from sparsekd.schemas.cache import Cache, check_same_sequences, open_cache
+from sparsekd.schemas.cache import Cache, check_same_sequences, in_sorted, open_cache
 from sparsekd.schemas.identity import fingerprint, tokenizer_hash
 from sparsekd.schemas.manifest import (
     KEPT_SCHEMA,
@@ -231,20 +231,19 @@ def _refined_meta(cfg, fp, teacher: Cache, reference: Cache, keep, cut: float) -
 def _write_refined(out: Path, teacher: Cache, kept, kept_scores, tok, meta, S: int) -> ShardIndex:
     """The kept rows of the teacher cache, with `score` and `text`, in shards of S rows
     (shard u is numbered as domain u, part 0; its rows keep their seq_ids)."""
-    score_of = dict(zip(kept.tolist(), kept_scores.tolist()))
     schema = F.arrow_schema(teacher.meta["mode"], teacher.meta.get("weighted", False), True)
     files, entries, pending = ShardFiles(out), [], []
     shard, group, _ = teacher.row_groups()
     for i, g in zip(shard.tolist(), group.tolist()):
         table, _ = teacher.read_group_table(i, g)
-        rows = np.flatnonzero(np.isin(table.column(F.COL_SEQ_ID).to_numpy(), kept))
+        rows = np.flatnonzero(in_sorted(table.column(F.COL_SEQ_ID).to_numpy(), kept))
         if not len(rows):
             continue
         table = table.take(pa.array(rows)).replace_schema_metadata(None)
-        ids = table.column(F.COL_SEQ_ID).to_pylist()
+        score = kept_scores[np.searchsorted(kept, table.column(F.COL_SEQ_ID).to_numpy())]
         text = tok.batch_decode(table.column(F.COL_INPUT_IDS).to_pylist())
         table = table.append_column(
-            F.COL_SCORE, pa.array([score_of[i] for i in ids], pa.float32())
+            F.COL_SCORE, pa.array(score.astype(np.float32), pa.float32())
         ).append_column(F.COL_TEXT, pa.array(text, pa.string()))
         pending.append(table.cast(schema))
         while sum(t.num_rows for t in pending) >= S:

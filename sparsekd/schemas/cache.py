@@ -95,8 +95,8 @@ class ShardFile:
     """One opened, checked shard: its Parquet file and its stored row-group checksums."""
 
     def __init__(self, cache: Cache, i: int):
-        self.path = cache.path / cache.index.relpath(i)
         name = cache.index.relpath(i)
+        self.path = cache.path / name
         try:
             size = os.stat(self.path).st_size
         except FileNotFoundError as e:
@@ -125,18 +125,17 @@ class ShardFile:
                     f"shard {name}: its {key} is {str(meta.get(key))[:24]!r}, the manifest says "
                     f"{str(want)[:24]!r} (a shard of another cache, or a damaged file)"
                 )
-        expect = place
         m = cache.meta
         expected = F.arrow_schema(m["mode"], m.get("weighted", False), "refined" in m)
         if not self.pf.schema_arrow.remove_metadata().equals(expected):
             raise CacheError(f"shard {name}: its columns are not the {m['mode']} shard schema")
         self.checksums = meta.get("checksums")
-        n_groups = -(-expect["rows"] // cache.row_group_size)
+        n_groups = -(-place["rows"] // cache.row_group_size)
         if (
             not isinstance(self.checksums, list)
             or len(self.checksums) != n_groups
             or self.pf.metadata.num_row_groups != n_groups
-            or self.pf.metadata.num_rows != expect["rows"]
+            or self.pf.metadata.num_rows != place["rows"]
         ):
             raise CacheError(f"shard {name}: its row groups do not match its metadata")
         self.name = name
@@ -338,6 +337,16 @@ def open_cache(path: str | os.PathLike) -> Cache:
     if int(index.rows.sum()) != manifest["num_sequences"] or len(index) != manifest["num_shards"]:
         raise CacheError(f"{p / MANIFEST}: its totals do not match its shard index")
     return Cache(p, manifest, index)
+
+
+def in_sorted(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Boolean mask: which `values` are among the sorted `keys` (a refined set's kept ids).
+    O(len(values) log len(keys)), so a row group's lookup does not grow with the whole set
+    as `np.isin` (which sorts both) does."""
+    if not len(keys):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
+    return keys[at] == values
 
 
 def check_same_sequences(a: Cache, b: Cache, what: str = "the two caches") -> None:

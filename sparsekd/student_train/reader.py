@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsekd.errors import CacheError
-from sparsekd.schemas.cache import Cache, Sequence
+from sparsekd.schemas.cache import Cache, Sequence, in_sorted
 
 
 @dataclass
@@ -118,6 +118,7 @@ class SequenceStream:
                 + "; use fewer ranks or DataLoader workers, or a larger cache"
             )
         self.window_groups = max(1, -(-shuffle_buffer // cache.row_group_size))
+        self._order_epoch, self._order = None, np.arange(0)
 
     @property
     def num_windows(self) -> int:
@@ -126,15 +127,23 @@ class SequenceStream:
     def _rng(self, *key) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.stream, *key])
 
+    def _group_order(self, epoch: int) -> np.ndarray:
+        """This stream's row groups in the epoch's order (drawn once per epoch, not per
+        window: a rank of a 10^11-token cache holds ~10^5 groups)."""
+        if self._order_epoch != epoch:
+            n = len(self.shard)
+            self._order = self._rng(epoch).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
     def window(self, epoch: int, w: int) -> list[Sequence]:
         """The sequences of window w of an epoch, in the order the stream yields them."""
-        n = len(self.shard)
-        order = self._rng(epoch).permutation(n) if self.shuffle else np.arange(n)
+        order = self._group_order(epoch)
         seqs = []
         for gi in order[w * self.window_groups : (w + 1) * self.window_groups]:
             seqs += self.cache.read_group(int(self.shard[gi]), int(self.group[gi]))
         if self.keep is not None and seqs:
-            kept = np.isin(np.array([s.seq_id for s in seqs]), self.keep)
+            kept = in_sorted(np.array([s.seq_id for s in seqs]), self.keep)
             seqs = [s for s, k in zip(seqs, kept) if k]
         if self.shuffle:
             seqs = [seqs[i] for i in self._rng(epoch, w).permutation(len(seqs))]

@@ -11,6 +11,7 @@ import pytest
 from sparsekd import open_cache
 from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
+from sparsekd.schemas.cache import in_sorted
 from tests.helpers import flip_bit, shard_files, synthetic_cache
 
 
@@ -147,3 +148,11 @@ def test_corruption_sweep_every_flip_is_detected_or_harmless(synth):
             harmless += 1
         shard.write_bytes(original)
     assert detected + harmless == len(offsets) and detected > len(offsets) // 2
+
+
+def test_in_sorted_is_membership_in_the_sorted_keys():
+    rng = np.random.default_rng(0)
+    keys = np.unique(rng.integers(0, 1 << 40, 5000))
+    values = np.concatenate([keys[::7], keys[::11] + 1, [0, 1 << 41]])
+    assert np.array_equal(in_sorted(values, keys), np.isin(values, keys))
+    assert not in_sorted(values, keys[:0]).any()
