@@ -171,9 +171,10 @@ def bench_records(tmp: Path):
 def write_cache(path: Path, shards: int, rows: int, L: int, K: int, seed: int = 0):
     """A cache of random rows, written by the real writer and manifest code."""
     from sparsekd.cache_builder.encoder import from_topk
-    from sparsekd.cache_builder.writer import ShardFiles, encode_table, write_shard
+    from sparsekd.cache_builder.writer import encode_table, write_shard
     from sparsekd.schemas import format as F
     from sparsekd.schemas.manifest import ShardIndex, write_manifest
+    from sparsekd.storage import open_store
 
     rng = np.random.default_rng(seed)
     V = 50_000
@@ -182,7 +183,7 @@ def write_cache(path: Path, shards: int, rows: int, L: int, K: int, seed: int = 
         "vocab_size": V, "tokenizer_hash": "t" * 64, "logprob_scale": F.LOGPROB_SCALE,
         "weighted": False, "row_group_size": F.ROW_GROUP_SIZE, "teacher": "random", "samples": None,
     }  # fmt: skip
-    files, entries = ShardFiles(path), []
+    store, entries = open_store(path), []
     for s in range(shards):
         seq = [F.make_seq_id(s, i) for i in range(rows)]
         inp = [rng.integers(0, V, L).astype(np.int32) for _ in range(rows)]
@@ -193,9 +194,9 @@ def write_cache(path: Path, shards: int, rows: int, L: int, K: int, seed: int = 
         ]
         sup = [from_topk(t, -rng.exponential(2, (L, K)).astype(np.float32)) for t in top]
         tab = encode_table("topk", seq, inp, [1] * rows, [-np.ones(L, np.float32)] * rows, sup)
-        entries.append(write_shard(files, s, 0, tab, meta))
-    files.close()
-    write_manifest(path, meta=meta, fingerprint="f" * 64, shards=ShardIndex.from_entries(entries))
+        entries.append(write_shard(store, s, 0, tab, meta))
+    write_manifest(store, meta=meta, fingerprint="f" * 64, shards=ShardIndex.from_entries(entries))
+    store.close()
 
 
 def bench_startup(tmp: Path):

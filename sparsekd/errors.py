@@ -33,3 +33,8 @@ class StudentError(SparsekdError):
 
 class RunError(SparsekdError):
     """A training run directory that cannot be started or resumed as asked."""
+
+
+class StorageError(SparsekdError):
+    """A store that cannot be used: no such bucket, access refused, an endpoint that does not
+    answer (sparsekd.storage)."""

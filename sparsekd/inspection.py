@@ -10,9 +10,8 @@
 
 from __future__ import annotations
 
-import json
+import fnmatch
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -143,20 +142,16 @@ def _verify_shard(cache: Cache, i: int, full: bool) -> tuple[list[str], int | No
         return [problem], None
     try:
         sf = cache.shard(i)
-        footer = json.loads(sf.pf.schema_arrow.metadata[F.META_KEY])
-        own = {k: v for k, v in footer.items() if k not in PLACE_KEYS}
+        own = {k: v for k, v in sf.footer.items() if k not in PLACE_KEYS}
         if own != cache.meta:
             keys = sorted(k for k in set(own) | set(cache.meta) if own.get(k) != cache.meta.get(k))
             return [f"{name}: its metadata differs from the manifest's in {', '.join(keys)}"], None
         meta = cache.meta
         expected = F.arrow_schema(meta["mode"], meta.get("weighted", False), "refined" in meta)
-        if not sf.pf.schema_arrow.remove_metadata().equals(expected):
+        if not sf.schema.remove_metadata().equals(expected):
             return [f"{name}: schema differs from the {meta['mode']} shard schema"], None
         seq = np.concatenate(
-            [
-                cache.read_group_table(i, g)[1][F.COL_SEQ_ID][1]
-                for g in range(sf.pf.metadata.num_row_groups)
-            ]
+            [cache.read_group_table(i, g)[1][F.COL_SEQ_ID][1] for g in range(sf.num_row_groups)]
         )
     except CacheError as e:
         return [str(e)], None
@@ -174,11 +169,10 @@ def _verify_shard(cache: Cache, i: int, full: bool) -> tuple[list[str], int | No
 
 
 def verify_cache(path: str | os.PathLike, full: bool = True) -> list[str]:
-    """Every problem found in the cache at `path` (empty when it is intact). `full`: also
-    the sha256 of every shard."""
-    p = Path(path)
+    """Every problem found in the cache at `path` (a local path or a URI; empty when it is
+    intact). `full`: also the sha256 of every shard."""
     try:
-        cache = open_cache(p)
+        cache = open_cache(path)
     except CacheError as e:
         return [str(e)]
     problems, last = [], None
@@ -190,10 +184,9 @@ def verify_cache(path: str | os.PathLike, full: bool = True) -> list[str]:
             problems.append(f"{cache.index.relpath(i)}: its sequences overlap the shard before it")
         last = seq_end if seq_end is not None else last
     listed = {cache.index.relpath(i) for i in range(len(cache.index))}
-    for f in sorted(p.glob(F.SHARD_GLOB)):
-        rel = f.relative_to(p).as_posix()
-        if rel not in listed:
-            problems.append(f"{rel}: on disk but not in the manifest")
+    for rel in cache.store.list(f"{F.SHARDS_DIR}/"):
+        if fnmatch.fnmatchcase(rel, F.SHARD_GLOB) and rel not in listed:
+            problems.append(f"{rel}: present but not in the manifest")
     problems += _verify_domains(cache)
     return problems
 
@@ -204,7 +197,7 @@ def _verify_domains(cache: Cache) -> list[str]:
     if ref is None:
         return []
     try:
-        domains = read_domain_index(cache.path, ref)
+        domains = read_domain_index(cache.store, ref)
     except CacheError as e:
         return [str(e)]
     rows = np.bincount(cache.index.domain, weights=cache.index.rows, minlength=domains.num_rows)

@@ -20,6 +20,26 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from tests.helpers import run_cli  # noqa: E402
 
+_BUCKETS = iter(range(10**6))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint (moto's server, its own process on 127.0.0.1) for this test
+    process; its AWS_* variables are set here, so sparsekd's clients and the CLI
+    subprocesses talk to it."""
+    from tests.s3 import S3Server
+
+    with S3Server() as server:
+        os.environ.update(server.env)
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket: its s3:// URI."""
+    return s3_server.make_bucket(f"t{os.getpid()}-{next(_BUCKETS)}")
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:

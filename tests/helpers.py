@@ -57,6 +57,11 @@ def shard_files(cache: Path) -> list[Path]:
     return sorted(cache.glob("shards/*/*.parquet"))
 
 
+def staged_files(cache: Path) -> list[Path]:
+    """Files left in the private staging folders of writer processes."""
+    return sorted(p for p in cache.glob(".tmp/*/*"))
+
+
 def digests(cache: Path) -> dict[str, str]:
     """sha256 of every shard, index file and the manifest of a cache."""
     files = shard_files(cache) + sorted(cache.glob("index/*.parquet")) + [cache / "manifest.json"]
@@ -99,9 +104,10 @@ def synthetic_cache(
     import numpy as np
 
     from sparsekd.cache_builder.encoder import from_topk
-    from sparsekd.cache_builder.writer import ShardFiles, encode_table, write_shard
+    from sparsekd.cache_builder.writer import encode_table, write_shard
     from sparsekd.schemas import format as F
     from sparsekd.schemas.manifest import ShardIndex, write_manifest
+    from sparsekd.storage import open_store
 
     rng = np.random.default_rng(seed)
     seq_ids = [F.make_seq_id(0, i) for i in range(n)]
@@ -129,16 +135,16 @@ def synthetic_cache(
         "teacher": "synthetic",
         "samples": None,
     }
-    files, entries = ShardFiles(path), []
+    store, entries = open_store(path), []
     for part, a in enumerate(range(0, n, per_shard)):
         b = min(n, a + per_shard)
         supports = [from_topk(i, lp) for i, lp in zip(top_ids[a:b], top_lp[a:b])]
         t = encode_table("topk", seq_ids[a:b], ids[a:b], nxt[a:b], tok_lp[a:b], supports)
-        entries.append(write_shard(files, 0, part, t, meta))
-    files.close()
+        entries.append(write_shard(store, 0, part, t, meta))
     write_manifest(
-        path, meta=meta, fingerprint=fingerprint, shards=ShardIndex.from_entries(entries)
+        store, meta=meta, fingerprint=fingerprint, shards=ShardIndex.from_entries(entries)
     )
+    store.close()
     return {
         "seq_ids": seq_ids,
         "ids": ids,
@@ -147,3 +153,40 @@ def synthetic_cache(
         "top_lp": top_lp,
         "tok_lp": tok_lp,
     }
+
+
+def copy_cache(src, dst: str) -> str:
+    """Every object of a cache folder copied to another (a path or a URI), through the
+    storage seam; returns `dst`."""
+    from sparsekd.storage import open_store
+
+    a, b = open_store(src), open_store(dst)
+    for name in a.list(""):
+        b.put(name, a.read(name))
+    b.close()
+    return dst
+
+
+def store_digests(server, uri: str) -> dict[str, str]:
+    """`digests` of a cache in the bucket of `server`, read with boto3 (not sparsekd)."""
+    import fnmatch
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    objs = server.objects(bucket, prefix)
+    keep = lambda n: (
+        fnmatch.fnmatch(n, "shards/*/*.parquet")
+        or (  # noqa: E731
+            fnmatch.fnmatch(n, "index/*.parquet") or n == "manifest.json"
+        )
+    )
+    return {n: hashlib.sha256(b).hexdigest() for n, b in objs.items() if keep(n)}
+
+
+def s3_flip_byte(server, uri: str, name: str, offset: int, mask: int = 0x10) -> None:
+    """Rewrite one object of a cache in place with one byte changed (same size)."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    key = f"{prefix}/{name}" if prefix else name
+    c = server.client()
+    data = bytearray(c.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[offset] ^= mask
+    c.put_object(Bucket=bucket, Key=key, Body=bytes(data))

@@ -76,12 +76,12 @@ def test_settings_by_flag_config_file_and_set(tmp_path, capsys, command):
 def test_user_errors_are_one_line_and_bugs_show_a_traceback(tmp_path, capsys, monkeypatch):
     assert cli.main(["inspect", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"sparsekd: error: cache directory not found: {tmp_path / 'nope'}"
+    assert err.strip() == f"sparsekd: error: cache folder not found: {tmp_path / 'nope'}"
     monkeypatch.setenv("SPARSEKD_TRACEBACK", "1")
     assert cli.main(["inspect", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().endswith(
-        "cache directory not found: " + str(tmp_path / "nope")
+        "cache folder not found: " + str(tmp_path / "nope")
     )
     monkeypatch.delenv("SPARSEKD_TRACEBACK")
 

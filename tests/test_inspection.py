@@ -65,11 +65,11 @@ def _edit_meta(key, value):
         (lambda d: flip_bit(shard_files(d)[0], 2000), "00000000-00000.parquet: sha256 differs"),
         (
             lambda d: shutil.copy(shard_files(d)[0], d / "shards/00000/00000000-00007.parquet"),
-            "00000000-00007.parquet: on disk but not in the manifest",
+            "00000000-00007.parquet: present but not in the manifest",
         ),
         (
             lambda d: shard_files(d)[2].unlink(),
-            "00000000-00002.parquet: listed in the manifest but missing on disk",
+            "00000000-00002.parquet: listed in the manifest but missing",
         ),
         (lambda d: (d / "manifest.json").unlink(), "not complete"),
         (_edit_meta("tokenizer_hash", "0" * 64), "tokenizer_hash"),

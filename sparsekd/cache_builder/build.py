@@ -1,17 +1,20 @@
 """`build-cache`: own units -> pack -> teacher view -> encode -> write -> record -> finalize.
 
     plan = plan_build(cfg)                 plan.py: teacher, tokenizer, domains, identity
-    recs = check_out_dir(...)              ledger.py: what is done, refuse a foreign --out
-    for item in own_work(plan, recs):      this file: the domains this worker owns, packed
+    ledger.claim()                         ledger.py: claim --out, refuse a foreign one
+    for item in own_work(plan, ledger):    this file: the domains this worker owns, packed
         view = teacher.view(unit)          encoder.py through an engine (engines.py)
-        writer.put(write unit)             writer.py: encode + zstd + write + record, in a
-                                           background thread beside the teacher
+        writer.put(write unit)             writer.py: encode + zstd + publish + record, in
+                                           a background thread beside the teacher
     try_finalize(...)                      ledger.py: index + manifest.json when all is done
 
-Resume: re-running the same command skips finished units (after checking their sha256)
-and redoes the rest; a killed job completes byte-identical to an uninterrupted one,
-because a unit's bytes depend only on its sequences, the teacher, the settings and the
-seed. Any split into workers gives the same bytes.
+`--out` is a local folder or an object-store URI: every byte goes through the storage
+seam (sparsekd.storage), and the commit protocol (ledger.py) is the same on both.
+
+Resume: re-running the same command skips finished units (after checking them) and redoes
+the rest; a killed job completes byte-identical to an uninterrupted one, because a unit's
+bytes depend only on its sequences, the teacher, the settings and the seed. Any split into
+workers gives the same bytes.
 """
 
 from __future__ import annotations
@@ -22,23 +25,17 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from sparsekd.cache_builder.config import BuildConfig
-from sparsekd.cache_builder.corpus import Domain, DomainReader
+from sparsekd.cache_builder.corpus import Domain, DomainReader, ZstStreams
 from sparsekd.cache_builder.encoder import teacher_view
 from sparsekd.cache_builder.engines import make_engine
-from sparsekd.cache_builder.ledger import (
-    RecordLog,
-    Records,
-    check_out_dir,
-    domain_parts,
-    shard_ok,
-    try_finalize,
-    write_build_config,
-)
-from sparsekd.cache_builder.packing import Unit, pack, units
+from sparsekd.cache_builder.ledger import Ledger, domain_record, try_finalize
+from sparsekd.cache_builder.packing import Unit, pack
+from sparsekd.cache_builder.packing import units as units_of
 from sparsekd.cache_builder.plan import BuildPlan, plan_build
-from sparsekd.cache_builder.writer import ShardFiles, ShardWriter, encode_table, write_shard
+from sparsekd.cache_builder.writer import ShardWriter, encode_table, write_shard
 from sparsekd.errors import CorpusError
-from sparsekd.schemas.manifest import MANIFEST, read_json
+from sparsekd.schemas.manifest import MANIFEST
+from sparsekd.storage import open_store
 
 
 @dataclass
@@ -60,8 +57,8 @@ class Teacher:
     """The engine, started on the first unit that needs it (a worker with nothing to do
     never starts one), and the check that this worker's teacher weights are the others'."""
 
-    def __init__(self, plan: BuildPlan, recs: Records, stats: BuildStats, engine=None):
-        self.plan, self.recs, self.stats = plan, recs, stats
+    def __init__(self, plan: BuildPlan, ledger: Ledger, stats: BuildStats, engine=None):
+        self.plan, self.ledger, self.stats = plan, ledger, stats
         self.engine, self.own = engine, engine is None
         if engine is not None and engine.name != plan.cfg.teacher.engine:
             raise ValueError(
@@ -79,7 +76,7 @@ class Teacher:
                 path=cfg.encoder.resolved_path,
             )
         if self.stats.first_teacher_call_s is None:
-            self.plan.check_weights(self.recs.headers)  # joins the background hash
+            self.ledger.check_teacher(self.plan.weights_sha256())  # joins the background hash
             self.stats.first_teacher_call_s = time.perf_counter() - self.stats.started
         t0 = time.perf_counter()
         v = teacher_view(
@@ -93,88 +90,80 @@ class Teacher:
             self.engine.close()
 
 
-def own_work(plan: BuildPlan, recs: Records, stats: BuildStats):
-    """Units this worker must compute, each domain's record after its units, in corpus
-    order. A domain owned by another worker is read only under --max-sequences (to find
-    where the cut falls); a finished one is never read again."""
+@dataclass
+class DomainEnd:
+    """A domain whose units have all been handed out: its record is written once they are
+    (`units` fills in as the writer finishes them)."""
+
+    domain: Domain
+    sequences: int
+    reader: DomainReader
+    old: dict | None  # the domain's earlier record, when it is being redone
+    units: dict[int, dict]  # part -> unit record
+
+
+def own_work(plan: BuildPlan, ledger: Ledger, stats: BuildStats):
+    """What this worker must compute, in corpus order: `(unit, units)` for each unit to
+    write (`units`: its domain's unit records so far) and a `DomainEnd` after each owned
+    domain's units. A domain owned by another worker is read only under --max-sequences
+    (to find where the cut falls); a finished one is never read again."""
     cap = plan.cfg.corpus.max_sequences
     before = 0  # sequences of the corpus before this domain (tracked under a cap only)
+    zst = ZstStreams()  # one decompression pass per .jsonl.zst for this worker's domains
     for d in plan.domains:
+        owned = plan.worker.owns(d.index)
+        if not owned and cap is None:
+            continue
         limit = None if cap is None else max(0, cap - before)
-        rec, owned = recs.domains.get(d.index), plan.worker.owns(d.index)
-        if rec is not None and (not owned or _domain_intact(plan, recs, rec)):
+        rec = ledger.domain_record(d.index)
+        if rec is not None and (not owned or _domain_intact(ledger, rec)):
             before += rec["sequences"]
             continue
         if not owned:
-            if cap is not None:
-                before += sum(1 for _ in _sequences(plan, d, limit, stats)[1])
+            before += sum(1 for _ in _sequences(plan, d, limit, stats, zst)[1])
             continue
-        reader, seqs = _sequences(plan, d, limit, stats)
-        n = 0
-        for unit in units(d.index, seqs, plan.shard_sequences):
+        reader, seqs = _sequences(plan, d, limit, stats, zst)
+        done, units, n = ledger.unit_records(d.index), {}, 0
+        for unit in units_of(d.index, seqs, plan.shard_sequences):
             n += len(unit.seq_ids)
-            if _unit_done(plan, recs, unit, stats):
+            if _unit_done(ledger, done.get(unit.part), unit, stats):
+                units[unit.part] = done[unit.part]
                 continue
-            yield unit
-        yield _domain_record(d, n, reader, rec)
+            yield unit, units
+        yield DomainEnd(d, n, reader, rec, units)
         before += n
 
 
-def _sequences(plan: BuildPlan, d: Domain, limit: int | None, stats: BuildStats):
+def _sequences(plan: BuildPlan, d: Domain, limit: int | None, stats: BuildStats, zst):
     corpus = plan.cfg.corpus
-    reader = DomainReader(d, corpus.text_field, corpus.skip_bad_lines)
+    reader = DomainReader(d, corpus.text_field, corpus.skip_bad_lines, zst)
     stats.domains_read += limit != 0
     tok = plan.tokenizer
     return reader, pack(reader, tok, tok.eos_token_id, corpus.seq_len, limit)
 
 
-def _domain_intact(plan: BuildPlan, recs: Records, rec: dict) -> bool:
-    """Every shard of a finished domain is on disk with its recorded sha256."""
-    for j in range(domain_parts(rec, plan.shard_sequences)):
-        shard = recs.shards.get((rec["domain"], j))
-        if shard is None or not shard_ok(plan.out, shard, deep=True):
-            return False
-    return True
+def _domain_intact(ledger: Ledger, rec: dict) -> bool:
+    """Every shard of a finished domain is there (on a local disk: with its sha256)."""
+    return all(ledger.shard_ok(e, deep=ledger.store.local) for e in rec["shards"])
 
 
-def _unit_done(plan: BuildPlan, recs: Records, unit: Unit, stats: BuildStats) -> bool:
-    shard = recs.shards.get((unit.domain, unit.part))
-    if shard is None:
+def _unit_done(ledger: Ledger, rec: dict | None, unit: Unit, stats: BuildStats) -> bool:
+    if rec is None:
         return False
-    if shard["tokens_sha256"] != unit.tokens_sha256():
+    if rec["tokens_sha256"] != unit.tokens_sha256():
         raise CorpusError(
-            f"the corpus changed since {shard['file']} was written: domain {unit.domain} now "
+            f"the corpus changed since {rec['file']} was written: domain {unit.domain} now "
             "packs to other tokens; restore the corpus or use another --out"
         )
-    if shard_ok(plan.out, shard, deep=True):
+    if ledger.shard_ok(rec, deep=ledger.store.local):
         stats.units_skipped += 1
         return True
     stats.units_redone += 1  # damaged or missing: written again, byte-identical
     return False
 
 
-def _domain_record(d: Domain, n: int, reader: DomainReader, old: dict | None) -> dict:
-    rec = {
-        "kind": "domain",
-        "domain": d.index,
-        "source": d.source.name,
-        "part": d.part,
-        "sequences": n,
-        "content_sha256": reader.content_sha256,
-        "documents": reader.stats.documents,
-        "bad_lines": reader.stats.bad_lines,
-        "bad_examples": reader.stats.bad_examples,
-    }
-    if old is not None and old["content_sha256"] != rec["content_sha256"]:
-        raise CorpusError(
-            f"{d.where} changed since its shards were written (its content hash differs); "
-            "restore it or use another --out"
-        )
-    return rec
-
-
-def _write_unit(plan: BuildPlan, files: ShardFiles, log: RecordLog, stats, bar, unit: Unit, view):
-    """Encode, compress, write and record one unit (runs in the writer thread)."""
+def _write_unit(plan: BuildPlan, ledger: Ledger, stats, bar, unit: Unit, units: dict, view):
+    """Encode, compress, publish and record one unit (runs in the writer thread)."""
     enc = plan.cfg.encoder
     table = encode_table(
         enc.mode,
@@ -186,12 +175,26 @@ def _write_unit(plan: BuildPlan, files: ShardFiles, log: RecordLog, stats, bar, 
         weighted=enc.weighted,
     )
     meta = {**plan.meta, "teacher_weights_sha256": plan.weights_sha256()}
-    entry = write_shard(files, unit.domain, unit.part, table, meta)
-    log.append({"kind": "shard", **entry, "tokens_sha256": unit.tokens_sha256()})
+    entry = write_shard(ledger.store, unit.domain, unit.part, table, meta)
+    rec = {"kind": "shard", **entry, "tokens_sha256": unit.tokens_sha256()}
+    ledger.write_unit(rec)
+    units[unit.part] = rec
     stats.shards_written += 1
     stats.tokens_written += table.num_rows * plan.seq_len
     if bar is not None:
         bar.update(table.num_rows * plan.seq_len)
+
+
+def _write_domain(plan: BuildPlan, ledger: Ledger, end: DomainEnd) -> None:
+    """The domain's record, after its units' (runs in the writer thread, after them)."""
+    parts = -(-end.sequences // plan.shard_sequences)
+    rec = domain_record(end.domain, end.sequences, end.reader, [end.units[j] for j in range(parts)])
+    if end.old is not None and end.old["content_sha256"] != rec["content_sha256"]:
+        raise CorpusError(
+            f"{end.domain.where} changed since its shards were written (its content hash "
+            "differs); restore it or use another --out"
+        )
+    ledger.write_domain(rec)
 
 
 def run(cfg: BuildConfig, engine=None) -> dict:
@@ -202,44 +205,49 @@ def run(cfg: BuildConfig, engine=None) -> dict:
     """
     stats = BuildStats()
     plan = plan_build(cfg)
-    recs = check_out_dir(plan.out, plan.identity, plan.fingerprint)
-    log = RecordLog(plan.out, partial(_first_record, plan))
-    teacher = Teacher(plan, recs, stats, engine)
-    files = ShardFiles(plan.out)
-    writer = ShardWriter(cfg.writer.queue_depth)
-    bar = _progress(cfg)
+    store = open_store(cfg.writer.out)
+    ledger = Ledger(store, plan)
+    try:
+        ledger.claim()
+        writer_s = _build(plan, ledger, stats, engine)
+        if stats.shards_written == 0 and store.size(MANIFEST) is not None:
+            manifest = store.read_json(MANIFEST, "manifest")  # complete, and intact
+        else:
+            manifest = try_finalize(store, plan)
+    except BaseException:
+        ledger.release()
+        raise
+    finally:
+        store.close()
+    return _summary(plan, stats, manifest, writer_s)
+
+
+def _build(plan: BuildPlan, ledger: Ledger, stats: BuildStats, engine) -> float:
+    """Compute and write this worker's units; return the writer thread's busy seconds."""
+    teacher = Teacher(plan, ledger, stats, engine)
+    writer = ShardWriter(plan.cfg.writer.queue_depth)
+    bar = _progress(plan.cfg)
     try:
         with writer:
-            for item in own_work(plan, recs, stats):
-                if isinstance(item, Unit):
-                    view = teacher.view(item)
-                    writer.put(partial(_write_unit, plan, files, log, stats, bar, item, view))
+            for item in own_work(plan, ledger, stats):
+                if isinstance(item, DomainEnd):
+                    stats.bad_lines += item.reader.stats.bad_lines
+                    writer.put(partial(_write_domain, plan, ledger, item))
                 else:
-                    stats.bad_lines += item["bad_lines"]
-                    writer.put(partial(log.append, item))
+                    unit, units = item
+                    view = teacher.view(unit)
+                    writer.put(partial(_write_unit, plan, ledger, stats, bar, unit, units, view))
     finally:
         teacher.close()
-        files.close()
-        log.close()
         if bar is not None:
             bar.close()
-    if stats.shards_written == 0 and (plan.out / MANIFEST).exists():
-        manifest = read_json(plan.out / MANIFEST, "manifest")  # complete, and intact
-    else:
-        manifest = try_finalize(plan.out, plan)
-    return _summary(plan, stats, manifest, writer.busy_s)
-
-
-def _first_record(plan: BuildPlan) -> dict:
-    """The header of this process's log; the build config goes beside the cache with it."""
-    write_build_config(plan.out, plan)
-    return plan.header()
+    return writer.busy_s
 
 
 def _summary(plan: BuildPlan, stats: BuildStats, manifest: dict | None, writer_s: float) -> dict:
     wall = time.perf_counter() - stats.started
     s = {
-        "out": str(plan.out),
+        "out": plan.cfg.writer.out,
         "worker": f"{plan.worker.index}/{plan.worker.count}",
         "worker_from": plan.worker.source,
         "shards_written": stats.shards_written,

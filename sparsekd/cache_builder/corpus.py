@@ -1,16 +1,25 @@
 """Corpus: input files -> packing domains -> documents, read and hashed per domain.
 
-Inputs (`--corpus`, repeatable, order kept): a file, a directory (searched recursively,
+Inputs (`--corpus`, repeatable, order kept): a file, a folder (searched recursively,
 symbolic links followed, sorted) or a glob (sorted), of `.jsonl`, `.jsonl.zst`, `.txt` or
-`.parquet`. A `.txt` file is one document; a `.jsonl` line and a Parquet row are one
-document each, the text taken from `text_field`.
+`.parquet`, on a local disk or in an object store (`s3://bucket/data/`, a prefix, is a
+folder; `s3://bucket/data/*.jsonl.zst` a glob). Every byte is read through the storage seam
+(sparsekd.storage), by ranged reads of the domain being read. A `.txt` file is one
+document; a `.jsonl` line and a Parquet row are one document each, the text taken from
+`text_field`.
 
 Packing domains. The corpus is cut, from the file list and the file sizes alone (one
-`stat` per file, no content read), into domains that are packed independently:
+listing or `stat` per input, no content read), into domains that are packed independently:
 - a `.jsonl` or `.parquet` file of S bytes is ceil(S / domain_bytes) domains; domain k
   holds the lines (Parquet: row groups) that *begin* in bytes [k B, (k+1) B);
-- a `.jsonl.zst` or `.txt` file is one domain (zstd frames cannot be entered mid-stream);
-- the built-in corpus is one domain.
+- a `.jsonl.zst` file of S compressed bytes is ceil(S * ZST_RATIO_BOUND / domain_bytes)
+  domains over its decompressed stream: domain k holds the lines that begin in
+  decompressed bytes [k B, (k+1) B), the last one also every line after it. Its reader
+  decompresses the stream up to its range (a zstd frame cannot be entered in the middle),
+  which costs little next to tokenising, and tokenises only its own lines; one worker's
+  domains of a file share one decompression pass (`ZstStreams`). Domains past the end of
+  the stream are empty;
+- a `.txt` file is one domain; the built-in corpus is one domain.
 Domains are numbered in corpus order. A worker reads, decodes and hashes only the domains
 it owns; each domain's content hash (`DomainReader.content_sha256`, over the bytes or
 texts it read) is recorded with its shards. The corpus identity (`corpus_identity`) is the
@@ -24,20 +33,27 @@ with Python, with no download.
 
 from __future__ import annotations
 
+import fnmatch
 import glob as globlib
 import hashlib
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sparsekd.config import check, setting
-from sparsekd.errors import CorpusError
+from sparsekd.errors import CorpusError, SparsekdError
+from sparsekd.storage import is_uri, join, open_store
 
 SUFFIXES = {".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl", ".txt": "txt", ".parquet": "parquet"}
 SPLITTABLE = ("jsonl", "parquet")
 DEFAULT_CORPUS = "builtin:stdlib-docs"
+# A .jsonl.zst file of S bytes is given domains for S * ZST_RATIO_BOUND decompressed bytes:
+# text JSON lines compress 3-6x with zstd, so the domains past the stream's end are empty,
+# and a file that compresses better still has every line read (by its last domain).
+ZST_RATIO_BOUND = 8
+ZST_SPLIT = 1  # in the corpus identity when a .jsonl.zst is read: how its domains are cut
+READ_CHUNK = 1 << 20  # bytes per ranged read of a local file (object stores: 8 MiB)
 
 # Pure-Python modules with long, natural-English docstrings; fixed order for determinism.
 _STDLIB_DOC_MODULES = (
@@ -89,29 +105,37 @@ class CorpusConfig:
 @dataclass(frozen=True)
 class Source:
     """One input file: its recorded name (relative to its --corpus argument), where it is
-    read from, how it is parsed, and its size."""
+    (`path`, for messages), how it is parsed, its size, and the folder (`root`, a path or a
+    URI) whose store reads it under `name`."""
 
     name: str
     path: str
     format: str
     size: int
+    root: str = "."
+
+    def store(self):
+        return open_store(self.root)
 
 
 @dataclass(frozen=True)
 class Domain:
-    """A packing domain: the records of `source` that begin in bytes [start, end)."""
+    """A packing domain: the records of `source` that begin in bytes [start, end) (of the
+    decompressed stream for a .jsonl.zst; its last domain has end = None: to the end)."""
 
     index: int
     source: Source
     part: int
     start: int
-    end: int
+    end: int | None
 
     @property
     def where(self) -> str:
-        if self.start == 0 and self.end >= self.source.size:
-            return self.source.path
-        return f"{self.source.path} bytes {self.start}..{self.end}"
+        if self.start == 0 and (self.end is None or self.end >= self.source.size):
+            if self.source.format != "jsonl.zst" or self.end is None:
+                return self.source.path
+        span = "decompressed bytes" if self.source.format == "jsonl.zst" else "bytes"
+        return f"{self.source.path} {span} {self.start}..{'' if self.end is None else self.end}"
 
 
 def _format_of(path: str) -> str | None:
@@ -136,58 +160,103 @@ def _walk(root: str) -> list[str]:
 
 
 def resolve_sources(paths: tuple[str, ...]) -> list[Source]:
-    """Expand files, directories and globs into the ordered list of input files."""
+    """Expand files, folders and globs (local or URIs) into the ordered list of inputs."""
     out: list[Source] = []
-    kinds = "/".join(SUFFIXES)
     for p in paths:
         if p == DEFAULT_CORPUS:
             out.append(Source(DEFAULT_CORPUS, DEFAULT_CORPUS, "builtin", 0))
-            continue
-        if os.path.isdir(p):
-            files = [f for f in _walk(p) if _format_of(f)]
-            base = p
-            if not files:
-                raise CorpusError(f"corpus directory {p} holds no {kinds} file")
-        elif os.path.isfile(p):
-            if not _format_of(p):
-                raise CorpusError(f"corpus file {p}: unsupported type (use {kinds})")
-            files, base = [p], os.path.dirname(p)
-        elif any(c in p for c in "*?["):
-            files = sorted(f for f in globlib.glob(p, recursive=True) if _format_of(f))
-            base = os.path.dirname(p.split("*")[0].split("?")[0].split("[")[0])
-            if not files:
-                raise CorpusError(f"corpus glob {p!r} matches no {kinds} file")
+        elif is_uri(p):
+            out += _remote_sources(p)
         else:
-            raise CorpusError(f"corpus path not found: {p}")
-        for f in files:
-            try:
-                size = os.stat(f).st_size
-            except OSError as e:
-                raise CorpusError(f"corpus file {f}: cannot read ({e.strerror})") from e
-            out.append(Source(os.path.relpath(f, base or "."), f, _format_of(f), size))
+            out += _local_sources(p)
     return out
+
+
+KINDS = "/".join(SUFFIXES)
+
+
+def _local_sources(p: str) -> list[Source]:
+    if os.path.isdir(p):
+        files = [f for f in _walk(p) if _format_of(f)]
+        base = p
+        if not files:
+            raise CorpusError(f"corpus directory {p} holds no {KINDS} file")
+    elif os.path.isfile(p):
+        if not _format_of(p):
+            raise CorpusError(f"corpus file {p}: unsupported type (use {KINDS})")
+        files, base = [p], os.path.dirname(p)
+    elif any(c in p for c in "*?["):
+        files = sorted(f for f in globlib.glob(p, recursive=True) if _format_of(f))
+        base = os.path.dirname(p.split("*")[0].split("?")[0].split("[")[0])
+        if not files:
+            raise CorpusError(f"corpus glob {p!r} matches no {KINDS} file")
+    else:
+        raise CorpusError(f"corpus path not found: {p}")
+    out = []
+    for f in files:
+        try:
+            size = os.stat(f).st_size
+        except OSError as e:
+            raise CorpusError(f"corpus file {f}: cannot read ({e.strerror})") from e
+        name = os.path.relpath(f, base or ".")
+        out.append(Source(name, f, _format_of(f), size, base or "."))
+    return out
+
+
+def _remote_sources(p: str) -> list[Source]:
+    """A URI: an object, a prefix (a folder), or a glob over the names under a prefix."""
+    if any(c in p for c in "*?["):
+        cut = min(p.index(c) for c in "*?[" if c in p)
+        root = p[:cut].rsplit("/", 1)[0]
+        pattern = p[len(root) + 1 :]
+        found = {n: s for n, s in open_store(root).list("").items() if fnmatch.fnmatch(n, pattern)}
+        what = f"corpus glob {p!r} matches no {KINDS} object"
+    else:
+        store = open_store(p)
+        size = store.size("")
+        if size is not None:  # a single object
+            root, name = p.rsplit("/", 1)
+            if not _format_of(name):
+                raise CorpusError(f"corpus file {p}: unsupported type (use {KINDS})")
+            return [Source(name, p, _format_of(name), size, root)]
+        root, found = p.rstrip("/"), store.list("")
+        what = f"corpus folder {p} holds no {KINDS} object"
+    files = [(n, s) for n, s in found.items() if _format_of(n)]
+    if not files:
+        if not open_store(root).exists():
+            raise CorpusError(f"corpus {p}: the bucket does not exist")
+        raise CorpusError(what)
+    return [Source(n, join(root, n), _format_of(n), s, root) for n, s in files]
 
 
 def plan_domains(sources: list[Source], domain_bytes: int) -> list[Domain]:
     """The packing domains of the corpus, from names and sizes only."""
     domains: list[Domain] = []
     for src in sources:
-        parts = max(1, -(-src.size // domain_bytes)) if src.format in SPLITTABLE else 1
+        if src.format in SPLITTABLE:
+            parts, last_end = max(1, -(-src.size // domain_bytes)), src.size
+        elif src.format == "jsonl.zst":
+            parts, last_end = max(1, -(-src.size * ZST_RATIO_BOUND // domain_bytes)), None
+        else:
+            parts, last_end = 1, src.size
         for k in range(parts):
-            end = src.size if k == parts - 1 else (k + 1) * domain_bytes
+            end = last_end if k == parts - 1 else (k + 1) * domain_bytes
             domains.append(Domain(len(domains), src, k, k * domain_bytes, end))
     return domains
 
 
 def corpus_identity(cfg: CorpusConfig, sources: list[Source]) -> dict:
     """What names the corpus before any of it is read (content hashes come per domain)."""
-    return {
+    identity = {
         "sources": [[s.name, s.format, s.size] for s in sources],
         "text_field": cfg.text_field,
         "skip_bad_lines": cfg.skip_bad_lines,
         "max_sequences": cfg.max_sequences,
         "domain_bytes": cfg.domain_bytes,
     }
+    if any(s.format == "jsonl.zst" for s in sources):
+        identity["zst_split"] = ZST_SPLIT
+    return identity
 
 
 @dataclass
@@ -201,12 +270,15 @@ class DomainReader:
     """Documents of one domain, in order; hashes what it reads (`content_sha256`) and counts
     malformed lines (or raises CorpusError naming file and line)."""
 
-    def __init__(self, domain: Domain, text_field: str, skip_bad_lines: bool):
+    def __init__(
+        self, domain: Domain, text_field: str, skip_bad_lines: bool, zst: ZstStreams | None = None
+    ):
         self.domain = domain
         self.text_field = text_field
         self.skip_bad_lines = skip_bad_lines
         self.stats = DomainStats()
         self._hash = hashlib.sha256()
+        self._zst = zst or ZstStreams()
 
     @property
     def content_sha256(self) -> str:
@@ -244,7 +316,7 @@ class DomainReader:
         }[src.format]
         try:
             yield from read()
-        except CorpusError:
+        except SparsekdError:  # named already (a corpus or a storage error)
             raise
         except OSError as e:
             raise CorpusError(f"{src.path}: cannot read ({e.strerror or e})") from e
@@ -258,17 +330,17 @@ class DomainReader:
                 yield text
 
     def _txt(self) -> Iterator[str]:
-        path = self.domain.source.path
-        data = Path(path).read_bytes()
+        src = self.domain.source
+        data = src.store().read(src.name)
         self._hash.update(data)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
             raise CorpusError(
-                f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})"
+                f"{src.path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})"
             ) from e
-        if self._text(text, lambda: path) is not None:
+        if self._text(text, lambda: src.path) is not None:
             yield text
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
@@ -276,28 +348,21 @@ class DomainReader:
         offset is in the decompressed stream."""
         d = self.domain
         if d.source.format == "jsonl.zst":
-            yield from _zst_lines(d.source.path, self._hash)
-            return
-        with open(d.source.path, "rb") as fh:
-            if d.start > 0:  # the first line that begins at or after `start`
-                fh.seek(d.start - 1)
-                fh.readline()
-            pos = fh.tell()
-            while pos < d.end:
-                line = fh.readline()
-                if not line:
-                    break
-                self._hash.update(line)
-                yield pos, line
-                pos += len(line)
+            lines = self._zst.lines(d.source, d.start, d.end)
+        else:
+            lines = _ranged_lines(d.source, d.start, d.end)
+        for offset, line in lines:
+            self._hash.update(line)
+            yield offset, line
 
     def _where(self, offset: int) -> str:
         """`file:line` of a byte offset (counts lines only when an error is reported)."""
         src = self.domain.source
         if src.format == "jsonl.zst":
             return f"{src.path}: decompressed byte {offset}"
-        with open(src.path, "rb") as fh:
-            n = fh.read(offset).count(b"\n")
+        f = src.store().open(src.name)
+        n = sum(f.read_at(min(READ_CHUNK, offset - o), o).count(b"\n")
+                for o in range(0, offset, READ_CHUNK))  # fmt: skip
         return f"{src.path}:{n + 1}"
 
     def _jsonl(self) -> Iterator[str]:
@@ -323,7 +388,7 @@ class DomainReader:
         import pyarrow.parquet as pq
 
         d = self.domain
-        pf = pq.ParquetFile(d.source.path)
+        pf = pq.ParquetFile(d.source.store().open(d.source.name))
         if self.text_field not in pf.schema_arrow.names:
             raise CorpusError(f"{d.source.path}: no column {self.text_field!r} (--text-field)")
         md, row = pf.metadata, 0
@@ -342,36 +407,115 @@ class DomainReader:
             row += rg.num_rows
 
 
-def _zst_lines(path: str, content_hash) -> Iterator[tuple[int, bytes]]:
-    """Lines of a (multi-frame) .jsonl.zst file; a file that ends inside a frame, or whose
-    text does not end with a newline, is truncated: CorpusError naming it."""
-    import zstandard
+def _chunk_size(src: Source) -> int:
+    return READ_CHUNK if src.store().local else 8 * READ_CHUNK
 
-    pending = b""
-    offset = 0
-    dobj = zstandard.ZstdDecompressor().decompressobj()
-    in_frame = False
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            content_hash.update(chunk)
+
+def _ranged_lines(src: Source, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) of the lines of a file that begin in bytes [start, end), by ranged
+    reads: from byte start - 1 (the line holding it is someone else's) to the end of the
+    last line that begins before `end`."""
+    f = src.store().open(src.name)
+    chunk = _chunk_size(src)
+    pos = max(start - 1, 0)
+    buf, at = b"", 0  # unread bytes, and where in `buf` the next line begins
+    skip = start > 0
+    while True:
+        nl = buf.find(b"\n", at)
+        if nl < 0:
+            data = f.read_at(chunk, pos + len(buf)) if pos + len(buf) < src.size else b""
+            if not data:
+                if at < len(buf) and not skip and pos + at < end:
+                    yield pos + at, buf[at:]
+                return
+            buf, pos, at = buf[at:] + data, pos + at, 0
+            continue
+        line, line_at = buf[at : nl + 1], pos + at
+        at = nl + 1
+        if skip:  # the rest of the line that holds byte start - 1
+            skip = False
+            continue
+        if line_at >= end:
+            return
+        yield line_at, line
+
+
+class ZstStreams:
+    """One decompression pass per .jsonl.zst file for the domains a worker reads in order:
+    a domain's lines are read from where the previous domain of that file stopped (or
+    from the start, for an earlier range)."""
+
+    def __init__(self):
+        self._cursors: dict[str, _ZstCursor] = {}
+
+    def lines(self, src: Source, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
+        cur = self._cursors.get(src.path)
+        if cur is None or cur.offset > start:
+            cur = self._cursors[src.path] = _ZstCursor(src)
+        return cur.lines(start, end)
+
+
+class _ZstCursor:
+    """Lines of a (multi-frame) .jsonl.zst stream with their decompressed offsets. A file
+    that ends inside a frame, or whose text does not end with a newline, is truncated:
+    CorpusError naming it."""
+
+    def __init__(self, src: Source):
+        import zstandard
+
+        self.src, self._zstd = src, zstandard
+        self.f = src.store().open(src.name)
+        self.pos = 0  # compressed bytes read
+        self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.in_frame = False
+        self.pending = b""  # decompressed bytes not yet cut into lines
+        self.lines_ready: list[bytes] = []
+        self.offset = 0  # decompressed offset of the next line
+        self.done = False
+
+    def _fill(self) -> bool:
+        """Decompress the next chunk; False at the end of the stream."""
+        while not self.lines_ready:
+            if self.done:
+                return False
+            chunk = (
+                self.f.read_at(_chunk_size(self.src), self.pos) if self.pos < self.src.size else b""
+            )
+            self.pos += len(chunk)
+            if not chunk:
+                self.done = True
+                if self.in_frame:
+                    raise CorpusError(
+                        f"{self.src.path}: truncated (the file ends inside a zstd frame)"
+                    )
+                if self.pending:
+                    raise CorpusError(
+                        f"{self.src.path}: truncated (its text ends mid-line, without a newline)"
+                    )
+                return False
             while chunk:
-                out = dobj.decompress(chunk)
-                in_frame = True
-                pending += out
-                if dobj.eof:  # a frame ended: the rest of the chunk starts the next one
-                    chunk = dobj.unused_data
-                    dobj = zstandard.ZstdDecompressor().decompressobj()
-                    in_frame = False
+                self.pending += self.dobj.decompress(chunk)
+                self.in_frame = True
+                if self.dobj.eof:  # a frame ended: the rest of the chunk starts the next one
+                    chunk = self.dobj.unused_data
+                    self.dobj = self._zstd.ZstdDecompressor().decompressobj()
+                    self.in_frame = False
                 else:
                     chunk = b""
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                yield offset, line + b"\n"
-                offset += len(line) + 1
-    if in_frame:
-        raise CorpusError(f"{path}: truncated (the file ends inside a zstd frame)")
-    if pending:
-        raise CorpusError(f"{path}: truncated (its text ends mid-line, without a newline)")
+            *lines, self.pending = self.pending.split(b"\n")
+            self.lines_ready = [ln + b"\n" for ln in reversed(lines)]
+        return True
+
+    def lines(self, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
+        """The lines that begin in [start, end) (end None: to the end of the stream)."""
+        while self._fill():
+            line = self.lines_ready[-1]
+            if end is not None and self.offset >= end:
+                return  # kept for the next domain
+            self.lines_ready.pop()
+            at, self.offset = self.offset, self.offset + len(line)
+            if at >= start:
+                yield at, line
 
 
 def builtin_documents() -> Iterator[tuple[str, str]]:

@@ -1,102 +1,73 @@
-"""The build's bookkeeping: what is done, who owns what, and the append-only records.
+"""The build's bookkeeping: who claimed the folder, what is done, and finalising.
 
-Every build-cache process appends to its own log `records/<host>-<pid>-<random>.jsonl`
-(one writer per file, also across hosts): a header line (fingerprint, worker, teacher
-weights hash, versions), then one line per finished shard and one per finished domain,
-each flushed and fsynced. Bookkeeping per shard is one appended line: O(1), whatever the
-number of shards. A kill can tear only the last line of a log, which readers skip.
+Every record is one small object, published whole by one put of the storage seam
+(sparsekd.storage), so the same protocol holds on a local disk and on an object store,
+which has no rename and no append:
 
-A unit (domain, part) is done when a record lists it and its file has the recorded size;
+    build_config.json                         the claim: fingerprint, identity and config,
+                                              created conditionally before any shard
+    records/teacher.json                      the teacher weights' sha256 (the first worker
+                                              to hash them creates it; the others compare)
+    records/workers/<host>-<pid>-<rand>.json  one per build process that wrote a shard:
+                                              fingerprint, worker, weights, versions
+    records/units/NNNNN/DDDDDDDD-PPPPP.json    one per finished shard: place, bytes, sha256,
+                                              tokens_sha256 (after the shard is published)
+    records/domains/NNNNN/DDDDDDDD.json        one per finished domain (after its units'
+                                              records), with the entries of its shards
+
+Commit order: a shard, then its unit record; all the units of a domain, then its domain
+record; every domain record, then the index files and `manifest.json`, which is all a
+reader trusts. A kill at any point leaves each object either published whole or absent,
+and a re-run redoes exactly what has no record. Records are deterministic (no time, no
+host), so two processes that write the same one (the same worker index twice) write the
+same bytes; records are created conditionally, and one that already exists with other
+content (the corpus or the teacher changed between workers) is an error naming the file.
+
+Costs. A worker's start reads the claim and `records/teacher.json`; per domain it owns it
+reads that domain's record, and for an unfinished one lists that domain's unit records
+(its own prefix): requests grow with the worker's share, not the cache. The finaliser
+lists `records/domains/` and `shards/` and reads each domain record once (10^6 shards in
+about 10^4 domains: that many small reads, no per-shard request).
+
+A unit is done when its record exists and its shard has the recorded size; on a local disk
 a re-run also checks the sha256 of the finished shards of the domains it owns and redoes
-any that fail. A domain is done when its domain record exists and all its parts are done.
-The cache is complete when every domain is done: whichever worker sees that first writes
-the shard index and `manifest.json` (same bytes whichever worker it is).
+any that fail (a file system can damage a file after the fact; an object store publishes
+objects whole, so there the size is checked). Records of a build started before this
+layout (`records/*.jsonl` logs) are converted on the next start.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import socket
-import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from sparsekd.errors import CacheError, CorpusError
-from sparsekd.schemas.manifest import (
-    DOMAIN_INDEX_SCHEMA,
-    INDEX_DIR,
-    MANIFEST,
-    ShardIndex,
-    atomic_write_json,
-    read_json,
-    sha256_file,
-    write_manifest,
-)
+from sparsekd.errors import CacheError, CorpusError, TeacherError
+from sparsekd.schemas import format as F
+from sparsekd.schemas.manifest import DOMAIN_INDEX_SCHEMA, INDEX_DIR, MANIFEST, ShardIndex
+from sparsekd.schemas.manifest import write_manifest as _write_manifest
+from sparsekd.storage import STAGING, Store, json_bytes, parse_json, process_tag
 
 RECORDS_DIR = "records"
 BUILD_CONFIG = "build_config.json"
-OWN_ENTRIES = {MANIFEST, BUILD_CONFIG, RECORDS_DIR, INDEX_DIR, "shards"}
+TEACHER_RECORD = f"{RECORDS_DIR}/teacher.json"
+OWN_ENTRIES = {MANIFEST, BUILD_CONFIG, RECORDS_DIR, INDEX_DIR, F.SHARDS_DIR, STAGING}
+READ_THREADS = 16  # concurrent small reads from an object store (the finaliser's)
 
 
-@dataclass
-class Records:
-    """Every worker's records merged: headers, shards by (domain, part), domains."""
-
-    headers: list[dict] = field(default_factory=list)
-    shards: dict[tuple[int, int], dict] = field(default_factory=dict)
-    domains: dict[int, dict] = field(default_factory=dict)
+def _bucket(domain: int) -> str:
+    return f"{domain // F.DOMAINS_PER_DIR:05d}"
 
 
-def _parse_log(path: Path) -> list[dict]:
-    text = path.read_bytes().decode("utf-8", "replace")
-    lines = text.split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # the torn last line of a killed writer
-                break
-            raise CacheError(f"record {path} line {i + 1} is damaged") from e
-    return out
+def unit_record_name(domain: int, part: int) -> str:
+    return f"{RECORDS_DIR}/units/{_bucket(domain)}/{domain:08d}-{part:05d}.json"
 
 
-def read_records(out: Path) -> Records:
-    recs = Records()
-    d = out / RECORDS_DIR
-    if not d.is_dir():
-        return recs
-    for path in sorted(d.glob("*.jsonl")):
-        for rec in _parse_log(path):
-            kind = rec.get("kind")
-            if kind == "header":
-                recs.headers.append(rec)
-            elif kind == "shard":
-                key = (rec["domain"], rec["part"])
-                if key in recs.shards and recs.shards[key]["sha256"] != rec["sha256"]:
-                    raise CacheError(
-                        f"two records give {rec['file']} different contents: the corpus, the "
-                        "teacher or sparsekd changed between workers"
-                    )
-                recs.shards[key] = rec
-            elif kind == "domain":
-                old = recs.domains.get(rec["domain"])
-                if old and old["content_sha256"] != rec["content_sha256"]:
-                    raise CacheError(
-                        f"two records of domain {rec['domain']} ({rec['source']}) saw different "
-                        "corpus content: the file changed during the build"
-                    )
-                recs.domains[rec["domain"]] = rec
-    return recs
+def domain_record_name(domain: int) -> str:
+    return f"{RECORDS_DIR}/domains/{_bucket(domain)}/{domain:08d}.json"
 
 
 def identity_diff(old: dict, new: dict, limit: int = 4) -> str:
@@ -106,115 +77,239 @@ def identity_diff(old: dict, new: dict, limit: int = 4) -> str:
     )
 
 
-def check_out_dir(out: Path, identity: dict, fingerprint: str) -> Records:
-    """Refuse an --out that holds anything but a cache of this configuration; return the
-    records found there."""
-    if out.exists() and not out.is_dir():
-        raise CacheError(f"--out {out} is a file, not a directory")
-    if not out.exists():
-        return Records()
-    stray = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES)
-    if stray:
-        raise CacheError(f"--out {out} is not empty and holds no sparsekd cache ({stray[0]})")
-    recs = read_records(out)
-    prints = {h.get("fingerprint") for h in recs.headers}
-    if (out / MANIFEST).exists():
-        prints.add(read_json(out / MANIFEST, "manifest").get("fingerprint"))
-    if prints - {fingerprint} and not recs.shards and not (out / MANIFEST).exists():
-        # a first build that failed before any shard (empty corpus, a crash): nothing of
-        # value is there, so the corrected command starts afresh
-        shutil.rmtree(out / RECORDS_DIR, ignore_errors=True)
-        (out / BUILD_CONFIG).unlink(missing_ok=True)
-        return Records()
-    if prints - {fingerprint}:
-        old = {}
-        if (out / BUILD_CONFIG).exists():
-            old = read_json(out / BUILD_CONFIG, "build config").get("identity", {})
+def read_many(store: Store, names: list[str], what: str) -> list[dict]:
+    """Small JSON objects, read concurrently from an object store."""
+    read = lambda n: store.read_json(n, what)  # noqa: E731
+    if store.local or len(names) < 2:
+        return [read(n) for n in names]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return list(pool.map(read, names))
+
+
+class Ledger:
+    """The records of one cache folder, as one build process sees and writes them."""
+
+    def __init__(self, store: Store, plan):
+        self.store, self.plan = store, plan
+        self.claimed = False  # this process created build_config.json
+        self._header_written = False
+
+    # --- the claim --------------------------------------------------------------------------
+
+    def claim(self) -> None:
+        """Refuse a folder that holds anything but a cache of this configuration, then claim
+        it for this configuration before any shard is written (a concurrent build with
+        other settings is refused here, not after both have written)."""
+        store, plan = self.store, self.plan
+        if store.local and store.size("") is not None:
+            raise CacheError(f"--out {store.uri} is a file, not a directory")
+        stray = sorted(set(store.top()) - OWN_ENTRIES)
+        if stray:
+            raise CacheError(
+                f"--out {store.uri} is not empty and holds no sparsekd cache ({stray[0]})"
+            )
+        doc = {"fingerprint": plan.fingerprint, "identity": plan.identity, "config": plan.config}
+        self.claimed = store.put_new(BUILD_CONFIG, json_bytes(doc))
+        if self.claimed:
+            return
+        old = store.read_json(BUILD_CONFIG, "build config")
+        if old.get("fingerprint") == plan.fingerprint:
+            self._migrate_logs()
+            return
+        empty = not store.list(f"{RECORDS_DIR}/units/") and store.size(MANIFEST) is None
+        hint = "use another --out"
+        if empty:
+            hint += (
+                f" (it holds no shard yet: if no build is running on it, delete "
+                f"{store.url(BUILD_CONFIG)})"
+            )
         raise CacheError(
-            f"--out {out} already holds a cache of a different configuration "
-            f"({identity_diff(old, identity) or 'fingerprint'}); use another --out"
+            f"--out {store.uri} already holds a cache of a different configuration "
+            f"({identity_diff(old.get('identity', {}), plan.identity) or 'fingerprint'}); "
+            f"{hint}"
         )
-    return recs
 
+    def release(self) -> None:
+        """After a failure: give the folder back if this process claimed it and no shard was
+        recorded, so that the corrected command starts afresh."""
+        if self.claimed and not self.store.list(f"{RECORDS_DIR}/units/"):
+            self.store.delete_prefix(f"{RECORDS_DIR}/")
+            self.store.delete(BUILD_CONFIG)
+            self.claimed = False
 
-class RecordLog:
-    """This process's append-only log, opened on the first append."""
+    # --- records ----------------------------------------------------------------------------
 
-    def __init__(self, out: Path, header):
-        self.out = out
-        self._header = header  # callable: the header dict, computed when first needed
-        self._fh = None
-        self._lock = threading.Lock()
+    def _put_record(self, name: str, rec: dict, conflict: str) -> None:
+        """Create a record; one that exists must hold the same content."""
+        data = json_bytes(rec)
+        if self.store.put_new(name, data):
+            return
+        old = parse_json(self.store.read(name), self.store.url(name))
+        if old != json.loads(data):
+            raise CacheError(conflict)
 
-    def append(self, rec: dict) -> None:
-        with self._lock:
-            if self._fh is None:
-                (self.out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
-                name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
-                self._fh = open(self.out / RECORDS_DIR / name, "a")
-                self._write({"kind": "header", "time": time.time(), **self._header()})
-            self._write(rec)
+    def write_header(self) -> None:
+        """This process's record (once, before its first unit record)."""
+        if not self._header_written:
+            header = {**self.plan.header(), "time": time.time()}
+            self.store.put(f"{RECORDS_DIR}/workers/{process_tag()}.json", json_bytes(header))
+            self._header_written = True
 
-    def _write(self, rec: dict) -> None:
-        self._fh.write(json.dumps(rec, sort_keys=True) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+    def check_teacher(self, weights_sha256: str) -> None:
+        """Refuse to add to a cache whose other workers read other teacher weights."""
+        rec = {"teacher_weights_sha256": weights_sha256}
+        if self.store.put_new(TEACHER_RECORD, json_bytes(rec)):
+            return
+        old = self.store.read_json(TEACHER_RECORD, "teacher record")
+        if old.get("teacher_weights_sha256") != weights_sha256:
+            raise TeacherError(
+                f"the weights in {self.plan.cfg.teacher.path} differ from those the other "
+                "workers of this cache used (teacher_weights_sha256); restore them or use "
+                "another --out"
+            )
 
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+    def write_unit(self, rec: dict) -> None:
+        self.write_header()
+        self._put_record(
+            unit_record_name(rec["domain"], rec["part"]),
+            rec,
+            f"two workers wrote {rec['file']} with different contents: the corpus, the teacher "
+            "or sparsekd changed between them",
+        )
 
+    def write_domain(self, rec: dict) -> None:
+        self._put_record(
+            domain_record_name(rec["domain"]),
+            rec,
+            f"two records of domain {rec['domain']} ({rec['source']}) saw different corpus "
+            "content: the file changed during the build",
+        )
 
-def shard_ok(out: Path, rec: dict, deep: bool) -> bool:
-    """A recorded shard's file is there with its size (and, when `deep`, its sha256)."""
-    path = out / rec["file"]
-    try:
-        if path.stat().st_size != rec["bytes"]:
+    def domain_record(self, domain: int) -> dict | None:
+        name = domain_record_name(domain)
+        try:
+            return parse_json(self.store.read(name), self.store.url(name))
+        except FileNotFoundError:
+            return None
+
+    def unit_records(self, domain: int) -> dict[int, dict]:
+        """The unit records of one domain, by part (one listing of its own prefix)."""
+        prefix = f"{RECORDS_DIR}/units/{_bucket(domain)}/{domain:08d}-"
+        recs = read_many(self.store, list(self.store.list(prefix)), "unit record")
+        return {r["part"]: r for r in recs}
+
+    def shard_ok(self, rec: dict, deep: bool) -> bool:
+        """A recorded shard is there with its size (and, when `deep`, its sha256)."""
+        if self.store.size(rec["file"]) != rec["bytes"]:
             return False
-    except FileNotFoundError:
-        return False
-    return not deep or sha256_file(path) == rec["sha256"]
+        return not deep or self.store.sha256(rec["file"]) == rec["sha256"]
+
+    # --- records of a build started before this layout ----------------------------------
+
+    def _migrate_logs(self) -> None:
+        """Turn the append-only logs of an earlier sparsekd (`records/*.jsonl`) into
+        records of this layout, then remove them."""
+        logs = [n for n in self.store.list(f"{RECORDS_DIR}/") if n.count("/") == 1]
+        logs = [n for n in logs if n.endswith(".jsonl")]
+        if not logs:
+            return
+        units: dict[tuple[int, int], dict] = {}
+        domains: dict[int, dict] = {}
+        for name in logs:
+            for rec in _parse_log(self.store.read(name), self.store.url(name)):
+                if rec.get("kind") == "header":
+                    stem = name.rsplit("/", 1)[1].removesuffix(".jsonl")
+                    self.store.put(f"{RECORDS_DIR}/workers/{stem}.json", json_bytes(rec))
+                elif rec.get("kind") == "shard":
+                    units[rec["domain"], rec["part"]] = rec
+                elif rec.get("kind") == "domain":
+                    domains[rec["domain"]] = rec
+        for rec in units.values():
+            name = unit_record_name(rec["domain"], rec["part"])
+            self._put_record(name, rec, f"{self.store.url(name)} disagrees with the logs")
+        S = self.plan.shard_sequences
+        for d, rec in domains.items():
+            parts = [units.get((d, j)) for j in range(-(-rec["sequences"] // S))]
+            if all(parts):
+                self.write_domain({**rec, "shards": [_entry(p) for p in parts]})
+        for name in logs:
+            self.store.delete(name)
+
+
+def _parse_log(data: bytes, where: str) -> list[dict]:
+    lines = data.decode("utf-8", "replace").split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # the torn last line of a killed writer
+                break
+            raise CacheError(f"record {where} line {i + 1} is damaged") from e
+    return out
+
+
+SHARD_ENTRY_KEYS = ("domain", "part", "first_seq", "rows", "file", "bytes", "sha256")
+
+
+def _entry(unit_rec: dict) -> dict:
+    """What a domain record keeps of each of its unit records (the index's columns)."""
+    return {k: unit_rec[k] for k in SHARD_ENTRY_KEYS}
+
+
+def domain_record(d, sequences: int, reader, units: list[dict]) -> dict:
+    """The record of a finished domain: what was read, and its shards' entries in order."""
+    return {
+        "kind": "domain",
+        "domain": d.index,
+        "source": d.source.name,
+        "part": d.part,
+        "sequences": sequences,
+        "content_sha256": reader.content_sha256,
+        "documents": reader.stats.documents,
+        "bad_lines": reader.stats.bad_lines,
+        "bad_examples": reader.stats.bad_examples,
+        "shards": [_entry(u) for u in units],
+    }
 
 
 def domain_parts(rec: dict, shard_sequences: int) -> int:
     return -(-rec["sequences"] // shard_sequences)
 
 
-def try_finalize(out: Path, plan, recs: Records | None = None) -> dict | None:
+def try_finalize(store: Store, plan) -> dict | None:
     """Write the index and manifest.json if every domain is done; return the manifest."""
-    recs = recs or read_records(out)
-    S = plan.shard_sequences
-    entries = []
-    for d in plan.domains:
-        rec = recs.domains.get(d.index)
-        if rec is None:
-            return None
-        for j in range(domain_parts(rec, S)):
-            shard = recs.shards.get((d.index, j))
-            if shard is None or not shard_ok(out, shard, deep=False):
-                return None
-            entries.append(shard)
+    want = {domain_record_name(d.index) for d in plan.domains}
+    if not want <= set(store.list(f"{RECORDS_DIR}/domains/")):
+        return None
+    by_name = dict(zip(sorted(want), read_many(store, sorted(want), "domain record")))
+    domains = [by_name[domain_record_name(d.index)] for d in plan.domains]
+    entries = [e for r in domains for e in r["shards"]]
     if not entries:
         raise CorpusError(
             f"the corpus yields no sequence of --seq-len {plan.seq_len} (every domain has "
             f"fewer than {plan.seq_len + 1} tokens)"
         )
-    weights = {h.get("teacher_weights_sha256") for h in recs.headers}
-    if len(weights) > 1:
+    present = store.list(f"{F.SHARDS_DIR}/")
+    if any(present.get(e["file"]) != e["bytes"] for e in entries):
+        return None  # a recorded shard went missing: its owner's re-run writes it again
+    headers = read_many(store, list(store.list(f"{RECORDS_DIR}/workers/")), "worker record")
+    weights = {h.get("teacher_weights_sha256") for h in headers}
+    if len(weights) != 1:
         raise CacheError(
             "workers of this cache saw different teacher weights (teacher_weights_sha256 "
             "differs between their records); rebuild with one teacher"
         )
-    domains = [recs.domains[d.index] for d in plan.domains]
     table = pa.table(
         {name: [r[name] for r in domains] for name in DOMAIN_INDEX_SCHEMA.names},
         schema=DOMAIN_INDEX_SCHEMA,
     )
-    versions = sorted({json.dumps(h.get("versions", {}), sort_keys=True) for h in recs.headers})
+    versions = sorted({json.dumps(h.get("versions", {}), sort_keys=True) for h in headers})
     content = hashlib.sha256("".join(r["content_sha256"] for r in domains).encode()).hexdigest()
-    return write_manifest(
-        out,
+    return _write_manifest(
+        store,
         meta={**plan.meta, "teacher_weights_sha256": weights.pop()},
         fingerprint=plan.fingerprint,
         shards=ShardIndex.from_entries(entries),
@@ -224,15 +319,4 @@ def try_finalize(out: Path, plan, recs: Records | None = None) -> dict | None:
             "bad_lines": sum(r["bad_lines"] for r in domains),
             "versions": [json.loads(v) for v in versions],
         },
-    )
-
-
-def write_build_config(out: Path, plan) -> None:
-    """The identity and resolved configuration, beside the cache (for people and for the
-    error that names what differs when another configuration meets this --out)."""
-    path = out / BUILD_CONFIG
-    if path.exists() and read_json(path, "build config").get("fingerprint") == plan.fingerprint:
-        return
-    atomic_write_json(
-        path, {"fingerprint": plan.fingerprint, "identity": plan.identity, "config": plan.config}
     )

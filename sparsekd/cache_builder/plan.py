@@ -37,8 +37,9 @@ class BuildPlan:
     digest: WeightsDigest
 
     @property
-    def out(self) -> Path:
-        return Path(self.cfg.writer.out)
+    def out(self) -> str:
+        """The cache folder: a path or a URI (sparsekd.storage)."""
+        return self.cfg.writer.out
 
     @property
     def seq_len(self) -> int:
@@ -59,17 +60,6 @@ class BuildPlan:
 
     def weights_sha256(self) -> str:
         return self.digest.result()
-
-    def check_weights(self, headers: list[dict]) -> None:
-        """Refuse to add to a cache whose other workers read other teacher weights."""
-        mine = self.weights_sha256()
-        for h in headers:
-            if h.get("teacher_weights_sha256") not in (None, mine):
-                raise TeacherError(
-                    f"the weights in {self.cfg.teacher.path} differ from those the other "
-                    "workers of this cache used (teacher_weights_sha256); restore them or "
-                    "use another --out"
-                )
 
     def header(self) -> dict:
         """The first line of this process's record log."""

@@ -17,8 +17,7 @@ mean log-probs, so another ratio can be chosen without reading the caches again,
 
 from __future__ import annotations
 
-import os
-import shutil
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,20 +27,14 @@ import pyarrow.parquet as pq
 
 from sparsekd.cache_builder.ledger import BUILD_CONFIG
 from sparsekd.cache_builder.teacher import load_tokenizer
-from sparsekd.cache_builder.writer import ShardFiles, write_shard
+from sparsekd.cache_builder.writer import write_shard
 from sparsekd.config import check, setting, to_dict
 from sparsekd.errors import CacheError, ConfigError
 from sparsekd.schemas import format as F
 from sparsekd.schemas.cache import Cache, check_same_sequences, in_sorted, open_cache
 from sparsekd.schemas.identity import fingerprint, tokenizer_hash
-from sparsekd.schemas.manifest import (
-    KEPT_SCHEMA,
-    MANIFEST,
-    ShardIndex,
-    atomic_write_json,
-    read_json,
-    write_manifest,
-)
+from sparsekd.schemas.manifest import KEPT_SCHEMA, MANIFEST, ShardIndex, write_manifest
+from sparsekd.storage import Store, absolute, open_store
 
 REFINE_RECORD = "refine.json"
 SCORES_FILE = "scores.parquet"
@@ -54,7 +47,7 @@ class RefineConfig:
     reference_cache: str = setting(
         doc="The small reference model's cache of the same packed corpus (any mode).", flag=True
     )
-    out: str = setting(doc="Refined set folder.", flag=True)
+    out: str = setting(doc="Refined set folder (a path or a URI).", flag=True)
     ratio: float = setting(0.5, "Fraction of the sequences to keep.", flag=True)
     tokenizer: str | None = setting(
         None, "Tokenizer folder (default: the teacher folder recorded by build-cache).", flag=True
@@ -104,8 +97,8 @@ def select(scores: np.ndarray, ratio: float) -> np.ndarray:
 
 def _load_tokenizer(cfg: RefineConfig, teacher: Cache):
     path = cfg.tokenizer
-    if path is None and (teacher.path / BUILD_CONFIG).exists():
-        build = read_json(teacher.path / BUILD_CONFIG, "build config")
+    if path is None and teacher.store.size(BUILD_CONFIG) is not None:
+        build = teacher.store.read_json(BUILD_CONFIG, "build config")
         path = build.get("config", {}).get("teacher", {}).get("path")
     if path is None or not Path(path).is_dir():
         raise ConfigError(
@@ -129,25 +122,26 @@ def _fingerprint(cfg: RefineConfig, teacher: Cache, reference: Cache) -> str:
     )
 
 
-def _prepare_out(out: Path, fingerprint: str, cfg: RefineConfig) -> bool:
-    """True when `out` already holds this exact refined set. Refuses any other content."""
-    rec = out / REFINE_RECORD
-    if rec.exists():
-        if read_json(rec, "refine record").get("fingerprint") != fingerprint:
+def _prepare_out(store: Store, fingerprint: str, cfg: RefineConfig) -> bool:
+    """True when the folder already holds this exact refined set. Refuses any other
+    content."""
+    if store.size(REFINE_RECORD) is not None:
+        if store.read_json(REFINE_RECORD, "refine record").get("fingerprint") != fingerprint:
             raise CacheError(
-                f"--out {out} holds a refined set of other caches or another ratio; "
+                f"--out {store.uri} holds a refined set of other caches or another ratio; "
                 "use another --out"
             )
-        if (out / MANIFEST).exists():
+        if store.size(MANIFEST) is not None:
             return True
-        for p in out.iterdir():  # an interrupted run: its partial shards are redone
-            if p.name != REFINE_RECORD:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for name in store.list(""):  # an interrupted run: its partial shards are redone
+            if name != REFINE_RECORD:
+                store.delete(name)
         return False
-    if out.exists() and any(out.iterdir()):
-        raise CacheError(f"--out {out} is not empty and holds no refined set")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(rec, {"fingerprint": fingerprint, "config": to_dict(cfg)})
+    if store.local and store.size("") is not None:
+        raise CacheError(f"--out {store.uri} is a file, not a folder")
+    if store.top():
+        raise CacheError(f"--out {store.uri} is not empty and holds no refined set")
+    store.put_json(REFINE_RECORD, {"fingerprint": fingerprint, "config": to_dict(cfg)})
     return False
 
 
@@ -163,21 +157,21 @@ def run(cfg: RefineConfig) -> dict:
             "the teacher and reference caches come from the same model: every score would "
             "be 0; build the reference cache with the small reference model"
         )
-    out = Path(cfg.out)
+    store = open_store(cfg.out)
     fp = _fingerprint(cfg, teacher, reference)
-    done = _prepare_out(out, fp, cfg)
+    done = _prepare_out(store, fp, cfg)
     tok = _load_tokenizer(cfg, teacher)
     seq_ids, t_lp, r_lp = _score_pass(teacher, reference)
     scores = t_lp - r_lp
     keep = select(scores, cfg.ratio)
     summary = _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, teacher, tok)
     if not done:
-        _write_scores(out / SCORES_FILE, seq_ids, scores, t_lp, r_lp, keep)
+        _write_scores(store, seq_ids, scores, t_lp, r_lp, keep)
         meta = _refined_meta(cfg, fp, teacher, reference, keep, summary["cut"])
         kept = seq_ids[keep]
-        index = _write_refined(out, teacher, kept, scores[keep], tok, meta, cfg.shard_sequences)
+        index = _write_refined(store, teacher, kept, scores[keep], tok, meta, cfg.shard_sequences)
         write_manifest(
-            out,
+            store,
             meta=meta,
             fingerprint=fp,
             shards=index,
@@ -188,13 +182,14 @@ def run(cfg: RefineConfig) -> dict:
             },
         )
     if cfg.plot:
-        plot_scores(summary, t_lp, r_lp, scores, keep, out / PLOT_FILE)
-        summary["plot"] = str(out / PLOT_FILE)
+        store.put(PLOT_FILE, plot_scores(summary, t_lp, r_lp, scores, keep))
+        summary["plot"] = store.url(PLOT_FILE)
+    store.close()
     summary["reused"] = done
     return summary
 
 
-def _write_scores(path: Path, seq_ids, scores, t_lp, r_lp, keep) -> None:
+def _write_scores(store: Store, seq_ids, scores, t_lp, r_lp, keep) -> None:
     table = pa.table(
         {
             F.COL_SEQ_ID: pa.array(seq_ids),
@@ -204,7 +199,9 @@ def _write_scores(path: Path, seq_ids, scores, t_lp, r_lp, keep) -> None:
             "kept": pa.array(keep),
         }
     )
-    pq.write_table(table, path, compression="zstd")
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    store.put(SCORES_FILE, buf.getvalue())
 
 
 def _refined_meta(cfg, fp, teacher: Cache, reference: Cache, keep, cut: float) -> dict:
@@ -218,21 +215,21 @@ def _refined_meta(cfg, fp, teacher: Cache, reference: Cache, keep, cut: float) -
             "cut": cut,
             "kept": int(keep.sum()),
             "of": len(keep),
-            "teacher_cache": str(teacher.path.resolve()),
+            "teacher_cache": absolute(teacher.path),
             "teacher_fingerprint": teacher.fingerprint,
             "reference": reference.meta["teacher"],
             "reference_weights_sha256": reference.meta["teacher_weights_sha256"],
-            "reference_cache": str(reference.path.resolve()),
+            "reference_cache": absolute(reference.path),
             "reference_fingerprint": reference.fingerprint,
         },
     }
 
 
-def _write_refined(out: Path, teacher: Cache, kept, kept_scores, tok, meta, S: int) -> ShardIndex:
+def _write_refined(store: Store, teacher: Cache, kept, kept_scores, tok, meta, S: int):
     """The kept rows of the teacher cache, with `score` and `text`, in shards of S rows
     (shard u is numbered as domain u, part 0; its rows keep their seq_ids)."""
     schema = F.arrow_schema(teacher.meta["mode"], teacher.meta.get("weighted", False), True)
-    files, entries, pending = ShardFiles(out), [], []
+    entries, pending = [], []
     shard, group, _ = teacher.row_groups()
     for i, g in zip(shard.tolist(), group.tolist()):
         table, _ = teacher.read_group_table(i, g)
@@ -248,12 +245,11 @@ def _write_refined(out: Path, teacher: Cache, kept, kept_scores, tok, meta, S: i
         pending.append(table.cast(schema))
         while sum(t.num_rows for t in pending) >= S:
             merged = pa.concat_tables(pending).combine_chunks()
-            entries.append(write_shard(files, len(entries), 0, merged.slice(0, S), meta))
+            entries.append(write_shard(store, len(entries), 0, merged.slice(0, S), meta))
             pending = [merged.slice(S)]
     if sum(t.num_rows for t in pending):
         merged = pa.concat_tables(pending).combine_chunks()
-        entries.append(write_shard(files, len(entries), 0, merged, meta))
-    files.close()
+        entries.append(write_shard(store, len(entries), 0, merged, meta))
     return ShardIndex.from_entries(entries)
 
 
@@ -331,7 +327,8 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def plot_scores(s: dict, t_lp, r_lp, scores, keep, png: str | os.PathLike) -> None:
+def plot_scores(s: dict, t_lp, r_lp, scores, keep) -> bytes:
+    """The score histogram and scatter, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,5 +352,7 @@ def plot_scores(s: dict, t_lp, r_lp, scores, keep, png: str | os.PathLike) -> No
     )
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    return buf.getvalue()

@@ -6,11 +6,13 @@ the previous one is written, so a build takes about max(teacher, writer) rather 
 sum, and at most `queue_depth` units wait in memory. An error in the thread is raised in
 the caller at its next `put` or at `close`.
 
-A shard is built in memory, written to `shards/.tmp/<host>-<pid>-<random>/` (a folder per
-writer process, so two writers never touch each other's files, even with the same worker
-index on two hosts), fsynced and renamed to its final name; a killed job never leaves a
-half-written file under a shard's name. Its footer holds the cache metadata, its own place
-(domain, part, first_seq, rows) and the content checksum of each row group.
+A shard is built in memory and published whole under its final name by the store
+(sparsekd.storage: on a local disk through this process's private staging folder, fsync
+and rename; on an object store one PUT or a multipart upload), so a killed job never
+leaves a half-written file under a shard's name, and two writers of the same unit (the
+same worker index on two hosts) never touch each other's temporary files. Its footer
+holds the cache metadata, its own place (domain, part, first_seq, rows) and the content
+checksum of each row group.
 """
 
 from __future__ import annotations
@@ -18,15 +20,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import queue
-import shutil
-import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -35,16 +32,18 @@ import pyarrow.parquet as pq
 from sparsekd.cache_builder.encoder import Support
 from sparsekd.config import check, setting
 from sparsekd.schemas import format as F
-from sparsekd.schemas.manifest import fsync_dir
+from sparsekd.storage import Store
 
-TMP_DIR = f"{F.SHARDS_DIR}/.tmp"
-STALE_TMP_S = 3600  # a writer folder untouched this long belongs to a dead process
 DEFAULT_SHARD_TOKENS = 4_194_304  # ~100-150 MB shards at 25-36 bytes/token (docs/scale.md)
 
 
 @dataclass(frozen=True, kw_only=True)
 class WriterConfig:
-    out: str = setting(doc="Cache directory (created; an existing cache is resumed).", flag="--out")
+    out: str = setting(
+        doc="Cache folder: a path or a URI (s3://bucket/prefix, gs://...); created, and an "
+        "existing cache of this configuration is resumed.",
+        flag="--out",
+    )
     shard_sequences: int | None = setting(
         None,
         f"Sequences per shard (work unit). Default: {DEFAULT_SHARD_TOKENS} tokens / --seq-len "
@@ -129,50 +128,6 @@ def encode_table(
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-class ShardFiles:
-    """Where this process writes shards: a private temporary folder, then the final name."""
-
-    def __init__(self, cache_dir: str | os.PathLike):
-        self.root = Path(cache_dir)
-        tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp = self.root / TMP_DIR / tag
-        self._sweep_stale()
-
-    def _sweep_stale(self) -> None:
-        """Remove writer folders of dead processes: untouched for STALE_TMP_S (a live writer
-        touches its folder with every shard it writes, within seconds)."""
-        parent = self.root / TMP_DIR
-        if not parent.is_dir():
-            return
-        now = time.time()
-        for d in parent.iterdir():
-            try:
-                if now - d.stat().st_mtime > STALE_TMP_S:
-                    shutil.rmtree(d, ignore_errors=True)
-            except FileNotFoundError:  # another worker swept it first
-                pass
-
-    def write(self, relpath: str, data: bytes) -> None:
-        final = self.root / relpath
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / (final.name + ".tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(final.parent)
-
-    def close(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 def shard_bytes(table: pa.Table, meta: dict) -> bytes:
     """The shard file's bytes: `meta` plus the row-group checksums in its footer."""
     meta = {**meta, "checksums": F.row_group_checksums(table)}
@@ -182,13 +137,14 @@ def shard_bytes(table: pa.Table, meta: dict) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(files: ShardFiles, domain: int, part: int, table: pa.Table, meta: dict) -> dict:
-    """Write `table` as shard (domain, part); return its record entry."""
+def write_shard(store: Store, domain: int, part: int, table: pa.Table, meta: dict) -> dict:
+    """Publish `table` as shard (domain, part) of the cache in `store`; return its record
+    entry."""
     seq_ids = table.column(F.COL_SEQ_ID).to_numpy()
     place = {"domain": domain, "part": part, "first_seq": int(seq_ids[0]), "rows": table.num_rows}
     data = shard_bytes(table, {**meta, **place})
     relpath = F.shard_relpath(domain, part)
-    files.write(relpath, data)
+    store.put(relpath, data)
     return {
         **place,
         "file": relpath,

@@ -9,6 +9,12 @@
         seq.token_logprobs                   # np.float32 [L]: teacher log p(labels[p])
         offsets, ids, probs = seq.targets()  # position p: ids[offsets[p]:offsets[p+1]]
 
+`open_cache` takes a local path or a URI (s3://bucket/prefix, gs://..., any fsspec URL):
+every read goes through the storage seam (sparsekd.storage) and fetches only the bytes
+it needs: the manifest and the shard index, each opened shard's footer, and the byte range
+of each row group read (one ranged request, its column chunks coalesced). On an object
+store `read_groups` keeps `read_ahead` row groups in flight to hide the store's latency.
+
 What every read checks (docs/reliability.md): opening a shard compares its size with the
 index and its footer's metadata (fingerprint, domain, part, rows, row-group count) with the
 manifest; every page's CRC32 is verified by Parquet; every decoded row group's content
@@ -18,13 +24,14 @@ Any failure is a CacheError naming the shard. `verify_full` adds the file's sha2
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -32,16 +39,15 @@ import pyarrow.parquet as pq
 
 from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
-from sparsekd.schemas.manifest import (
-    MANIFEST,
-    ShardIndex,
-    check_manifest,
-    read_json,
-    read_shard_index,
-    sha256_file,
-)
+from sparsekd.schemas.manifest import MANIFEST, ShardIndex, check_manifest, read_shard_index
+from sparsekd.storage import Store, open_store, parse_json
 
-OPEN_SHARDS = 16  # open Parquet files kept per cache (their footers parsed once)
+# Opened shards kept per cache: local files stay open (file handles); from an object store
+# only the parsed footer is kept, so more of them (a footer evicted is fetched again).
+OPEN_SHARDS = {"local": 16, "remote": 256}
+# Row groups in flight while reading from an object store (`read_groups`): at 20 ms per
+# request and ~1-2 ms to decode a group, 32 keep two cores busy (benchmarks/bench_storage.py)
+DEFAULT_READ_AHEAD = 32
 # Footer keys reported first when a shard's metadata disagrees with the manifest.
 _FIRST_KEYS = ("fingerprint", "domain", "part", "first_seq", "rows")
 
@@ -92,25 +98,34 @@ class Sequence:
 
 
 class ShardFile:
-    """One opened, checked shard: its Parquet file and its stored row-group checksums."""
+    """One opened, checked shard: its footer (Parquet metadata) and stored row-group
+    checksums; on a local disk also the open file (`pf`)."""
 
     def __init__(self, cache: Cache, i: int):
-        name = cache.index.relpath(i)
-        self.path = cache.path / name
+        name, size = cache.index.relpath(i), int(cache.index.bytes[i])
+        self.name = name
+        store = cache.store
         try:
-            size = os.stat(self.path).st_size
+            self.file = store.open(name)
         except FileNotFoundError as e:
             raise CacheError(f"shard {name} listed in the manifest is missing") from e
-        if size != int(cache.index.bytes[i]):
+        if self.file.size() != size:
             raise CacheError(
-                f"shard {name} has {size} bytes, the manifest says {int(cache.index.bytes[i])} "
+                f"shard {name} has {self.file.size()} bytes, the manifest says {size} "
                 "(truncated, or copied from another cache)"
             )
         try:
-            self.pf = pq.ParquetFile(self.path, page_checksum_verification=True)
-            meta = json.loads(self.pf.schema_arrow.metadata[F.META_KEY])
+            pf = pq.ParquetFile(self.file, page_checksum_verification=True)
+            meta = json.loads(pf.schema_arrow.metadata[F.META_KEY])
         except Exception as e:  # a damaged footer: any decode error is a finding
             raise CacheError(f"shard {name}: unreadable footer ({type(e).__name__})") from e
+        self._check_footer(cache, i, pf, meta)
+        self.footer, self.schema = meta, pf.schema_arrow  # the sparsekd metadata, as stored
+        self.metadata = pf.metadata
+        self.pf = pf if store.local else None  # remote: a reader per read, for threads
+
+    def _check_footer(self, cache: Cache, i: int, pf, meta: dict) -> None:
+        name = self.name
         place = {
             "domain": int(cache.index.domain[i]),
             "part": int(cache.index.part[i]),
@@ -127,30 +142,45 @@ class ShardFile:
                 )
         m = cache.meta
         expected = F.arrow_schema(m["mode"], m.get("weighted", False), "refined" in m)
-        if not self.pf.schema_arrow.remove_metadata().equals(expected):
+        if not pf.schema_arrow.remove_metadata().equals(expected):
             raise CacheError(f"shard {name}: its columns are not the {m['mode']} shard schema")
         self.checksums = meta.get("checksums")
         n_groups = -(-place["rows"] // cache.row_group_size)
         if (
             not isinstance(self.checksums, list)
             or len(self.checksums) != n_groups
-            or self.pf.metadata.num_row_groups != n_groups
-            or self.pf.metadata.num_rows != place["rows"]
+            or pf.metadata.num_row_groups != n_groups
+            or pf.metadata.num_rows != place["rows"]
         ):
             raise CacheError(f"shard {name}: its row groups do not match its metadata")
-        self.name = name
+
+    @property
+    def num_row_groups(self) -> int:
+        return self.metadata.num_row_groups
+
+    def read_row_group(self, g: int) -> pa.Table:
+        """Row group g, pages verified. From an object store: one ranged request (the
+        group's column chunks are adjacent and pre-buffered together) through a reader of
+        its own over the shard's file, whose ranged reads are thread-safe; no footer read."""
+        if self.pf is not None:
+            return self.pf.read_row_group(g)
+        pf = pq.ParquetFile(self.file, metadata=self.metadata, page_checksum_verification=True)
+        return pf.read_row_group(g)
 
 
 class Cache:
     """A finished cache: its manifest, metadata, shard index and checked reads."""
 
-    def __init__(self, path: str | os.PathLike, manifest: dict, index: ShardIndex):
-        self.path = Path(path)
+    def __init__(self, store: Store, manifest: dict, index: ShardIndex):
+        self.store = store
+        self.path = store.uri  # where it is, as given (a path or a URI)
         self.manifest = manifest
         self.meta: dict = manifest["meta"]
         self.index = index
         self.row_group_size = int(self.meta["row_group_size"])
+        self.read_ahead = 0 if store.local else DEFAULT_READ_AHEAD
         self._open: OrderedDict[int, ShardFile] = OrderedDict()
+        self._capacity = OPEN_SHARDS["local" if store.local else "remote"]
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -164,11 +194,12 @@ class Cache:
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
-    def shard_path(self, i: int) -> Path:
-        return self.path / self.index.relpath(i)
+    def shard_path(self, i: int) -> str:
+        """Where shard i is: a local path or a URI."""
+        return self.store.url(self.index.relpath(i))
 
     def shard(self, i: int) -> ShardFile:
-        """Shard i, opened and checked once (the last OPEN_SHARDS stay open)."""
+        """Shard i, opened and checked once (the most recently used stay open)."""
         with self._lock:
             if i in self._open:
                 self._open.move_to_end(i)
@@ -176,7 +207,7 @@ class Cache:
         sf = ShardFile(self, i)
         with self._lock:
             self._open[i] = sf
-            while len(self._open) > OPEN_SHARDS:
+            while len(self._open) > self._capacity:
                 self._open.popitem(last=False)
         return sf
 
@@ -194,7 +225,7 @@ class Cache:
         """Row group g of shard i as an Arrow table, and its columns as numpy, checked."""
         sf = self.shard(i)
         try:
-            table = sf.pf.read_row_group(g)
+            table = sf.read_row_group(g)
         except Exception as e:  # page CRC mismatch, truncated or garbled page
             raise CacheError(
                 f"shard {sf.name} row group {g} cannot be read ({type(e).__name__}: "
@@ -225,13 +256,38 @@ class Cache:
         table, cols = self.read_group_table(i, g)
         return self._sequences(cols, table.num_rows)
 
+    def read_groups(
+        self, pairs: Iterable[tuple[int, int]], read_ahead: int | None = None
+    ) -> Iterator[list[Sequence]]:
+        """`read_group` of each (shard, group) pair, in order, with `read_ahead` (default:
+        the cache's, 0 on a local disk) reads in flight on a thread pool."""
+        ahead = self.read_ahead if read_ahead is None else read_ahead
+        if ahead <= 0:
+            for i, g in pairs:
+                yield self.read_group(i, g)
+            return
+        it = iter(pairs)
+        pool = ThreadPoolExecutor(ahead, thread_name_prefix="sparsekd-read")
+        try:
+            pending = deque(
+                pool.submit(self.read_group, i, g) for i, g in itertools.islice(it, ahead)
+            )
+            while pending:
+                done = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self.read_group, *nxt))
+                yield done.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def kept_seq_ids(self) -> np.ndarray:
         """A refined set's sequence ids (sorted int64), from its index (no shard opened)."""
         from sparsekd.schemas.manifest import read_kept
 
         if "refined" not in self.meta:
             raise CacheError(f"{self.path} is not a refined set")
-        return read_kept(self.path, self.manifest["index"]["kept"])
+        return read_kept(self.store, self.manifest["index"]["kept"])
 
     def _sequences(self, cols: dict, n: int) -> list[Sequence]:
         meta = self.meta
@@ -263,21 +319,24 @@ class Cache:
         ]
 
     def iter_shard(self, i: int) -> Iterator[Sequence]:
-        sf = self.shard(i)
-        for g in range(sf.pf.metadata.num_row_groups):
-            yield from self.read_group(i, g)
+        groups = range(self.shard(i).num_row_groups)
+        for seqs in self.read_groups((i, g) for g in groups):
+            yield from seqs
 
     def __iter__(self) -> Iterator[Sequence]:
-        for i in range(len(self.index)):
-            yield from self.iter_shard(i)
+        shard, group, _ = self.row_groups()
+        for seqs in self.read_groups(zip(shard.tolist(), group.tolist())):
+            yield from seqs
 
     def verify_full(self, i: int) -> str | None:
         """sha256 of shard i against the index: the problem found, or None."""
-        path = self.shard_path(i)
-        if not path.exists():
-            return f"{self.index.relpath(i)}: listed in the manifest but missing on disk"
-        if sha256_file(path) != self.index.sha256[i].hex():
-            return f"{self.index.relpath(i)}: sha256 differs from the manifest's (file changed)"
+        name = self.index.relpath(i)
+        try:
+            digest = self.store.sha256(name)
+        except FileNotFoundError:
+            return f"{name}: listed in the manifest but missing"
+        if digest != self.index.sha256[i].hex():
+            return f"{name}: sha256 differs from the manifest's (file changed)"
         return None
 
 
@@ -317,26 +376,37 @@ def check_group(cols: dict, n: int, L: int, V: int, mode: str, weighted: bool, s
 
 
 def open_cache(path: str | os.PathLike) -> Cache:
-    """Open a finished cache: its manifest and shard index, checked. Raises CacheError."""
-    p = Path(path)
-    if not p.is_dir():
-        raise CacheError(f"cache directory not found: {p}")
-    if not (p / MANIFEST).exists():
-        if (p / "records").is_dir() or (p / "build_config.json").exists():
-            raise CacheError(
-                f"cache {p} is not complete (no {MANIFEST} yet); run the remaining "
-                "build-cache workers, or the same command again"
-            )
-        raise CacheError(f"{p} is not a sparsekd cache (no {MANIFEST})")
-    manifest = read_json(p / MANIFEST, "manifest")
-    check_manifest(manifest, p / MANIFEST)
+    """Open a finished cache (a local path or a URI): its manifest and shard index,
+    checked. Raises CacheError (StorageError when the store itself refuses)."""
+    store = open_store(path)
+    if store.local and store.size("") is not None:
+        raise CacheError(f"cache {path} is a file, not a cache folder")
+    if not store.exists():
+        raise CacheError(
+            f"cache folder not found: {path}"
+            if store.local
+            else f"{path}: the bucket does not exist"
+        )
     try:
-        index = read_shard_index(p, manifest["index"]["shards"])
+        data = store.read(MANIFEST)
+    except FileNotFoundError:
+        top = set(store.top())
+        if {"records", "build_config.json"} & top:
+            raise CacheError(
+                f"cache {path} is not complete (no {MANIFEST} yet); run the remaining "
+                "build-cache workers, or the same command again"
+            ) from None
+        raise CacheError(f"{path} is not a sparsekd cache (no {MANIFEST})") from None
+    where = store.url(MANIFEST)
+    manifest = parse_json(data, f"manifest {where}")
+    check_manifest(manifest, where)
+    try:
+        index = read_shard_index(store, manifest["index"]["shards"])
     except (OSError, pa.ArrowException) as e:
-        raise CacheError(f"the shard index of {p} cannot be read ({e})") from e
+        raise CacheError(f"the shard index of {path} cannot be read ({e})") from e
     if int(index.rows.sum()) != manifest["num_sequences"] or len(index) != manifest["num_shards"]:
-        raise CacheError(f"{p / MANIFEST}: its totals do not match its shard index")
-    return Cache(p, manifest, index)
+        raise CacheError(f"{where}: its totals do not match its shard index")
+    return Cache(store, manifest, index)
 
 
 def in_sorted(values: np.ndarray, keys: np.ndarray) -> np.ndarray:

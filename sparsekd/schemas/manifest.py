@@ -10,24 +10,22 @@ Layout of a cache directory:
     index/domains-<sha>.parquet    one row per packing domain (source, sequences, content
                                    hash, documents, bad lines)
     shards/NNNNN/DDDDDDDD-PPPPP.parquet  the shards (schemas.format.shard_relpath)
-    records/*.jsonl                the builders' append-only logs (cache_builder.ledger)
-    build_config.json              identity and resolved configuration of the build
+    records/...                    the builders' records, one small object each
+                                   (cache_builder.ledger)
+    build_config.json              the build's claim: identity and resolved configuration
 
+The same layout on a local disk and under an object-store prefix (sparsekd.storage).
 `manifest.json` is the only thing readers trust; they read it and the shard index, and
 open only the shards they read. Index files are named by their content hash, so two
-workers finishing at once write the same files, and the manifest each renames into place
-points at files that exist.
+workers finishing at once write the same files, and the manifest each publishes points at
+files that exist.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +33,7 @@ import pyarrow.parquet as pq
 
 from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
+from sparsekd.storage import Store, json_bytes
 
 MANIFEST = "manifest.json"
 INDEX_DIR = "index"
@@ -60,61 +59,6 @@ DOMAIN_INDEX_SCHEMA = pa.schema(
         pa.field("bad_lines", pa.int64(), nullable=False),
     ]
 )
-
-
-# --- files, written atomically ------------------------------------------------------------
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a unique temporary file beside `path`, fsync, rename, fsync the folder."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; caches are shared between users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: str | os.PathLike, what: str) -> dict:
-    try:
-        with open(path, "rb") as fh:
-            obj = json.loads(fh.read())
-    except FileNotFoundError as e:
-        raise CacheError(f"{what} not found: {path}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{what} {path} is not valid JSON") from e
-    if not isinstance(obj, dict):
-        raise CacheError(f"{what} {path} is not a JSON object")
-    return obj
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- the shard index ----------------------------------------------------------------------
@@ -175,36 +119,34 @@ class ShardIndex:
         )
 
 
-def _write_index(cache_dir: Path, stem: str, table: pa.Table) -> dict:
+def _write_index(store: Store, stem: str, table: pa.Table) -> dict:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", write_statistics=False)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    rel = f"{INDEX_DIR}/{stem}-{digest[:16]}.parquet"
-    (cache_dir / INDEX_DIR).mkdir(exist_ok=True)
-    if not (cache_dir / rel).exists():
-        atomic_write_bytes(cache_dir / rel, data)
-    return {"file": rel, "sha256": digest, "rows": table.num_rows}
+    name = f"{INDEX_DIR}/{stem}-{digest[:16]}.parquet"
+    store.put_new(name, data)  # named by its content: an existing one holds these bytes
+    return {"file": name, "sha256": digest, "rows": table.num_rows}
 
 
-def _read_index(cache_dir: Path, ref: dict, schema: pa.Schema) -> pa.Table:
-    path = cache_dir / ref["file"]
+def _read_index(store: Store, ref: dict, schema: pa.Schema) -> pa.Table:
+    where = store.url(ref["file"])
     try:
-        data = path.read_bytes()
+        data = store.read(ref["file"])
     except FileNotFoundError as e:
-        raise CacheError(f"index {path} listed in the manifest is missing") from e
+        raise CacheError(f"index {where} listed in the manifest is missing") from e
     if hashlib.sha256(data).hexdigest() != ref["sha256"]:
-        raise CacheError(f"index {path} does not match its checksum in the manifest")
+        raise CacheError(f"index {where} does not match its checksum in the manifest")
     # synchronous and single-threaded: pq.read_table would hand the Python-owned bytes to a
     # background scanner thread whose last release of them can race interpreter exit
     table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
     if not table.schema.equals(schema) or table.num_rows != ref["rows"]:
-        raise CacheError(f"index {path} does not have the schema or rows the manifest says")
+        raise CacheError(f"index {where} does not have the schema or rows the manifest says")
     return table
 
 
-def read_shard_index(cache_dir: Path, ref: dict) -> ShardIndex:
-    t = _read_index(cache_dir, ref, SHARD_INDEX_SCHEMA)
+def read_shard_index(store: Store, ref: dict) -> ShardIndex:
+    t = _read_index(store, ref, SHARD_INDEX_SCHEMA)
     n = lambda k: t.column(k).to_numpy()  # noqa: E731
     return ShardIndex(
         n("domain"),
@@ -216,19 +158,19 @@ def read_shard_index(cache_dir: Path, ref: dict) -> ShardIndex:
     )
 
 
-def read_domain_index(cache_dir: Path, ref: dict) -> pa.Table:
-    return _read_index(cache_dir, ref, DOMAIN_INDEX_SCHEMA)
+def read_domain_index(store: Store, ref: dict) -> pa.Table:
+    return _read_index(store, ref, DOMAIN_INDEX_SCHEMA)
 
 
 KEPT_SCHEMA = pa.schema([pa.field("seq_id", pa.int64(), nullable=False)])
 
 
-def read_kept(cache_dir: Path, ref: dict) -> np.ndarray:
-    return _read_index(cache_dir, ref, KEPT_SCHEMA).column(0).to_numpy()
+def read_kept(store: Store, ref: dict) -> np.ndarray:
+    return _read_index(store, ref, KEPT_SCHEMA).column(0).to_numpy()
 
 
 def write_manifest(
-    cache_dir: str | os.PathLike,
+    store: Store,
     *,
     meta: dict,
     fingerprint: str,
@@ -238,7 +180,6 @@ def write_manifest(
 ) -> dict:
     """Write the index files (the shard index and `tables`, e.g. domains or a refined
     set's kept ids), then manifest.json; return the manifest."""
-    d = Path(cache_dir)
     L = int(meta["seq_len"])
     doc = {
         "format": F.FORMAT_NAME,
@@ -250,12 +191,12 @@ def write_manifest(
         "num_shards": len(shards),
         "bytes": int(shards.bytes.sum()),
         "shard_glob": F.SHARD_GLOB,
-        "index": {"shards": _write_index(d, "shards", shards.table())},
+        "index": {"shards": _write_index(store, "shards", shards.table())},
         **(extra or {}),
     }
     for name, table in (tables or {}).items():
-        doc["index"][name] = _write_index(d, name, table)
-    atomic_write_json(d / MANIFEST, doc)
+        doc["index"][name] = _write_index(store, name, table)
+    store.put(MANIFEST, json_bytes(doc))
     return doc
 
 
@@ -283,15 +224,17 @@ _META_TYPES = {
 }
 
 
-def check_manifest(doc: dict, path: Path) -> None:
-    """Refuse a manifest that is not one this sparsekd reads, naming what is wrong."""
+def check_manifest(doc: dict, path: str) -> None:
+    """Refuse a manifest that is not one this sparsekd reads, naming what is wrong (`path`:
+    where the manifest is, for the messages)."""
     if doc.get("format") != F.FORMAT_NAME:
         raise CacheError(f"{path} is not a sparsekd manifest")
     version = doc.get("schema_version")
     if version != F.SCHEMA_VERSION:
         hint = "; rebuild it with this sparsekd" if isinstance(version, int) else ""
+        cache = path.rsplit("/", 1)[0]
         raise CacheError(
-            f"cache {path.parent} has schema version {version}; this sparsekd reads version "
+            f"cache {cache} has schema version {version}; this sparsekd reads version "
             f"{F.SCHEMA_VERSION}{hint}"
         )
     for key, typ in _MANIFEST_TYPES.items():

@@ -28,7 +28,13 @@ import torch
 
 from sparsekd.config import to_dict
 from sparsekd.errors import RunError
-from sparsekd.schemas.manifest import atomic_write_json, fsync_dir, read_json, sha256_file
+from sparsekd.storage import (
+    atomic_write_file,
+    fsync_dir,
+    json_bytes,
+    read_json_file,
+    sha256_file,
+)
 from sparsekd.student_train.config import RESUME_SAFE, TrainConfig
 from sparsekd.student_train.parallel import Dist, full_state, load_full_state
 
@@ -73,7 +79,7 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
         decay = cfg.optim.decay_steps or cfg.steps
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, decay_steps=decay))
         return cfg, {"config": to_dict(cfg), "identities": identities, "resumes": []}, []
-    run = read_json(path, "run config")
+    run = read_json_file(path, "run config")
     if not cfg.checkpoint.resume:
         raise RunError(f"--out {out} already holds a run; pass --resume to continue it")
     old = run["config"]
@@ -99,7 +105,7 @@ def write_run_record(out: Path, run: dict, start: int, changes: list) -> None:
     if changes:
         run = {**run, "resumes": [*run["resumes"], {"step": start, "changed": changes}]}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RUN_CONFIG, run)
+    atomic_write_file(out / RUN_CONFIG, json_bytes(run))
 
 
 def rng_state() -> dict:
@@ -140,14 +146,14 @@ def save(out: Path, step: int, d: Dist, model, opt, sched, reader, run: dict) ->
         _save(model_sd, tmp / "model.pt")
         _save(optim_sd, tmp / "optim.pt")
         _save(sched.state_dict(), tmp / "sched.pt")
-        atomic_write_json(tmp / "config.json", run)
+        atomic_write_file(tmp / "config.json", json_bytes(run))
     d.barrier()
     if d.rank == 0:
         files = {
             p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(tmp.iterdir())
         }
-        atomic_write_json(tmp / "DONE", {"step": step, "files": files})
+        atomic_write_file(tmp / "DONE", json_bytes({"step": step, "files": files}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)
@@ -157,7 +163,7 @@ def save(out: Path, step: int, d: Dist, model, opt, sched, reader, run: dict) ->
 def intact(ckpt: Path) -> str | None:
     """What is wrong with a checkpoint folder (None when its files match DONE)."""
     try:
-        done = read_json(ckpt / "DONE", "checkpoint DONE")
+        done = read_json_file(ckpt / "DONE", "checkpoint DONE")
     except Exception as e:
         return str(e)
     for name, want in done.get("files", {}).items():

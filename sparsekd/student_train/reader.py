@@ -15,6 +15,10 @@ streams), so the position `{"epoch", "window", "offset"}` names the next sequenc
 resuming decodes one window (at most `shuffle_buffer` sequences plus a row group) and
 skips `offset` of them, whatever the number of sequences consumed before.
 
+Reading. A stream's row groups are read in the order it consumes them, across window
+boundaries; from an object store `read_ahead` of them are in flight at once (default: the
+cache's, 0 on a local disk), which hides the store's latency.
+
 Batches (`CacheReader`): B sequences collated into numpy arrays (`collate`), converted to
 torch tensors (pinned on CUDA for one non-blocking copy per step) by a background thread
 `prefetch` batches ahead. `state_dict()` is the position after the last batch handed out,
@@ -30,6 +34,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -96,11 +101,13 @@ class SequenceStream:
         shuffle_buffer: int = 256,
         shuffle: bool = True,
         keep: np.ndarray | None = None,
+        read_ahead: int | None = None,
     ):
         if not 0 <= stream < streams:
             raise ValueError(f"stream {stream} is outside 0..{streams - 1}")
         self.cache, self.stream, self.streams = cache, stream, streams
         self.seed, self.shuffle, self.keep = seed, shuffle, keep
+        self.read_ahead = read_ahead  # row groups in flight (None: the cache's default)
         shard, group, rows = cache.row_groups()
         if keep is not None:  # only groups holding a kept sequence (ids are consecutive)
             first = cache.index.first_seq[shard] + group * cache.row_group_size
@@ -136,12 +143,14 @@ class SequenceStream:
             self._order_epoch = epoch
         return self._order
 
-    def window(self, epoch: int, w: int) -> list[Sequence]:
-        """The sequences of window w of an epoch, in the order the stream yields them."""
-        order = self._group_order(epoch)
-        seqs = []
-        for gi in order[w * self.window_groups : (w + 1) * self.window_groups]:
-            seqs += self.cache.read_group(int(self.shard[gi]), int(self.group[gi]))
+    def _window_groups(self, epoch: int, w: int) -> list[tuple[int, int]]:
+        order = self._group_order(epoch)[w * self.window_groups : (w + 1) * self.window_groups]
+        return [(int(self.shard[gi]), int(self.group[gi])) for gi in order]
+
+    def _window_sequences(self, epoch: int, w: int, groups: list[list[Sequence]]):
+        """A window's sequences from its decoded row groups, in the order the stream yields
+        them."""
+        seqs = [s for g in groups for s in g]
         if self.keep is not None and seqs:
             kept = in_sorted(np.array([s.seq_id for s in seqs]), self.keep)
             seqs = [s for s, k in zip(seqs, kept) if k]
@@ -149,21 +158,47 @@ class SequenceStream:
             seqs = [seqs[i] for i in self._rng(epoch, w).permutation(len(seqs))]
         return seqs
 
-    def iterate(self, state: dict | None = None, epochs: int | None = None):
-        """Yield `(sequence, state after it)` from `state` on; `epochs` bounds the epoch
-        number (None: forever)."""
-        state = state or {}
-        epoch, w, offset = state.get("epoch", 0), state.get("window", 0), state.get("offset", 0)
+    def window(self, epoch: int, w: int) -> list[Sequence]:
+        """The sequences of window w of an epoch, in the order the stream yields them."""
+        groups = list(self.cache.read_groups(self._window_groups(epoch, w), self.read_ahead))
+        return self._window_sequences(epoch, w, groups)
+
+    def _windows(self, epoch: int, w: int, epochs: int | None):
+        """(epoch, window) from the given one on, through `epochs` (None: forever)."""
         while epochs is None or epoch < epochs:
             while w < self.num_windows:
-                seqs = self.window(epoch, w)
-                for i in range(offset, len(seqs)):
-                    nxt = {"epoch": epoch, "window": w, "offset": i + 1}
-                    if i + 1 == len(seqs):
-                        nxt = {"epoch": epoch, "window": w + 1, "offset": 0}
-                    yield seqs[i], nxt
-                w, offset = w + 1, 0
+                yield epoch, w
+                w += 1
             epoch, w = epoch + 1, 0
+
+    def iterate(self, state: dict | None = None, epochs: int | None = None):
+        """Yield `(sequence, state after it)` from `state` on; `epochs` bounds the epoch
+        number (None: forever). Row groups are read ahead across window boundaries."""
+        state = state or {}
+        epoch, w, offset = state.get("epoch", 0), state.get("window", 0), state.get("offset", 0)
+        plan = self._windows(epoch, w, epochs)
+        sizes: deque = deque()  # groups per planned window, in order
+
+        def pairs():
+            for e, wi in plan:
+                groups = self._window_groups(e, wi)
+                sizes.append((e, wi, len(groups)))
+                yield from groups
+
+        groups = self.cache.read_groups(pairs(), self.read_ahead)
+        try:
+            for g0 in groups:
+                e, wi, n = sizes.popleft()
+                window = [g0, *(next(groups) for _ in range(n - 1))]
+                seqs = self._window_sequences(e, wi, window)
+                start = offset if (e, wi) == (epoch, w) else 0
+                for i in range(start, len(seqs)):
+                    nxt = {"epoch": e, "window": wi, "offset": i + 1}
+                    if i + 1 == len(seqs):
+                        nxt = {"epoch": e, "window": wi + 1, "offset": 0}
+                    yield seqs[i], nxt
+        finally:
+            groups.close()
 
 
 class CacheReader:
@@ -181,6 +216,7 @@ class CacheReader:
         keep: np.ndarray | None = None,
         prefetch: int = 4,
         pin_memory: bool = False,
+        read_ahead: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -191,6 +227,7 @@ class CacheReader:
             seed=seed,
             shuffle_buffer=shuffle_buffer,
             keep=keep,
+            read_ahead=read_ahead,
         )
         self.batch_size, self.prefetch, self.pin = batch_size, prefetch, pin_memory
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -209,6 +246,7 @@ class CacheReader:
     def _start(self, state: dict) -> None:
         self._stop()
         it = self._batches(state)
+        self._it = it
         if not self.prefetch:
             self._next = lambda: next(it)
             return
@@ -228,6 +266,8 @@ class CacheReader:
                         return
             except BaseException as e:  # handed to the consumer, raised there
                 q.put(e)
+            finally:
+                it.close()  # stops its row-group reads in flight
 
         thread = threading.Thread(target=produce, name="sparsekd-reader", daemon=True)
         thread.start()
@@ -245,6 +285,9 @@ class CacheReader:
             self._stop_event.set()
             self._thread.join()
             self._thread = None
+        elif getattr(self, "_it", None) is not None:
+            self._it.close()
+        self._it = None
 
     def __iter__(self):
         return self

@@ -106,6 +106,7 @@ class Trainer:
             keep=data.keep,
             prefetch=cfg.data.prefetch,
             pin_memory=cuda,
+            read_ahead=cfg.data.read_ahead,
         )
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()

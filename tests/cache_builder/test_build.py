@@ -7,9 +7,12 @@ in test_vllm_build.py. The corpus is 12 files (12 packing domains) cut from the 
 documentation."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -20,7 +23,19 @@ from sparsekd.cache_builder.corpus import builtin_documents
 from sparsekd.config import build
 from sparsekd.errors import CacheError, CorpusError, TeacherError
 from sparsekd.inspection import verify_cache
-from tests.helpers import digests, error_line, flip_bit, kill_build_after, run_cli, shard_files
+from sparsekd.storage import open_store
+from tests.helpers import (
+    copy_cache,
+    digests,
+    error_line,
+    flip_bit,
+    kill_build_after,
+    run_cli,
+    shard_files,
+    staged_files,
+    store_digests,
+)
+from tests.s3 import DelayProxy
 
 N_FILES = 12
 
@@ -134,7 +149,7 @@ def test_kill_9_at_several_points_then_completion_is_byte_identical(
             check=True,
         )
     assert digests(out) == digests(reference)
-    assert not list(out.glob("shards/.tmp/*/*"))
+    assert not staged_files(out)
 
 
 def test_rerun_rechecks_what_it_skips_and_redoes_a_damaged_shard(
@@ -251,4 +266,66 @@ def test_environment_launchers_pick_the_worker(tmp_path, tiny_llama_dir, corpus,
         }
         proc = run_cli("build-cache", *_args(tiny_llama_dir, corpus, out), env=env, check=True)
         assert f"worker {i}/2" in proc.stdout
+    assert digests(out) == digests(reference)
+
+
+# --- the same build on a real S3 endpoint (moto's server over HTTP on 127.0.0.1) ----------
+
+
+@pytest.mark.parametrize("W", [1, 3])
+def test_a_build_on_s3_is_the_local_cache_object_by_object(
+    s3_server, s3_bucket, tiny_llama_dir, corpus, reference, W
+):
+    out = f"{s3_bucket}/caches/run1"
+    for i in range(W):
+        s = run(_cfg(tiny_llama_dir, corpus, out, num_workers=W, worker_index=i))
+        assert s["complete"] == (i == W - 1)
+    assert store_digests(s3_server, out) == digests(reference)
+    assert verify_cache(out) == []
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_of_an_upload_then_rerun_is_exact(
+    s3_server, s3_bucket, tiny_llama_dir, corpus, reference
+):
+    """Workers killed while a shard's PUT is in flight (held by a slow proxy): the shard
+    never appears, and the re-run completes the cache byte for byte."""
+    out = f"{s3_bucket}/cache"
+    for i in range(2):
+        puts, hit = [], threading.Event()
+
+        def on_request(first, puts=puts, hit=hit, at=2 + i):
+            if first.startswith(b"PUT ") and b"/shards/" in first.split(b" HTTP")[0]:
+                puts.append(first.split(b" ")[1].decode())
+                if len(puts) == at:
+                    hit.set()
+
+        with DelayProxy(s3_server.port, delay_s=0.3, on_request=on_request) as proxy:
+            args = _args(
+                tiny_llama_dir, corpus, out, "--num-workers", "2", "--worker-index", str(i)
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sparsekd", "build-cache", *map(str, args)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, env={**os.environ, **proxy.env},
+            )  # fmt: skip
+            assert hit.wait(300), "no shard upload was seen"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        killed = puts[-1].split("/cache/", 1)[1].split("?")[0]
+        assert open_store(out).size(killed) is None  # the interrupted PUT published nothing
+    with pytest.raises(CacheError, match="not complete"):
+        open_cache(out)
+    for i in range(2):
+        args = _args(tiny_llama_dir, corpus, out, "--num-workers", "2", "--worker-index", str(i))
+        run_cli("build-cache", *args, check=True)
+    assert store_digests(s3_server, out) == digests(reference)
+
+
+def test_a_corpus_on_s3_is_read_by_ranged_reads_into_the_same_cache(
+    s3_server, s3_bucket, tiny_llama_dir, corpus, reference, tmp_path
+):
+    src = copy_cache(corpus, f"{s3_bucket}/data")
+    out = tmp_path / "cache"
+    run(_cfg(tiny_llama_dir, src + "/", out))
     assert digests(out) == digests(reference)

@@ -1,57 +1,106 @@
-"""The build's records: one append-only log per process, a torn last line (a kill mid-write)
-skipped, damage elsewhere named, conflicting records refused."""
+"""The build's records: one object per unit and per domain, created conditionally; the same
+record twice is harmless, a different one is refused naming the file; the claim refuses a
+second configuration before anything is written and is given back after a failure; logs
+of a build started before this layout are converted."""
 
 import json
 
 import pytest
 
-from sparsekd.cache_builder.ledger import RECORDS_DIR, RecordLog, read_records
+from sparsekd.cache_builder.config import BuildConfig
+from sparsekd.cache_builder.ledger import (
+    BUILD_CONFIG,
+    Ledger,
+    domain_record_name,
+    unit_record_name,
+)
+from sparsekd.cache_builder.plan import plan_build
+from sparsekd.config import build
 from sparsekd.errors import CacheError
+from sparsekd.storage import open_store
 
 
-def _shard(domain, part, sha="a" * 64):
+def _plan(teacher, out, seq_len=32):
+    return plan_build(
+        build(
+            BuildConfig,
+            {
+                "teacher": {"path": str(teacher), "engine": "hf"},
+                "corpus": {"seq_len": seq_len},
+                "writer": {"out": str(out), "shard_sequences": 4},
+                "progress": False,
+            },
+        )
+    )
+
+
+def _unit(domain, part, sha="a" * 64):
     return {
         "kind": "shard",
         "domain": domain,
         "part": part,
-        "file": f"s{domain}-{part}",
+        "first_seq": (domain << 32) + 4 * part,
+        "rows": 4,
+        "file": f"shards/00000/{domain:08d}-{part:05d}.parquet",
         "sha256": sha,
         "bytes": 1,
+        "tokens_sha256": "t" * 64,
     }
 
 
-def test_logs_append_and_merge_across_processes(tmp_path):
-    a = RecordLog(tmp_path, lambda: {"fingerprint": "f", "worker": 0})
-    b = RecordLog(tmp_path, lambda: {"fingerprint": "f", "worker": 1})
-    a.append(_shard(0, 0))
-    b.append(_shard(1, 0))
-    a.append({"kind": "domain", "domain": 0, "source": "x", "content_sha256": "c"})
-    a.close()
-    b.close()
-    assert len(list((tmp_path / RECORDS_DIR).glob("*.jsonl"))) == 2
-    recs = read_records(tmp_path)
-    assert (
-        len(recs.headers) == 2 and set(recs.shards) == {(0, 0), (1, 0)} and set(recs.domains) == {0}
-    )
+def test_records_are_objects_and_a_conflicting_one_is_refused(tmp_path, tiny_llama_dir):
+    out = tmp_path / "cache"
+    ledger = Ledger(open_store(out), _plan(tiny_llama_dir, out))
+    ledger.claim()
+    ledger.write_unit(_unit(3, 0))
+    ledger.write_unit(_unit(3, 0))  # the same worker index twice: the same bytes, fine
+    ledger.write_unit(_unit(3, 1))
+    assert sorted(ledger.unit_records(3)) == [0, 1] and ledger.unit_records(4) == {}
+    assert (out / unit_record_name(3, 1)).is_file()
+    assert len(list((out / "records/workers").glob("*.json"))) == 1  # this process, once
+    with pytest.raises(CacheError, match=r"00000003-00000\.parquet with different contents"):
+        ledger.write_unit(_unit(3, 0, sha="b" * 64))
+    assert ledger.domain_record(3) is None
+    rec = {"kind": "domain", "domain": 3, "source": "x", "content_sha256": "c", "shards": []}
+    ledger.write_domain(rec)
+    assert ledger.domain_record(3) == rec
+    with pytest.raises(CacheError, match="saw different corpus content"):
+        ledger.write_domain({**rec, "content_sha256": "d"})
 
 
-def test_a_torn_last_line_is_skipped_and_other_damage_is_named(tmp_path):
-    log = RecordLog(tmp_path, lambda: {"fingerprint": "f"})
-    log.append(_shard(0, 0))
-    log.close()
-    path = next((tmp_path / RECORDS_DIR).glob("*.jsonl"))
-    path.write_text(path.read_text() + json.dumps(_shard(0, 1))[:20])  # killed mid-write
-    assert set(read_records(tmp_path).shards) == {(0, 0)}
-    lines = path.read_text().splitlines()
-    path.write_text("\n".join([lines[0], "{garbage", *lines[1:]]) + "\n")
-    with pytest.raises(CacheError, match="line 2 is damaged"):
-        read_records(tmp_path)
+def test_the_claim_refuses_another_configuration_up_front(tmp_path, tiny_llama_dir):
+    out = tmp_path / "cache"
+    first = Ledger(open_store(out), _plan(tiny_llama_dir, out))
+    first.claim()
+    again = Ledger(open_store(out), _plan(tiny_llama_dir, out))
+    again.claim()  # the same configuration: welcome
+    assert not again.claimed
+    other = Ledger(open_store(out), _plan(tiny_llama_dir, out, seq_len=64))
+    with pytest.raises(CacheError, match=r"different configuration \(.*seq_len.*no shard yet"):
+        other.claim()
+    assert json.loads((out / BUILD_CONFIG).read_text())["identity"]["seq_len"] == 32
+    first.release()  # a failure before any shard: the folder is given back
+    assert not (out / BUILD_CONFIG).exists()
+    other.claim()
+    assert other.claimed
 
 
-def test_two_records_of_one_shard_with_different_contents_are_refused(tmp_path):
-    for sha in ("a" * 64, "b" * 64):
-        log = RecordLog(tmp_path, lambda: {"fingerprint": "f"})
-        log.append(_shard(3, 0, sha))
-        log.close()
-    with pytest.raises(CacheError, match="different contents"):
-        read_records(tmp_path)
+def test_logs_of_an_earlier_build_are_converted(tmp_path, tiny_llama_dir):
+    out = tmp_path / "cache"
+    plan = _plan(tiny_llama_dir, out)
+    Ledger(open_store(out), plan).claim()
+    header = {"kind": "header", "fingerprint": plan.fingerprint, "teacher_weights_sha256": "w"}
+    domain = {"kind": "domain", "domain": 0, "source": "a", "part": 0, "sequences": 6}
+    domain.update(content_sha256="c", documents=2, bad_lines=0, bad_examples=[])
+    lines = [header, _unit(0, 0), _unit(0, 1), domain, _unit(1, 0)]
+    log = out / "records" / "host-1-abc.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "sh')  # torn
+    ledger = Ledger(open_store(out), plan)
+    ledger.claim()
+    assert not log.exists()
+    assert sorted(ledger.unit_records(0)) == [0, 1] and sorted(ledger.unit_records(1)) == [0]
+    rec = ledger.domain_record(0)
+    assert [s["part"] for s in rec["shards"]] == [0, 1] and rec["content_sha256"] == "c"
+    assert (out / domain_record_name(0)).is_file() and ledger.domain_record(1) is None
+    assert (out / "records/workers/host-1-abc.json").is_file()

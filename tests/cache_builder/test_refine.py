@@ -281,8 +281,9 @@ def test_verify_checks_the_order_across_a_refined_sets_shards(mixed, tmp_path):
     import pyarrow as pa
 
     from sparsekd.cache_builder.refine import RefineConfig, run
-    from sparsekd.cache_builder.writer import ShardFiles, write_shard
+    from sparsekd.cache_builder.writer import write_shard
     from sparsekd.schemas.manifest import ShardIndex, write_manifest
+    from sparsekd.storage import LocalStore
 
     good = tmp_path / "good"
     cfg = RefineConfig(
@@ -300,11 +301,10 @@ def test_verify_checks_the_order_across_a_refined_sets_shards(mixed, tmp_path):
     rows = pa.concat_tables(pq.read_table(refined.shard_path(i)) for i in range(len(refined.index)))
     rows = rows.replace_schema_metadata(None).slice(0, 4)
     bad = tmp_path / "bad"
-    bad.mkdir()
-    files = ShardFiles(bad)
-    entries = [write_shard(files, u, 0, rows.take([u, u + 2]), refined.meta) for u in (0, 1)]
+    store = LocalStore(bad)
+    entries = [write_shard(store, u, 0, rows.take([u, u + 2]), refined.meta) for u in (0, 1)]
     write_manifest(
-        bad,
+        store,
         meta=refined.meta,
         fingerprint=refined.fingerprint,
         shards=ShardIndex.from_entries(entries),

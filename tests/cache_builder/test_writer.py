@@ -1,12 +1,11 @@
-"""The shard writer: a failure in its background thread reaches the caller; temporary files
-are private to the writing process and swept only when stale."""
+"""The shard writer: a failure in its background thread reaches the caller. (Temporary files
+are the storage seam's: tests/test_storage.py.)"""
 
-import os
 import time
 
 import pytest
 
-from sparsekd.cache_builder.writer import STALE_TMP_S, ShardFiles, ShardWriter
+from sparsekd.cache_builder.writer import ShardWriter
 
 
 def test_an_error_in_the_writer_thread_reaches_the_caller():
@@ -24,18 +23,3 @@ def test_an_error_in_the_writer_thread_reaches_the_caller():
             time.sleep(0.05)
         w.close()
     assert done == [1]  # nothing after the failure ran
-
-
-def test_temporary_files_are_private_and_only_stale_ones_are_swept(tmp_path):
-    a, b = ShardFiles(tmp_path), ShardFiles(tmp_path)
-    assert a.tmp != b.tmp  # same process, same worker index: still two folders
-    a.write("shards/00000/00000000-00000.parquet", b"x" * 10)
-    b.tmp.mkdir(parents=True)
-    (b.tmp / "half.parquet.tmp").write_bytes(b"y")
-    old = time.time() - STALE_TMP_S - 10
-    os.utime(b.tmp, (old, old))
-    live = ShardFiles(tmp_path)
-    live.tmp.mkdir(parents=True)
-    ShardFiles(tmp_path)  # a new writer sweeps what is stale, and only that
-    assert not b.tmp.exists() and live.tmp.exists() and a.tmp.exists()
-    assert (tmp_path / "shards/00000/00000000-00000.parquet").read_bytes() == b"x" * 10

@@ -1,0 +1,141 @@
+"""The storage seam on a local disk, on a real S3 endpoint over HTTP (moto's server on
+127.0.0.1) and on an fsspec filesystem: the same primitives with the same meaning; whole
+publication (a killed multipart upload leaves no object); conditional create; one-line
+errors for a missing bucket and refused credentials that never show a key."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from sparsekd.errors import StorageError
+from sparsekd.storage import STALE_STAGING_S, LocalStore, open_store
+from tests.helpers import error_line, run_cli
+from tests.s3 import DelayProxy, S3Server
+
+
+@pytest.fixture(params=["local", "s3", "memory"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_store(tmp_path / "folder")
+    if request.param == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        return open_store(f"{bucket}/some/prefix")
+    return open_store(f"memory://sparsekd-test/{uuid.uuid4().hex}")
+
+
+def test_primitives_mean_the_same_everywhere(store):
+    assert store.size("a.json") is None and store.list("") == {}
+    store.put("a.json", b"1")
+    store.put("sub/b.bin", b"22")
+    store.put("sub/c.bin", b"333")
+    store.put("subway.bin", b"4444")
+    assert store.read("sub/c.bin") == b"333" and store.size("sub/b.bin") == 2
+    assert store.list("sub/") == {"sub/b.bin": 2, "sub/c.bin": 3}
+    assert store.list("sub") == {"sub/b.bin": 2, "sub/c.bin": 3, "subway.bin": 4}
+    assert sorted(store.top()) == ["a.json", "sub", "subway.bin"]
+    f = store.open("sub/c.bin")
+    assert f.read_at(2, 1) == b"33"
+    store.put("a.json", b"replaced")
+    assert store.read("a.json") == b"replaced"
+    assert store.put_new("a.json", b"other") is False and store.read("a.json") == b"replaced"
+    assert store.put_new("new.json", b"n") is True and store.read("new.json") == b"n"
+    store.delete("sub/b.bin")
+    store.delete("absent")  # deleting what is not there is not an error
+    assert list(store.list("sub/")) == ["sub/c.bin"]
+    with pytest.raises(FileNotFoundError):
+        store.read("sub/b.bin")
+    assert store.sha256("sub/c.bin") == __import__("hashlib").sha256(b"333").hexdigest()
+
+
+def test_s3_uses_conditional_create_and_multipart_for_large_objects(s3_bucket):
+    store = open_store(f"{s3_bucket}/p")
+    assert store.conditional
+    big = os.urandom(9 << 20)  # above SMALL_OBJECT: a multipart upload through pyarrow
+    store.put("big.bin", big)
+    assert store.read("big.bin") == big and store.size("big.bin") == len(big)
+
+
+def test_a_killed_multipart_upload_publishes_nothing(s3_server, s3_bucket, tmp_path):
+    """A process killed in the middle of a large upload: no object appears under its name
+    (the upload is never completed), and a listing does not show it."""
+    started = []
+    with DelayProxy(s3_server.port, delay_s=0.05, on_request=started.append) as proxy:
+        script = tmp_path / "put.py"
+        script.write_text(
+            "import os, sys\n"
+            "from sparsekd.storage import open_store\n"
+            f"open_store('{s3_bucket}/p').put('big.bin', os.urandom(40 << 20))\n"
+        )
+        env = {**os.environ, **proxy.env}
+        proc = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(b"partNumber=2" in r for r in started):
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert any(b"?uploads" in r for r in started), "no multipart upload was started"
+    store = open_store(f"{s3_bucket}/p")
+    assert store.size("big.bin") is None and store.list("") == {}
+
+
+def test_local_staging_is_private_and_only_stale_folders_are_swept(tmp_path):
+    a, b = LocalStore(tmp_path), LocalStore(tmp_path)
+    a.put("x/one", b"1")
+    b.put("x/two", b"2")
+    assert a._staging != b._staging  # same process, same folder: still two staging folders
+    (b._staging / "half-written").write_bytes(b"y")
+    old = time.time() - STALE_STAGING_S - 10
+    os.utime(b._staging, (old, old))
+    live = a._staging
+    LocalStore(tmp_path).put("x/three", b"3")  # a new writer sweeps what is stale, only that
+    assert not b._staging.exists() and live.exists()
+    assert LocalStore(tmp_path).list("") == {"x/one": 1, "x/three": 1, "x/two": 1}
+    a.close()
+    assert not live.exists()
+
+
+def test_a_missing_bucket_is_one_line(s3_server, smollm2_dir):
+    for args in (
+        ["inspect", "s3://no-such-bucket-here/cache"],
+        ["build-cache", "--teacher", smollm2_dir, "--engine", "hf", "--out",
+         "s3://no-such-bucket-here/cache", "--max-sequences", "1", "--seq-len", "16", "--quiet"],
+        ["build-cache", "--teacher", smollm2_dir, "--corpus", "s3://no-such-bucket-here/data/",
+         "--engine", "hf", "--out", "s3://no-such-bucket-here/c", "--quiet"],
+    ):  # fmt: skip
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        line = error_line(proc)
+        assert line.startswith("sparsekd: error: ") and "s3://no-such-bucket-here/" in line, line
+        assert "the bucket does not exist" in line, line
+
+
+def test_refused_credentials_are_one_line_without_the_key(smollm2_dir):
+    secret = "verysecretvalue123"
+    with S3Server(auth=True) as server:
+        env = {
+            **server.env,
+            "AWS_ACCESS_KEY_ID": "AKIANOTAREALKEY00",
+            "AWS_SECRET_ACCESS_KEY": secret,
+        }
+        for args in (
+            ["inspect", "s3://anybucket/cache"],
+            ["build-cache", "--teacher", smollm2_dir, "--engine", "hf", "--out",
+             "s3://anybucket/cache", "--max-sequences", "1", "--seq-len", "16", "--quiet"],
+        ):  # fmt: skip
+            proc = run_cli(*args, env=env)
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            line = error_line(proc)
+            assert line.startswith("sparsekd: error: s3://anybucket/cache: "), line
+            assert "credentials were refused" in line or "access denied" in line, line
+            out = proc.stdout + proc.stderr
+            assert secret not in out and "AKIANOTAREALKEY00" not in out
+
+
+def test_credentials_in_a_uri_are_refused():
+    with pytest.raises(StorageError, match="credentials in a URI are refused"):
+        open_store("s3://key:secret@bucket/cache")
