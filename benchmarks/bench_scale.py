@@ -5,9 +5,12 @@
              hashing, through the real `build.own_work`; baseline: the replaced design,
              where every worker hashed every corpus byte before starting and tokenised
              the whole corpus (measured once: it did not depend on W)
-  records    bookkeeping for n shards: one appended, fsynced record line per shard and
-             the finaliser's read of them; baseline: the worker record rewritten whole
-             (atomically, fsynced) after each shard
+  corpus_zst worker 0 of W in {1, 4, 16} on the same corpus as one .jsonl.zst: its domains
+             are ranges of the decompressed stream; baseline: the whole file as one
+             domain (the replaced design: one worker read it at every W)
+  records    bookkeeping for n shards: one published record object per shard (and per
+             domain), the finaliser's read; baselines: the append-only log of the
+             previous design, and the worker record rewritten whole after each shard
   startup    reader start-up (open_cache + the rank's reader + its first batch) on caches
              of 100 and 10,000 shards; baseline: a footer opened per shard
   resume     time to the first batch after resuming at 0, 1e6 and 1e7 consumed tokens;
@@ -69,11 +72,28 @@ def synthetic_corpus(d: Path, files: int = 32, mb_per_file: float = 1.7) -> int:
     return total
 
 
+def worker0_cost(cfg, W: int) -> tuple[float, float, int]:
+    """(seconds to its first unit, seconds in all, tokens) of worker 0 of W: its reading,
+    tokenising and hashing, through the real `build.own_work` (no teacher)."""
+    from sparsekd.cache_builder.build import BuildStats, DomainEnd, own_work
+    from sparsekd.cache_builder.ledger import Ledger
+    from sparsekd.cache_builder.plan import plan_build
+    from sparsekd.storage import open_store
+
+    t0 = time.perf_counter()
+    plan = plan_build(cfg)
+    plan.worker = type(plan.worker)(0, W, "bench")
+    first, mine = None, 0
+    for item in own_work(plan, Ledger(open_store(cfg.writer.out), plan), BuildStats()):
+        if not isinstance(item, DomainEnd):
+            first = first if first is not None else time.perf_counter() - t0
+            mine += len(item[0].seq_ids) * cfg.corpus.seq_len
+    return first, time.perf_counter() - t0, mine
+
+
 def bench_corpus(teacher: str, tmp: Path):
-    from sparsekd.cache_builder.build import BuildStats, own_work
     from sparsekd.cache_builder.corpus import DomainReader
-    from sparsekd.cache_builder.ledger import Records
-    from sparsekd.cache_builder.packing import Unit, pack
+    from sparsekd.cache_builder.packing import pack
     from sparsekd.cache_builder.plan import plan_build
 
     corpus = tmp / "corpus"
@@ -98,15 +118,7 @@ def bench_corpus(teacher: str, tmp: Path):
     old_pack = time.perf_counter() - t0
     for W in (1, 4, 16):
         cfg = _results.build_config(teacher, tmp / f"c{W}", corpus=[corpus], seq_len=2048)
-        t0 = time.perf_counter()
-        plan = plan_build(cfg)
-        plan.worker = type(plan.worker)(0, W, "bench")
-        first, mine = None, 0
-        for item in own_work(plan, Records(), BuildStats()):
-            if isinstance(item, Unit):
-                first = first if first is not None else time.perf_counter() - t0
-                mine += len(item.seq_ids) * 2048
-        total = time.perf_counter() - t0
+        first, total, mine = worker0_cost(cfg, W)
         emit(
             "corpus",
             W=W,
@@ -121,12 +133,76 @@ def bench_corpus(teacher: str, tmp: Path):
         )
 
 
+def bench_corpus_zst(teacher: str, tmp: Path):
+    """Worker 0 of W on one large .jsonl.zst (the corpus above in one file): its domains
+    are ranges of the decompressed stream; the replaced design read the whole file as one
+    domain, so one worker did everything at every W. domain_bytes 2 MiB gives this 54 MB
+    file the domains per byte that the default 32 MiB gives a 0.9 GB one."""
+    import dataclasses
+
+    import zstandard
+
+    from sparsekd.cache_builder.corpus import Domain, DomainReader, resolve_sources
+    from sparsekd.cache_builder.packing import pack
+    from sparsekd.cache_builder.plan import plan_build
+
+    parts = tmp / "corpus"
+    if not parts.exists():
+        synthetic_corpus(parts)
+    raw = b"".join(f.read_bytes() for f in sorted(parts.glob("*.jsonl")))
+    one = tmp / "one" / "corpus.jsonl.zst"
+    one.parent.mkdir(exist_ok=True)
+    one.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw))
+    cfg = _results.build_config(teacher, tmp / "z0", corpus=[one], seq_len=2048)
+    cfg = dataclasses.replace(cfg, corpus=dataclasses.replace(cfg.corpus, domain_bytes=2 << 20))
+    plan = plan_build(cfg)
+    t0 = time.perf_counter()  # the replaced design: the whole file, one domain
+    (src,) = resolve_sources((str(one),))
+    tok = plan.tokenizer
+    old_tokens = sum(
+        len(ids)
+        for ids, _ in pack(DomainReader(Domain(0, src, 0, 0, None), "text", False), tok,
+                           tok.eos_token_id, 2048)
+    )  # fmt: skip
+    old = time.perf_counter() - t0
+    for W in (1, 4, 16):
+        out = tmp / f"z{W}"
+        first, total, mine = worker0_cost(
+            dataclasses.replace(cfg, writer=dataclasses.replace(cfg.writer, out=str(out))), W
+        )
+        emit(
+            "corpus_zst",
+            W=W,
+            zst_mb=round(one.stat().st_size / 1e6, 1),
+            text_mb=round(len(raw) / 1e6, 1),
+            domains=len(plan.domains),
+            corpus_tokens=old_tokens,
+            worker_tokens=mine,
+            first_call_s=round(first, 2),
+            non_teacher_s=round(total, 2),
+            old_non_teacher_s=round(old, 2),
+            ratio=round(total / old, 3),
+        )
+
+
 # --- records -------------------------------------------------------------------------------
 
 
 def bench_records(tmp: Path):
-    from sparsekd.cache_builder.ledger import RecordLog, read_records
-    from sparsekd.schemas.manifest import atomic_write_json
+    """Bookkeeping for n shards: one record object per shard (and one per domain of 4
+    shards, carrying its shards' entries), each published by the storage seam (staged,
+    fsynced, linked into place), and the finaliser's read of the domain records; baselines
+    in the same run: the append-only log of the previous design (one fsynced line per
+    shard), and the design before it (the worker's record rewritten whole per shard)."""
+    import json as _json
+    import os
+
+    from sparsekd.cache_builder.ledger import (
+        domain_record_name,
+        read_many,
+        unit_record_name,
+    )
+    from sparsekd.storage import atomic_write_file, json_bytes, open_store
 
     def entry(i):
         return {
@@ -142,26 +218,44 @@ def bench_records(tmp: Path):
         }
 
     for n in (1000, 10000):
-        d = tmp / f"rec{n}"
-        log = RecordLog(d, lambda: {"fingerprint": "f"})
+        store = open_store(tmp / f"rec{n}")
         t0 = time.perf_counter()
         for i in range(n):
-            log.append(entry(i))
-        log.close()
-        append = time.perf_counter() - t0
+            store.put_new(unit_record_name(i // 4, i % 4), json_bytes(entry(i)))
+            if i % 4 == 3:
+                units = [entry(j) for j in range(i - 3, i + 1)]
+                store.put_new(domain_record_name(i // 4), json_bytes({"shards": units}))
+        put = time.perf_counter() - t0
         t0 = time.perf_counter()
-        read = len(read_records(d).shards)
+        read = sum(
+            len(r["shards"]) for r in read_many(store, list(store.list("records/domains/")), "r")
+        )
         read_s = time.perf_counter() - t0
         assert read == n
-        emit("records", shards=n, append_s=round(append, 3), read_s=round(read_s, 3))
-    for n in (1000, 2000, 4000):  # the replaced design: quadratic; measured to 4k, fitted
+        log = tmp / f"log{n}.jsonl"  # the previous design, in the same run
+        t0 = time.perf_counter()
+        with open(log, "a") as fh:
+            for i in range(n):
+                fh.write(_json.dumps(entry(i), sort_keys=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        log_s = time.perf_counter() - t0
+        emit(
+            "records",
+            shards=n,
+            put_s=round(put, 3),
+            read_s=round(read_s, 3),
+            old_log_append_s=round(log_s, 3),
+            ratio=round(put / log_s, 2),
+        )
+    for n in (1000, 2000, 4000):  # the design before: quadratic; measured to 4k
         d = tmp / f"old{n}"
         d.mkdir()
         rec = {"shards": []}
         t0 = time.perf_counter()
         for i in range(n):
             rec["shards"].append(entry(i))
-            atomic_write_json(d / "worker.json", rec)
+            atomic_write_file(d / "worker.json", json_bytes(rec))
         emit("records_old", shards=n, rewrite_s=round(time.perf_counter() - t0, 3))
 
 
@@ -327,12 +421,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--tiny", required=True)
-    ap.add_argument("--only", default="corpus,records,startup,resume,overlap,prefetch")
+    ap.add_argument("--only", default="corpus,corpus_zst,records,startup,resume,overlap,prefetch")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     only = set(a.only.split(","))
     if "corpus" in only:
         bench_corpus(a.teacher, tmp)
+    if "corpus_zst" in only:
+        bench_corpus_zst(a.teacher, tmp)
     if "records" in only:
         bench_records(tmp)
     if "startup" in only:

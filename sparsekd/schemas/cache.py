@@ -180,6 +180,7 @@ class Cache:
         self.row_group_size = int(self.meta["row_group_size"])
         self.read_ahead = 0 if store.local else DEFAULT_READ_AHEAD
         self._open: OrderedDict[int, ShardFile] = OrderedDict()
+        self._opening: dict[int, threading.Event] = {}
         self._capacity = OPEN_SHARDS["local" if store.local else "remote"]
         self._lock = threading.Lock()
 
@@ -199,17 +200,28 @@ class Cache:
         return self.store.url(self.index.relpath(i))
 
     def shard(self, i: int) -> ShardFile:
-        """Shard i, opened and checked once (the most recently used stay open)."""
+        """Shard i, opened and checked once (the most recently used stay open); threads
+        that ask for a shard being opened wait for that opening."""
         with self._lock:
             if i in self._open:
                 self._open.move_to_end(i)
                 return self._open[i]
-        sf = ShardFile(self, i)
-        with self._lock:
-            self._open[i] = sf
-            while len(self._open) > self._capacity:
-                self._open.popitem(last=False)
-        return sf
+            opening = self._opening.get(i)
+            if opening is None:
+                self._opening[i] = threading.Event()
+        if opening is not None:
+            opening.wait()
+            return self.shard(i)  # opened meanwhile (or raises as the opener did)
+        try:
+            sf = ShardFile(self, i)
+            with self._lock:
+                self._open[i] = sf
+                while len(self._open) > self._capacity:
+                    self._open.popitem(last=False)
+            return sf
+        finally:
+            with self._lock:
+                self._opening.pop(i).set()
 
     def row_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every row group in cache order: (shard index, group in shard, rows), from the

@@ -13,8 +13,10 @@ import zstandard
 from transformers import AutoTokenizer
 
 from sparsekd.cache_builder.corpus import (
+    ZST_RATIO_BOUND,
     CorpusConfig,
     DomainReader,
+    ZstStreams,
     builtin_documents,
     corpus_identity,
     plan_domains,
@@ -122,6 +124,46 @@ def test_multi_frame_zst_is_read_whole_and_a_truncated_one_is_refused(tmp_path):
     (tmp_path / "torn.jsonl.zst").write_bytes(data[:-5])
     with pytest.raises(CorpusError, match=r"torn\.jsonl\.zst: truncated \(the file ends inside"):
         _documents([tmp_path / "torn.jsonl.zst"])
+
+
+def test_a_large_jsonl_zst_is_split_into_ranges_of_its_decompressed_stream(tmp_path):
+    """Domains of a .jsonl.zst are line ranges of the decompressed stream (planned from the
+    compressed size: the ones past the end are empty); every line is read once, by the
+    domain its first byte falls in; one worker's domains share one decompression pass."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), 5)) for _ in range(4000)]
+    lines = [
+        json.dumps({"text": f"line {i} " + " ".join(rng.choice(words, 1 + i % 17))}) + "\n"
+        for i in range(6000)
+    ]
+    raw = "".join(lines).encode()
+    c = zstandard.ZstdCompressor(level=3)
+    cut = len("".join(lines[:2500]).encode())
+    path = tmp_path / "big.jsonl.zst"
+    path.write_bytes(c.compress(raw[:cut]) + c.compress(raw[cut:]))  # two frames
+    B = 1 << 16
+    domains = plan_domains(resolve_sources((str(path),)), B)
+    assert len(domains) == -(-path.stat().st_size * ZST_RATIO_BOUND // B) > len(raw) // B + 1
+    zst = ZstStreams()
+    readers = [DomainReader(d, "text", False, zst) for d in domains]
+    docs = [list(r) for r in readers]
+    assert [t for part in docs for t in part] == [json.loads(x)["text"] for x in lines]
+    offsets = np.cumsum([0] + [len(x.encode()) for x in lines])[:-1]
+    for d, part in zip(domains, docs):
+        inside = [i for i, o in enumerate(offsets) if o >= d.start and (d.end is None or o < d.end)]
+        assert part == [json.loads(lines[i])["text"] for i in inside]
+    assert not any(docs[len(raw) // B + 1 :])  # past the stream's end: empty
+    assert len(zst._cursors) == 1 and next(iter(zst._cursors.values())).pos == path.stat().st_size
+    # a worker that owns every third domain reads the same lines, with the same hashes
+    mine = ZstStreams()
+    for d in domains[1::3]:
+        r = DomainReader(d, "text", False, mine)
+        assert list(r) == docs[d.index] and r.content_sha256 == readers[d.index].content_sha256
+    ident = corpus_identity(CorpusConfig(), resolve_sources((str(path),)))
+    assert ident["zst_split"] == 1
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(raw)
+    assert "zst_split" not in corpus_identity(CorpusConfig(), resolve_sources((str(plain),)))
 
 
 def test_bad_lines_are_named_by_file_and_line_or_counted(tmp_path):
