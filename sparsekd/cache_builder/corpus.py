@@ -12,13 +12,16 @@ Packing domains. The corpus is cut, from the file list and the file sizes alone 
 listing or `stat` per input, no content read), into domains that are packed independently:
 - a `.jsonl` or `.parquet` file of S bytes is ceil(S / domain_bytes) domains; domain k
   holds the lines (Parquet: row groups) that *begin* in bytes [k B, (k+1) B);
-- a `.jsonl.zst` file of S compressed bytes is ceil(S * ZST_RATIO_BOUND / domain_bytes)
-  domains over its decompressed stream: domain k holds the lines that begin in
-  decompressed bytes [k B, (k+1) B), the last one also every line after it. Its reader
-  decompresses the stream up to its range (a zstd frame cannot be entered in the middle),
-  which costs little next to tokenising, and tokenises only its own lines; one worker's
-  domains of a file share one decompression pass (`ZstStreams`). Domains past the end of
-  the stream are empty;
+- a `.jsonl.zst` file is cut over its decompressed stream: domain k holds the lines that
+  begin in decompressed bytes [k B, (k+1) B), the last one also every line after it.
+  How many: ceil(D / B) for D the stream's size, read from the first zstd frame header
+  (one ranged read of 18 bytes per file; zstd writes it when it compresses a whole file),
+  or, when the header has no size (or a size smaller than the file: a first frame of
+  several), D = S * ZST_RATIO_BOUND for S compressed bytes, the domains past the stream's
+  end then being empty. A domain's reader decompresses the stream up to its range (a
+  zstd frame cannot be entered in the middle), which costs little next to tokenising, and
+  tokenises only its own lines; one worker's domains of a file share one decompression
+  pass (`ZstStreams`);
 - a `.txt` file is one domain; the built-in corpus is one domain.
 Domains are numbered in corpus order. A worker reads, decodes and hashes only the domains
 it owns; each domain's content hash (`DomainReader.content_sha256`, over the bytes or
@@ -33,6 +36,7 @@ with Python, with no download.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob as globlib
 import hashlib
@@ -48,10 +52,12 @@ from sparsekd.storage import is_uri, join, open_store
 SUFFIXES = {".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl", ".txt": "txt", ".parquet": "parquet"}
 SPLITTABLE = ("jsonl", "parquet")
 DEFAULT_CORPUS = "builtin:stdlib-docs"
-# A .jsonl.zst file of S bytes is given domains for S * ZST_RATIO_BOUND decompressed bytes:
-# text JSON lines compress 3-6x with zstd, so the domains past the stream's end are empty,
-# and a file that compresses better still has every line read (by its last domain).
+# A .jsonl.zst file of S bytes whose header gives no size is given domains for
+# S * ZST_RATIO_BOUND decompressed bytes: text JSON lines compress 3-6x with zstd, so the
+# domains past the stream's end are empty, and a file that compresses better still has
+# every line read (by its last domain).
 ZST_RATIO_BOUND = 8
+ZST_HEADER_BYTES = 18  # the longest zstd frame header
 ZST_SPLIT = 1  # in the corpus identity when a .jsonl.zst is read: how its domains are cut
 READ_CHUNK = 1 << 20  # bytes per ranged read of a local file (object stores: 8 MiB)
 
@@ -72,8 +78,9 @@ _STDLIB_DOC_MODULES = (
 class CorpusConfig:
     paths: tuple[str, ...] = setting(
         (DEFAULT_CORPUS,),
-        "File, directory or glob of .jsonl/.jsonl.zst/.txt/.parquet; repeatable. Default: "
-        "the built-in corpus (Python's standard-library documentation).",
+        "File, folder or glob of .jsonl/.jsonl.zst/.txt/.parquet, local or a URI "
+        "(s3://bucket/data/); repeatable. Default: the built-in corpus (Python's "
+        "standard-library documentation).",
         flag="--corpus",
     )
     text_field: str = setting("text", "JSON/Parquet field holding the text.", flag=True)
@@ -113,6 +120,7 @@ class Source:
     format: str
     size: int
     root: str = "."
+    span: int | None = None  # .jsonl.zst: the decompressed bytes its domains cover
 
     def store(self):
         return open_store(self.root)
@@ -169,7 +177,20 @@ def resolve_sources(paths: tuple[str, ...]) -> list[Source]:
             out += _remote_sources(p)
         else:
             out += _local_sources(p)
-    return out
+    return [_with_span(s) if s.format == "jsonl.zst" else s for s in out]
+
+
+def _with_span(src: Source) -> Source:
+    """A .jsonl.zst with the decompressed size its domains cover (module docstring)."""
+    import zstandard
+
+    head = src.store().open(src.name).read_at(min(ZST_HEADER_BYTES, src.size), 0)
+    try:
+        size = zstandard.frame_content_size(head)
+    except zstandard.ZstdError:  # not a zstd file: refused by name when it is read
+        size = -1
+    span = size if size >= src.size else src.size * ZST_RATIO_BOUND
+    return dataclasses.replace(src, span=span)
 
 
 KINDS = "/".join(SUFFIXES)
@@ -236,7 +257,7 @@ def plan_domains(sources: list[Source], domain_bytes: int) -> list[Domain]:
         if src.format in SPLITTABLE:
             parts, last_end = max(1, -(-src.size // domain_bytes)), src.size
         elif src.format == "jsonl.zst":
-            parts, last_end = max(1, -(-src.size * ZST_RATIO_BOUND // domain_bytes)), None
+            parts, last_end = max(1, -(-src.span // domain_bytes)), None
         else:
             parts, last_end = 1, src.size
         for k in range(parts):
@@ -248,7 +269,7 @@ def plan_domains(sources: list[Source], domain_bytes: int) -> list[Domain]:
 def corpus_identity(cfg: CorpusConfig, sources: list[Source]) -> dict:
     """What names the corpus before any of it is read (content hashes come per domain)."""
     identity = {
-        "sources": [[s.name, s.format, s.size] for s in sources],
+        "sources": [[s.name, s.format, s.size] + ([s.span] if s.span else []) for s in sources],
         "text_field": cfg.text_field,
         "skip_bad_lines": cfg.skip_bad_lines,
         "max_sequences": cfg.max_sequences,
@@ -447,11 +468,13 @@ class ZstStreams:
 
     def __init__(self):
         self._cursors: dict[str, _ZstCursor] = {}
+        self.passes = 0  # decompression passes started (one per file when read in order)
 
     def lines(self, src: Source, start: int, end: int | None) -> Iterator[tuple[int, bytes]]:
         cur = self._cursors.get(src.path)
-        if cur is None or cur.offset > start:
+        if cur is None or cur.last >= start:  # it went past `start`: read again from 0
             cur = self._cursors[src.path] = _ZstCursor(src)
+            self.passes += 1
         return cur.lines(start, end)
 
 
@@ -471,6 +494,7 @@ class _ZstCursor:
         self.pending = b""  # decompressed bytes not yet cut into lines
         self.lines_ready: list[bytes] = []
         self.offset = 0  # decompressed offset of the next line
+        self.last = -1  # decompressed offset of the last line taken
         self.done = False
 
     def _fill(self) -> bool:
@@ -514,6 +538,7 @@ class _ZstCursor:
                 return  # kept for the next domain
             self.lines_ready.pop()
             at, self.offset = self.offset, self.offset + len(line)
+            self.last = at
             if at >= start:
                 yield at, line
 

@@ -126,10 +126,12 @@ def test_multi_frame_zst_is_read_whole_and_a_truncated_one_is_refused(tmp_path):
         _documents([tmp_path / "torn.jsonl.zst"])
 
 
-def test_a_large_jsonl_zst_is_split_into_ranges_of_its_decompressed_stream(tmp_path):
-    """Domains of a .jsonl.zst are line ranges of the decompressed stream (planned from the
-    compressed size: the ones past the end are empty); every line is read once, by the
-    domain its first byte falls in; one worker's domains share one decompression pass."""
+@pytest.mark.parametrize("sized", [True, False])
+def test_a_large_jsonl_zst_is_split_into_ranges_of_its_decompressed_stream(tmp_path, sized):
+    """Domains of a .jsonl.zst are line ranges of the decompressed stream, as many as its
+    size in the frame header asks (without one: planned from the compressed size, the
+    ones past the end empty); every line is read once, by the domain its first byte falls
+    in; one worker's domains share one decompression pass."""
     rng = np.random.default_rng(0)
     words = ["".join(rng.choice(list("abcdefghij"), 5)) for _ in range(4000)]
     lines = [
@@ -137,13 +139,18 @@ def test_a_large_jsonl_zst_is_split_into_ranges_of_its_decompressed_stream(tmp_p
         for i in range(6000)
     ]
     raw = "".join(lines).encode()
-    c = zstandard.ZstdCompressor(level=3)
-    cut = len("".join(lines[:2500]).encode())
     path = tmp_path / "big.jsonl.zst"
-    path.write_bytes(c.compress(raw[:cut]) + c.compress(raw[cut:]))  # two frames
+    if sized:  # one frame, its size in the header (what zstd writes for a whole file)
+        path.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw))
+    else:  # two frames, no sizes (a streaming writer)
+        c = zstandard.ZstdCompressor(level=3, write_content_size=False)
+        cut = len("".join(lines[:2500]).encode())
+        path.write_bytes(c.compress(raw[:cut]) + c.compress(raw[cut:]))
     B = 1 << 16
-    domains = plan_domains(resolve_sources((str(path),)), B)
-    assert len(domains) == -(-path.stat().st_size * ZST_RATIO_BOUND // B) > len(raw) // B + 1
+    (src,) = resolve_sources((str(path),))
+    domains = plan_domains([src], B)
+    span = len(raw) if sized else path.stat().st_size * ZST_RATIO_BOUND
+    assert src.span == span and len(domains) == -(-span // B) > 3
     zst = ZstStreams()
     readers = [DomainReader(d, "text", False, zst) for d in domains]
     docs = [list(r) for r in readers]
@@ -152,15 +159,16 @@ def test_a_large_jsonl_zst_is_split_into_ranges_of_its_decompressed_stream(tmp_p
     for d, part in zip(domains, docs):
         inside = [i for i, o in enumerate(offsets) if o >= d.start and (d.end is None or o < d.end)]
         assert part == [json.loads(lines[i])["text"] for i in inside]
-    assert not any(docs[len(raw) // B + 1 :])  # past the stream's end: empty
-    assert len(zst._cursors) == 1 and next(iter(zst._cursors.values())).pos == path.stat().st_size
+    assert all(docs[: len(raw) // B]) and not any(docs[len(raw) // B + 1 :])
+    assert zst.passes == 1 and next(iter(zst._cursors.values())).pos == path.stat().st_size
     # a worker that owns every third domain reads the same lines, with the same hashes
     mine = ZstStreams()
     for d in domains[1::3]:
         r = DomainReader(d, "text", False, mine)
         assert list(r) == docs[d.index] and r.content_sha256 == readers[d.index].content_sha256
-    ident = corpus_identity(CorpusConfig(), resolve_sources((str(path),)))
-    assert ident["zst_split"] == 1
+    assert mine.passes == 1
+    ident = corpus_identity(CorpusConfig(), [src])
+    assert ident["zst_split"] == 1 and ident["sources"][0][3] == span
     plain = tmp_path / "plain.jsonl"
     plain.write_bytes(raw)
     assert "zst_split" not in corpus_identity(CorpusConfig(), resolve_sources((str(plain),)))
