@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Behaviour against an earlier commit: the same decoded cache contents and the same loss
-# curve. Builds top-8 and logprob caches (hf engine, built-in corpus of the teacher's
+# Behaviour against an earlier commit: the same cache files byte for byte (shards, index,
+# manifest), the same decoded cache contents and the same loss curve. Builds top-8 and logprob caches (hf engine, built-in corpus of the teacher's
 # tokenizer) with REV's code and with this tree's, compares every decoded column, then
 # trains the same student for 12 steps on a 2-sequence cache (every step sees the same
 # batch, so the reader's data order cannot differ) with each version's code, with the default
@@ -35,7 +35,9 @@ for v in old new; do
   done
   PYTHONPATH=$SRC python -m sparsekd build-cache --teacher "$T" --corpus "$C" --seq-len 256 \
     --max-sequences 2 --mode topk --k 8 --engine hf --out "$W/$v-two" --quiet
-  WD=optim.weight_decay=0; [ $v = old ] && WD=weight_decay=0
+  WD=optim.weight_decay=0  # sparsekd before 2900c7d's successor named it weight_decay
+  PYTHONPATH=$SRC python -m sparsekd train-student --cache "$W/$v-two" --student "$W/student" \
+    --out "$W/probe" --steps 1 --print-config 2>/dev/null | grep -q '"optim"' || WD=weight_decay=0
   for run in default nodecay; do
     set_wd=(); [ $run = nodecay ] && set_wd=(--set "$WD")
     PYTHONPATH=$SRC python -m sparsekd train-student --cache "$W/$v-two" --student "$W/student" \
@@ -43,8 +45,18 @@ for v in old new; do
   done
 done
 python - "$W" <<'PY'
-import json, sys, numpy as np
+import glob, hashlib, json, os, sys, numpy as np
 w = sys.argv[1]
+for m in ("topk", "logprob"):  # the published files, byte for byte
+    digest = {}
+    for v in ("old", "new"):
+        root = f"{w}/{v}-{m}"
+        files = glob.glob(f"{root}/shards/*/*.parquet") + glob.glob(f"{root}/index/*")
+        digest[v] = {os.path.relpath(f, root): hashlib.sha256(open(f, "rb").read()).hexdigest()
+                     for f in files + [f"{root}/manifest.json"]}
+    same = [f for f in digest["old"] if digest["new"].get(f) == digest["old"][f]]
+    print(f"{m}: {len(same)} of {len(digest['old'])} files (shards, index, manifest) "
+          f"byte-identical; differ: {sorted(set(digest['old']) ^ set(digest['new']) | (set(digest['old']) - set(same))) or 'none'}")
 for m in ("topk", "logprob"):
     a, b = np.load(f"{w}/old-{m}.npz"), np.load(f"{w}/new-{m}.npz")
     same = [k for k in a.files if a[k].shape == b[k].shape and np.array_equal(a[k], b[k])]
