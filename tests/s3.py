@@ -116,14 +116,23 @@ class S3Server:
         self.stop()
 
 
+SLOW_DOWN = (
+    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+    b'Content-Length: 89\r\n\r\n<?xml version="1.0"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce</Message></Error>"
+)
+
+
 class DelayProxy:
     """TCP proxy 127.0.0.1:port -> 127.0.0.1:target. Each request (the first bytes a client
     sends after the server last spoke) is held `delay_s` before it is forwarded: an added
     round-trip latency per request. Counts bytes both ways and the requests seen, and
-    calls `on_request(first_bytes)` for each (a test can kill a writer there)."""
+    calls `on_request(first_bytes)` for each (a test can kill a writer there);
+    `fail_every=N` answers every Nth request with a 503 "slow down" and hangs up."""
 
-    def __init__(self, target_port: int, delay_s: float = 0.0, on_request=None):
+    def __init__(self, target_port: int, delay_s: float = 0.0, on_request=None, fail_every=0):
         self.target, self.delay_s, self.on_request = target_port, delay_s, on_request
+        self.fail_every, self.failed = fail_every, 0  # answer every Nth request with a 503
         self.bytes_up = self.bytes_down = self.requests = 0
         self._lock = threading.Lock()
         self._sock = socket.socket()
@@ -164,6 +173,11 @@ class DelayProxy:
                         state["server_spoke"] = False
                         with self._lock:
                             self.requests += 1
+                            fail = self.fail_every and self.requests % self.fail_every == 0
+                            self.failed += bool(fail)
+                        if fail:  # a transient error: S3's "slow down", then hang up
+                            src.sendall(SLOW_DOWN)
+                            return
                         if self.on_request is not None:
                             self.on_request(data[:200])
                         if self.delay_s:

@@ -139,3 +139,22 @@ def test_refused_credentials_are_one_line_without_the_key(smollm2_dir):
 def test_credentials_in_a_uri_are_refused():
     with pytest.raises(StorageError, match="credentials in a URI are refused"):
         open_store("s3://key:secret@bucket/cache")
+
+
+def test_transient_errors_are_retried(s3_server):
+    """Every third request answered with a 503 "slow down" and a hang-up: puts (small and
+    multipart), reads and listings still succeed, by the clients' retries with backoff."""
+    bucket = s3_server.make_bucket(f"retry-{uuid.uuid4().hex[:8]}")
+    with DelayProxy(s3_server.port, fail_every=3) as proxy:
+        os.environ.update(proxy.env)
+        try:
+            store = open_store(f"{bucket}/x")  # a new store: its clients use the proxy
+            big = os.urandom(9 << 20)
+            for i in range(4):
+                store.put(f"small-{i}", b"s" * 100)
+            store.put("big", big)
+            assert store.put_new("small-0", b"other") is False
+            assert store.read("big") == big and len(store.list("")) == 5
+        finally:
+            os.environ.update(s3_server.env)
+    assert proxy.failed >= 3

@@ -312,3 +312,31 @@ def test_verify_checks_the_order_across_a_refined_sets_shards(mixed, tmp_path):
     )
     problems = verify_cache(bad)
     assert len(problems) == 1 and "overlap the shard before it" in problems[0], problems
+
+
+def test_refine_reads_and_writes_an_object_store(mixed, tmp_path, s3_server, s3_bucket):
+    """Both caches on S3, the refined set written to S3: the same kept sequences, scores
+    and rows as the local refine, and a cache that verifies and trains."""
+    from tests.helpers import copy_cache
+
+    teacher = copy_cache(mixed["teacher_cache"], f"{s3_bucket}/teacher")
+    reference = copy_cache(mixed["reference_cache"], f"{s3_bucket}/reference")
+    local, remote = tmp_path / "refined", f"{s3_bucket}/refined"
+    _refine(mixed, local, "--ratio", "0.5")
+    run_cli(
+        "refine", "--teacher-cache", teacher, "--reference-cache", reference,
+        "--out", remote, "--ratio", "0.5", "--plot", check=True,
+    )  # fmt: skip
+    assert verify_cache(remote) == []
+    a, b = open_cache(local), open_cache(remote)
+    rows = lambda c: [(s.seq_id, s.input_ids.tolist(), s.token_logprobs.tolist()) for s in c]  # noqa: E731
+    assert rows(b) == rows(a) and b.meta["refined"]["teacher_cache"] == teacher
+    bucket = s3_bucket.removeprefix("s3://")
+    objs = s3_server.objects(bucket, "refined")
+    assert objs["scores.parquet"] == (local / "scores.parquet").read_bytes()
+    assert objs["scores.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    again = run_cli(
+        "refine", "--teacher-cache", teacher, "--reference-cache", reference,
+        "--out", remote, "--ratio", "0.5", check=True,
+    )  # fmt: skip
+    assert "already there" in again.stdout
