@@ -111,7 +111,7 @@ def bench_corpus(teacher: str, tmp: Path):
     t0 = time.perf_counter()
     tokens = 0
     for d in plan.domains:
-        for ids, _ in pack(
+        for ids, _, _ in pack(
             DomainReader(d, "text", False), plan.tokenizer, plan.tokenizer.eos_token_id, 2048
         ):
             tokens += len(ids)
@@ -161,7 +161,7 @@ def bench_corpus_zst(teacher: str, tmp: Path):
     tok = plan.tokenizer
     old_tokens = sum(
         len(ids)
-        for ids, _ in pack(DomainReader(Domain(0, src, 0, 0, None), "text", False), tok,
+        for ids, _, _ in pack(DomainReader(Domain(0, src, 0, 0, None), "text", False), tok,
                            tok.eos_token_id, 2048)
     )  # fmt: skip
     old = time.perf_counter() - t0
@@ -287,7 +287,10 @@ def write_cache(path: Path, shards: int, rows: int, L: int, K: int, seed: int = 
             for _ in range(rows)
         ]
         sup = [from_topk(t, -rng.exponential(2, (L, K)).astype(np.float32)) for t in top]
-        tab = encode_table("topk", seq, inp, [1] * rows, [-np.ones(L, np.float32)] * rows, sup)
+        mask = [np.ones(L, bool)] * rows
+        tab = encode_table(
+            "topk", seq, inp, [1] * rows, mask, [-np.ones(L, np.float32)] * rows, sup
+        )
         entries.append(write_shard(store, s, 0, tab, meta))
     write_manifest(store, meta=meta, fingerprint="f" * 64, shards=ShardIndex.from_entries(entries))
     store.close()

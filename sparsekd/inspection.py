@@ -19,10 +19,12 @@ from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
 from sparsekd.schemas.cache import Cache, open_cache
 from sparsekd.schemas.manifest import read_domain_index
+from sparsekd.schemas.modes import get_mode
 
 
 def _position_arrays(cache: Cache, max_positions: int | None = None):
-    """Yield per sequence (seq, nll [L], mass [L], support [L], top1_hit [L])."""
+    """Yield per sequence (seq, nll, mass, support, top1_hit), each [n] over its n learnt
+    positions (the only ones with a target)."""
     seen = 0
     for seq in cache:
         offsets, ids, probs = seq.targets()
@@ -34,7 +36,8 @@ def _position_arrays(cache: Cache, max_positions: int | None = None):
         first = offsets[:-1][seq.support_size > 0]
         top1 = np.full(L, -1, dtype=np.int64)
         top1[seq.support_size > 0] = ids[order[first]]
-        yield seq, -seq.token_logprobs, mass, seq.support_size, top1 == seq.labels
+        m = seq.loss_mask
+        yield seq, -seq.token_logprobs[m], mass[m], seq.support_size[m], (top1 == seq.labels)[m]
         seen += L
         if max_positions is not None and seen >= max_positions:
             return
@@ -52,10 +55,11 @@ def _entropy_estimate(seq) -> np.ndarray:
 
 
 def cache_stats(cache: Cache) -> dict:
+    """Statistics over the learnt positions (every position of a text cache)."""
     n = 0
     nll_sum = mass_sum = support_sum = top1_sum = ent_sum = 0.0
-    mode = cache.meta["mode"]
-    entropy = mode == "sample" and not cache.meta.get("weighted")
+    mode = get_mode(cache.meta["mode"])
+    entropy = mode.draws and not cache.meta.get("weighted")
     for seq, nll, mass, support, hit in _position_arrays(cache):
         n += len(nll)
         nll_sum += float(nll.sum())
@@ -63,10 +67,10 @@ def cache_stats(cache: Cache) -> dict:
         support_sum += float(support.sum())
         top1_sum += float(hit.sum())
         if entropy:
-            ent_sum += float(_entropy_estimate(seq).sum())
+            ent_sum += float(_entropy_estimate(seq)[seq.loss_mask].sum())
     m = cache.manifest
     meta = cache.meta
-    n = max(n, 1)
+    learnt, n = n, max(n, 1)
     return {
         "mode": meta["mode"],
         "k": meta.get("k"),
@@ -77,11 +81,16 @@ def cache_stats(cache: Cache) -> dict:
         "fingerprint": cache.fingerprint,
         "bytes": m["bytes"],
         "bytes_per_token": m["bytes"] / max(m["num_tokens"], 1),
+        "learnt_positions": learnt,
+        "learnt_fraction": learnt / max(m["num_tokens"], 1),
+        "bytes_per_learnt_token": m["bytes"] / n,
+        "schema_version": cache.version,
+        "chat": chat_summary(m.get("chat"), int(meta["seq_len"])),
         "samples": meta.get("samples"),
         "mean_support": support_sum / n,
         "teacher_nll": nll_sum / n,
-        "tail_mass": 1.0 - mass_sum / n if mode == "topk" else None,
-        "top1_agreement": top1_sum / n if mode != "logprob" else None,
+        "tail_mass": 1.0 - mass_sum / n if mode.truncated else None,
+        "top1_agreement": top1_sum / n if mode.has_support else None,
         "teacher_entropy": ent_sum / n if entropy else None,
         "teacher": meta["teacher"],
         "tokenizer_hash": meta["tokenizer_hash"],
@@ -94,19 +103,25 @@ def cache_stats(cache: Cache) -> dict:
     }
 
 
+def chat_summary(chat: dict | None, L: int) -> dict | None:
+    """The manifest's conversation totals, with the rows' padding fraction."""
+    if not chat:
+        return None
+    slots = chat["rows"] * (L + 1)
+    return {**chat, "padding_fraction": 1.0 - chat["tokens"] / slots if slots else 0.0}
+
+
 def format_stats(s: dict, path: str) -> str:
-    what = {
-        "topk": f"K = {s['k']}",
-        "sample": f"N = {s['samples']} draws",
-        "logprob": "token log-probs only",
-    }[s["mode"]]
+    what = get_mode(s["mode"]).describe(s)
     lines = [
         f"sparsekd cache {path}",
         f"  mode {s['mode']}, {what}, teacher {s['teacher']} (engine {s['engine']}), "
         f"vocab {s['vocab_size']}, seq_len {s['seq_len']}",
         f"  {s['sequences']} sequences, {s['tokens']} tokens in {s['shards']} shards, "
         f"{s['bytes'] / 1e6:.2f} MB = {s['bytes_per_token']:.2f} bytes/token",
-        f"  stored ids per position {s['mean_support']:.2f}"
+        f"  learnt positions {s['learnt_positions']} ({100 * s['learnt_fraction']:.1f} % of the "
+        f"tokens) = {s['bytes_per_learnt_token']:.2f} bytes per learnt token",
+        f"  stored ids per learnt position {s['mean_support']:.2f}"
         + (f", tail mass outside them {s['tail_mass']:.4f}" if s["tail_mass"] is not None else ""),
         f"  teacher NLL of the data {s['teacher_nll']:.4f} nats/token"
         + (
@@ -119,6 +134,13 @@ def format_stats(s: dict, path: str) -> str:
         lines.append(
             f"  teacher entropy (Miller-Madow estimate from the draws) "
             f"{s['teacher_entropy']:.4f} nats"
+        )
+    if s.get("chat"):
+        c = s["chat"]
+        pad = 100 * c["padding_fraction"]
+        lines.append(
+            f"  conversations {c['conversations']} in {c['rows']} rows ({pad:.1f} % padding); "
+            f"{c['split']} split between turns, {c['dropped']} dropped (longer than a row)"
         )
     if s.get("refined"):
         r = s["refined"]
@@ -147,7 +169,7 @@ def _verify_shard(cache: Cache, i: int, full: bool) -> tuple[list[str], int | No
             keys = sorted(k for k in set(own) | set(cache.meta) if own.get(k) != cache.meta.get(k))
             return [f"{name}: its metadata differs from the manifest's in {', '.join(keys)}"], None
         meta = cache.meta
-        expected = F.arrow_schema(meta["mode"], meta.get("weighted", False), "refined" in meta)
+        expected = F.arrow_schema(meta["mode"], cache.weighted, "refined" in meta, cache.version)
         if not sf.schema.remove_metadata().equals(expected):
             return [f"{name}: schema differs from the {meta['mode']} shard schema"], None
         seq = np.concatenate(

@@ -97,10 +97,11 @@ def flip_bit(path: Path, offset: int, mask: int = 0x10) -> None:
 
 
 def synthetic_cache(
-    path: Path, *, n=9, L=7, K=5, V=1000, per_shard=4, seed=1, fingerprint="f" * 64
+    path: Path, *, n=9, L=7, K=5, V=1000, per_shard=4, seed=1, fingerprint="f" * 64, masked=False
 ) -> dict:
     """A small top-K cache written by the real writer and manifest code, without a teacher:
-    random tokens and targets, one domain. Returns what was written, for comparison."""
+    random tokens and targets, one domain; `masked`: about half the positions learnt.
+    Returns what was written (every position's targets, and the masks), for comparison."""
     import numpy as np
 
     from sparsekd.cache_builder.encoder import from_topk
@@ -121,6 +122,7 @@ def synthetic_cache(
         np.log(rng.dirichlet(np.ones(K + 3), size=L)[:, :K]).astype(np.float32) for _ in range(n)
     ]
     tok_lp = [-rng.exponential(2, size=L).astype(np.float32) for _ in range(n)]
+    masks = [rng.random(L) < 0.5 if masked else np.ones(L, bool) for _ in range(n)]
     meta = {
         "format": F.FORMAT_NAME,
         "mode": "topk",
@@ -138,8 +140,10 @@ def synthetic_cache(
     store, entries = open_store(path), []
     for part, a in enumerate(range(0, n, per_shard)):
         b = min(n, a + per_shard)
-        supports = [from_topk(i, lp) for i, lp in zip(top_ids[a:b], top_lp[a:b])]
-        t = encode_table("topk", seq_ids[a:b], ids[a:b], nxt[a:b], tok_lp[a:b], supports)
+        m = masks[a:b]
+        supports = [from_topk(i[k], lp[k]) for i, lp, k in zip(top_ids[a:b], top_lp[a:b], m)]
+        tlp = [t[k] for t, k in zip(tok_lp[a:b], m)]
+        t = encode_table("topk", seq_ids[a:b], ids[a:b], nxt[a:b], m, tlp, supports)
         entries.append(write_shard(store, 0, part, t, meta))
     write_manifest(
         store, meta=meta, fingerprint=fingerprint, shards=ShardIndex.from_entries(entries)
@@ -152,6 +156,7 @@ def synthetic_cache(
         "top_ids": top_ids,
         "top_lp": top_lp,
         "tok_lp": tok_lp,
+        "masks": masks,
     }
 
 

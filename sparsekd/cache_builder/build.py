@@ -19,17 +19,18 @@ workers gives the same bytes.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
 
 from sparsekd.cache_builder.config import BuildConfig
-from sparsekd.cache_builder.corpus import Domain, DomainReader, ZstStreams
+from sparsekd.cache_builder.corpus import ChatItem, Domain, DomainReader, ZstStreams
 from sparsekd.cache_builder.encoder import teacher_view
 from sparsekd.cache_builder.engines import make_engine
 from sparsekd.cache_builder.ledger import Ledger, domain_record, try_finalize
-from sparsekd.cache_builder.packing import Unit, pack
+from sparsekd.cache_builder.packing import ChatStats, Unit, pack, pack_chat
 from sparsekd.cache_builder.packing import units as units_of
 from sparsekd.cache_builder.plan import BuildPlan, plan_build
 from sparsekd.cache_builder.writer import ShardWriter, encode_table, write_shard
@@ -80,7 +81,13 @@ class Teacher:
             self.stats.first_teacher_call_s = time.perf_counter() - self.stats.started
         t0 = time.perf_counter()
         v = teacher_view(
-            self.engine, cfg.encoder, cfg.seed, unit.seq_ids, unit.input_ids, unit.next_tokens
+            self.engine,
+            cfg.encoder,
+            cfg.seed,
+            unit.seq_ids,
+            unit.input_ids,
+            unit.next_tokens,
+            unit.loss_masks,
         )
         self.stats.teacher_s += time.perf_counter() - t0
         return v
@@ -97,6 +104,7 @@ class DomainEnd:
 
     domain: Domain
     sequences: int
+    learnt: int  # learnt positions in its rows
     reader: DomainReader
     old: dict | None  # the domain's earlier record, when it is being redone
     units: dict[int, dict]  # part -> unit record
@@ -123,23 +131,55 @@ def own_work(plan: BuildPlan, ledger: Ledger, stats: BuildStats):
             before += sum(1 for _ in _sequences(plan, d, limit, stats, zst)[1])
             continue
         reader, seqs = _sequences(plan, d, limit, stats, zst)
-        done, units, n = ledger.unit_records(d.index), {}, 0
+        done, units, n, learnt = ledger.unit_records(d.index), {}, 0, 0
         for unit in units_of(d.index, seqs, plan.shard_sequences):
             n += len(unit.seq_ids)
+            learnt += sum(int(m.sum()) for m in unit.loss_masks)
             if _unit_done(ledger, done.get(unit.part), unit, stats):
                 units[unit.part] = done[unit.part]
                 continue
             yield unit, units
-        yield DomainEnd(d, n, reader, rec, units)
+        yield DomainEnd(d, n, learnt, reader, rec, units)
         before += n
 
 
 def _sequences(plan: BuildPlan, d: Domain, limit: int | None, stats: BuildStats, zst):
     corpus = plan.cfg.corpus
-    reader = DomainReader(d, corpus.text_field, corpus.skip_bad_lines, zst)
+    reader = DomainReader(
+        d,
+        corpus.text_field,
+        corpus.skip_bad_lines,
+        zst,
+        kind=corpus.kind,
+        messages_field=corpus.messages_field,
+    )
     stats.domains_read += limit != 0
-    tok = plan.tokenizer
-    return reader, pack(reader, tok, tok.eos_token_id, corpus.seq_len, limit)
+    return reader, _pack(plan, reader, limit)
+
+
+def _pack(plan: BuildPlan, reader: DomainReader, limit: int | None):
+    """The domain's rows: text packed as one stream, conversations whole (packing.py); a
+    domain's kind is its first row's."""
+    corpus, tok = plan.cfg.corpus, plan.tokenizer
+    items = iter(reader)
+    first = next(items, None)
+    if first is None:
+        return
+    items = itertools.chain([first], items)
+    if not isinstance(first, ChatItem):
+        yield from pack(items, tok, tok.eos_token_id, corpus.seq_len, limit)
+        return
+    reader.chat = ChatStats()
+    yield from pack_chat(
+        items,
+        lambda item: plan.renderer.render(item.conv, item.where),
+        corpus.seq_len,
+        plan.pad_id,
+        long=corpus.long_conversations,
+        packing=corpus.chat_packing,
+        limit=limit,
+        stats=reader.chat,
+    )
 
 
 def _domain_intact(ledger: Ledger, rec: dict) -> bool:
@@ -170,6 +210,7 @@ def _write_unit(plan: BuildPlan, ledger: Ledger, stats, bar, unit: Unit, units: 
         unit.seq_ids,
         unit.input_ids,
         unit.next_tokens,
+        unit.loss_masks,
         view.token_logprobs,
         view.supports,
         weighted=enc.weighted,
@@ -187,8 +228,8 @@ def _write_unit(plan: BuildPlan, ledger: Ledger, stats, bar, unit: Unit, units: 
 
 def _write_domain(plan: BuildPlan, ledger: Ledger, end: DomainEnd) -> None:
     """The domain's record, after its units' (runs in the writer thread, after them)."""
-    parts = -(-end.sequences // plan.shard_sequences)
-    rec = domain_record(end.domain, end.sequences, end.reader, [end.units[j] for j in range(parts)])
+    units = [end.units[j] for j in range(-(-end.sequences // plan.shard_sequences))]
+    rec = domain_record(end.domain, end.sequences, end.learnt, end.reader, units)
     if end.old is not None and end.old["content_sha256"] != rec["content_sha256"]:
         raise CorpusError(
             f"{end.domain.where} changed since its shards were written (its content hash "

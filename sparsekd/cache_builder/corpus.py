@@ -45,13 +45,23 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from sparsekd.cache_builder.chat import KINDS, LEARN, Conversation, parse_row
 from sparsekd.config import check, setting
 from sparsekd.errors import CorpusError, SparsekdError
 from sparsekd.storage import is_uri, join, open_store
 
-SUFFIXES = {".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl", ".txt": "txt", ".parquet": "parquet"}
+SUFFIXES = {
+    ".jsonl.zst": "jsonl.zst",
+    ".jsonl": "jsonl",
+    ".txt": "txt",
+    ".parquet": "parquet",
+    ".arrow": "arrow",  # a `datasets` save_to_disk folder's files (Arrow IPC streams)
+}
 SPLITTABLE = ("jsonl", "parquet")
+LONG_POLICIES = ("split", "drop")
+CHAT_PACKINGS = ("best_fit", "one_per_row")
 DEFAULT_CORPUS = "builtin:stdlib-docs"
+DEFAULT_CHAT_CORPUS = "builtin:stdlib-chat"  # conversations made from the same documentation
 # A .jsonl.zst file of S bytes whose header gives no size is given domains for
 # S * ZST_RATIO_BOUND decompressed bytes: text JSON lines compress 3-6x with zstd, so the
 # domains past the stream's end are empty, and a file that compresses better still has
@@ -84,6 +94,36 @@ class CorpusConfig:
         flag="--corpus",
     )
     text_field: str = setting("text", "JSON/Parquet field holding the text.", flag=True)
+    kind: str = setting(
+        "auto",
+        "text, chat (conversations and prompt/completion rows; docs/chat.md), or auto: each "
+        "domain's kind from its first row.",
+        choices=KINDS,
+    )
+    messages_field: str = setting(
+        "messages", "Field of a conversation's messages (ShareGPT's 'conversations' too)."
+    )
+    chat_template: str | None = setting(
+        None, "A Jinja chat template file (default: the teacher tokenizer's template)."
+    )
+    learn: str = setting(
+        "assistant",
+        "Which tokens of a conversation the student learns: assistant (each assistant "
+        "message's output and its end-of-turn token) or all.",
+        choices=LEARN,
+    )
+    long_conversations: str = setting(
+        "split",
+        "A conversation longer than a row: split (between turns; a turn longer than a row is "
+        "dropped and counted) or drop (counted).",
+        choices=LONG_POLICIES,
+    )
+    chat_packing: str = setting(
+        "best_fit",
+        "Rows of conversations: best_fit (several whole conversations per row, the rest "
+        "padded) or one_per_row.",
+        choices=CHAT_PACKINGS,
+    )
     seq_len: int = setting(512, "Tokens per packed sequence.", flag=True)
     max_sequences: int | None = setting(
         None,
@@ -171,8 +211,8 @@ def resolve_sources(paths: tuple[str, ...]) -> list[Source]:
     """Expand files, folders and globs (local or URIs) into the ordered list of inputs."""
     out: list[Source] = []
     for p in paths:
-        if p == DEFAULT_CORPUS:
-            out.append(Source(DEFAULT_CORPUS, DEFAULT_CORPUS, "builtin", 0))
+        if p in (DEFAULT_CORPUS, DEFAULT_CHAT_CORPUS):
+            out.append(Source(p, p, "builtin", 0))
         elif is_uri(p):
             out += _remote_sources(p)
         else:
@@ -266,15 +306,27 @@ def plan_domains(sources: list[Source], domain_bytes: int) -> list[Domain]:
     return domains
 
 
-def corpus_identity(cfg: CorpusConfig, sources: list[Source]) -> dict:
-    """What names the corpus before any of it is read (content hashes come per domain)."""
+def corpus_identity(cfg: CorpusConfig, sources: list[Source], template_sha256=None) -> dict:
+    """What names the corpus before any of it is read (content hashes come per domain):
+    the files, the reading options, and how conversations are rendered, masked and packed
+    (`template_sha256`: the chat template's)."""
     identity = {
         "sources": [[s.name, s.format, s.size] + ([s.span] if s.span else []) for s in sources],
         "text_field": cfg.text_field,
         "skip_bad_lines": cfg.skip_bad_lines,
         "max_sequences": cfg.max_sequences,
         "domain_bytes": cfg.domain_bytes,
+        "kind": cfg.kind,
+        "chat": None,
     }
+    if cfg.kind != "text":
+        identity["chat"] = {
+            "messages_field": cfg.messages_field,
+            "template_sha256": template_sha256,
+            "learn": cfg.learn,
+            "long_conversations": cfg.long_conversations,
+            "packing": cfg.chat_packing,
+        }
     if any(s.format == "jsonl.zst" for s in sources):
         identity["zst_split"] = ZST_SPLIT
     return identity
@@ -282,9 +334,17 @@ def corpus_identity(cfg: CorpusConfig, sources: list[Source]) -> dict:
 
 @dataclass
 class DomainStats:
-    documents: int = 0
+    documents: int = 0  # text documents or conversations read
     bad_lines: int = 0
     bad_examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChatItem:
+    """A conversation row and where it is (`where()`, computed only for a message)."""
+
+    conv: Conversation
+    where: object
 
 
 class DomainReader:
@@ -292,12 +352,22 @@ class DomainReader:
     malformed lines (or raises CorpusError naming file and line)."""
 
     def __init__(
-        self, domain: Domain, text_field: str, skip_bad_lines: bool, zst: ZstStreams | None = None
+        self,
+        domain: Domain,
+        text_field: str,
+        skip_bad_lines: bool,
+        zst: ZstStreams | None = None,
+        *,
+        kind: str = "auto",
+        messages_field: str = "messages",
     ):
         self.domain = domain
         self.text_field = text_field
         self.skip_bad_lines = skip_bad_lines
+        self.kind, self.messages_field = kind, messages_field
         self.stats = DomainStats()
+        self.seen: str | None = None  # the domain's kind, from its first row: text or chat
+        self.chat = None  # packing.ChatStats, when the domain holds conversations
         self._hash = hashlib.sha256()
         self._zst = zst or ZstStreams()
 
@@ -315,6 +385,9 @@ class DomainReader:
     def _text(self, text, where) -> str | None:
         """A document's text, or None (counted) when it is not usable text. `where()` names
         the line, computed only for an error."""
+        if self.kind == "chat":
+            self._bad(where(), "a text document where conversations were asked for")
+            return None
         if not isinstance(text, str):
             self._bad(where(), f"no string field {self.text_field!r}")
             return None
@@ -326,7 +399,33 @@ class DomainReader:
         self.stats.documents += 1
         return text
 
-    def __iter__(self) -> Iterator[str]:
+    def _row(self, obj, where):
+        """A row as a text or a ChatItem; None when it is skipped (counted) or empty."""
+        conv = None
+        if self.kind != "text":
+            try:
+                conv = parse_row(obj, self.messages_field)
+            except ValueError as e:
+                self._bad(where(), f"not a conversation: {e}")
+                return None
+        got = "text" if conv is None else "chat"
+        if got == "text" and self.kind == "chat":
+            self._bad(where(), f"no conversation ({self.messages_field!r}, 'conversations', or "
+                               "'prompt' and 'completion')")  # fmt: skip
+            return None
+        if self.seen is not None and got != self.seen:
+            self._bad(where(), f"a {got} row among rows of {self.seen} (one kind per file)")
+            return None
+        if conv is None:
+            value = obj.get(self.text_field) if isinstance(obj, dict) else None
+            text = self._text(value, where)
+            self.seen = self.seen or ("text" if text is not None else None)
+            return text
+        self.seen = "chat"
+        self.stats.documents += 1
+        return ChatItem(conv, where)
+
+    def __iter__(self) -> Iterator[str | ChatItem]:
         src = self.domain.source
         read = {
             "builtin": self._builtin,
@@ -334,6 +433,7 @@ class DomainReader:
             "jsonl": self._jsonl,
             "jsonl.zst": self._jsonl,
             "parquet": self._parquet,
+            "arrow": self._arrow,
         }[src.format]
         try:
             yield from read()
@@ -344,7 +444,14 @@ class DomainReader:
         except Exception as e:  # pyarrow / zstandard errors on corrupt files
             raise CorpusError(f"{src.path}: cannot read ({type(e).__name__}: {e})") from e
 
-    def _builtin(self) -> Iterator[str]:
+    def _builtin(self) -> Iterator[str | ChatItem]:
+        if self.domain.source.name == DEFAULT_CHAT_CORPUS:
+            for name, row in builtin_conversations():
+                self._hash.update(json.dumps(row, sort_keys=True).encode())
+                item = self._row(row, lambda name=name: name)
+                if item is not None:
+                    yield item
+            return
         for name, text in builtin_documents():
             self._hash.update(f"{name}\0{len(text)}\0{text}".encode())
             if self._text(text, lambda name=name: name) is not None:
@@ -400,31 +507,67 @@ class DomainReader:
             except json.JSONDecodeError as e:
                 self._bad(self._where(offset), f"malformed JSON ({e.msg})")
                 continue
-            value = obj.get(self.text_field) if isinstance(obj, dict) else None
-            text = self._text(value, lambda o=offset: self._where(o))
-            if text is not None:
-                yield text
+            item = self._row(obj, lambda o=offset: self._where(o))
+            if item is not None:
+                yield item
 
-    def _parquet(self) -> Iterator[str]:
+    def _columns(self, names: list[str]) -> list[str]:
+        """The columns of a table to read: the text field, or the chat fields present."""
+        chat = [n for n in (self.messages_field, "conversations", "prompt", "completion")
+                if n in names]  # fmt: skip
+        if self.kind == "chat" or (self.kind == "auto" and chat):
+            if not chat:
+                wanted = f"{self.messages_field!r}, 'conversations', 'prompt'"
+                raise CorpusError(f"{self.domain.source.path}: no conversation column ({wanted})")
+            return chat
+        if self.text_field not in names:
+            raise CorpusError(
+                f"{self.domain.source.path}: no column {self.text_field!r} (--text-field)"
+            )
+        return [self.text_field]
+
+    def _table_rows(self, table, first_row: int) -> Iterator[str | ChatItem]:
+        src = self.domain.source
+        if table.column_names == [self.text_field]:  # text: hashed as before the chat rows
+            for i, text in enumerate(table.column(0).to_pylist()):
+                data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else b""
+                self._hash.update(len(data).to_bytes(8, "little") + data)
+                out = self._text(text, lambda r=first_row + i: f"{src.path}: row {r}")
+                if out is not None:
+                    yield out
+            return
+        for i, obj in enumerate(table.to_pylist()):
+            data = json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8", "replace")
+            self._hash.update(len(data).to_bytes(8, "little") + data)
+            item = self._row(obj, lambda r=first_row + i: f"{src.path}: row {r}")
+            if item is not None:
+                yield item
+
+    def _arrow(self) -> Iterator[str | ChatItem]:
+        """A `datasets` Arrow file (an IPC stream): one domain."""
+        import pyarrow as pa
+
+        src = self.domain.source
+        reader = pa.ipc.open_stream(src.store().open(src.name))
+        columns, row = self._columns(reader.schema.names), 0
+        for batch in reader:
+            table = pa.Table.from_batches([batch]).select(columns)
+            yield from self._table_rows(table, row)
+            row += batch.num_rows
+
+    def _parquet(self) -> Iterator[str | ChatItem]:
         import pyarrow.parquet as pq
 
         d = self.domain
         pf = pq.ParquetFile(d.source.store().open(d.source.name))
-        if self.text_field not in pf.schema_arrow.names:
-            raise CorpusError(f"{d.source.path}: no column {self.text_field!r} (--text-field)")
+        columns = self._columns(pf.schema_arrow.names)
         md, row = pf.metadata, 0
         for g in range(md.num_row_groups):
             rg = md.row_group(g)
             col = rg.column(0)
             begin = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
             if d.start <= begin < d.end:
-                texts = pf.read_row_group(g, columns=[self.text_field]).column(0).to_pylist()
-                for i, text in enumerate(texts):
-                    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else b""
-                    self._hash.update(len(data).to_bytes(8, "little") + data)
-                    out = self._text(text, lambda r=row + i: f"{d.source.path}: row {r}")
-                    if out is not None:
-                        yield out
+                yield from self._table_rows(pf.read_row_group(g, columns=columns), row)
             row += rg.num_rows
 
 
@@ -543,8 +686,8 @@ class _ZstCursor:
                 yield at, line
 
 
-def builtin_documents() -> Iterator[tuple[str, str]]:
-    """(name, text) of every document of the built-in corpus, in a fixed order."""
+def _stdlib_docs() -> Iterator[tuple[str, str, list[tuple[str, str]]]]:
+    """(module name, module docstring, [(attribute, docstring)]) in a fixed order."""
     import importlib
     import inspect
 
@@ -553,14 +696,63 @@ def builtin_documents() -> Iterator[tuple[str, str]]:
             mod = importlib.import_module(name)
         except ImportError:  # e.g. turtle without tkinter: skip, the list stays ordered
             continue
-        parts = [inspect.getdoc(mod) or ""]
+        attrs = []
         for attr in sorted(vars(mod)):
             obj = getattr(mod, attr)
             if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
                 continue
             doc = inspect.getdoc(obj)
             if doc and len(doc) > 200:
-                parts.append(doc)
-        text = "\n\n".join(p for p in parts if p)
+                attrs.append((attr, doc))
+        yield name, inspect.getdoc(mod) or "", attrs
+
+
+def builtin_documents() -> Iterator[tuple[str, str]]:
+    """(name, text) of every document of the built-in corpus, in a fixed order."""
+    for name, doc, attrs in _stdlib_docs():
+        text = "\n\n".join(p for p in [doc, *(d for _, d in attrs)] if p)
         if text:
             yield f"{DEFAULT_CORPUS}:{name}", text
+
+
+SYSTEM_PROMPT = "You are a concise assistant who explains Python's standard library."
+
+
+def builtin_conversations() -> Iterator[tuple[str, dict]]:
+    """(name, row) of the built-in chat corpus (`builtin:stdlib-chat`), in a fixed order:
+    for each documented name of the built-in corpus's modules, a user asks about it and the
+    assistant answers with its documentation; every third conversation opens with a system
+    prompt, every third goes on for a second turn about the module itself."""
+    import importlib
+    import inspect
+
+    i = 0
+    for name, doc, _ in _stdlib_docs():
+        first_para = doc.split("\n\n")[0] if doc else f"The `{name}` module."
+        mod = importlib.import_module(name)
+        entries = []  # every documented public name, and the methods of its classes
+        for attr in sorted(vars(mod)):
+            obj = getattr(mod, attr)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            entries.append((attr, inspect.getdoc(obj)))
+            if inspect.isclass(obj):
+                for meth in sorted(vars(obj)):
+                    if not meth.startswith("_") and callable(getattr(obj, meth, None)):
+                        entries.append((f"{attr}.{meth}", inspect.getdoc(getattr(obj, meth))))
+        for attr, adoc in entries:
+            if not adoc or len(adoc) < 40:
+                continue
+            messages = [
+                {"role": "user", "content": f"What is `{name}.{attr}` for?"},
+                {"role": "assistant", "content": adoc},
+            ]
+            if i % 3 == 1:
+                messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+            elif i % 3 == 2:
+                messages += [
+                    {"role": "user", "content": f"And the `{name}` module as a whole?"},
+                    {"role": "assistant", "content": first_para},
+                ]
+            yield f"{DEFAULT_CHAT_CORPUS}:{name}.{attr}", {"messages": messages}
+            i += 1

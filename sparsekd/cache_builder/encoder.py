@@ -1,9 +1,11 @@
 """Sparse encoder: one work unit -> the teacher's sparse view of every position.
 
-`teacher_view(engine, enc, seed, unit)` runs the teacher on the unit's sequences and
-returns, per sequence, its token log-probs [L] and its `Support`: `support_size [L]`, the
-concatenated `ids` (ascending within each position) and the value arrays aligned with
-them, in their stored dtypes (see `schemas.format`).
+`teacher_view(engine, enc, seed, seq_ids, input_ids, next_tokens, loss_masks)` runs the
+teacher on the unit's sequences (every position: the prompt of a conversation is context)
+and returns, per sequence and at its learnt positions only, the token log-probs and the
+`Support`: `support_size` per learnt position, the concatenated `ids` (ascending within each
+position) and the value arrays aligned with them, in their stored dtypes (schemas.modes).
+On the hidden-state path the head itself runs on the learnt positions only.
 
 Two paths (docs/format.md): `logprob` asks vLLM for prompt log-probs (top-K only);
 `hidden` takes the final hidden states and applies the LM head in sparsekd's teacher-head
@@ -18,6 +20,7 @@ import numpy as np
 
 from sparsekd.config import check, setting
 from sparsekd.schemas import format as F
+from sparsekd.schemas.modes import MODES
 
 PATHS = ("auto", "logprob", "hidden")
 # The top-K sizes accepted. vLLM would go to V, but its cost grows with K and nothing beyond
@@ -59,17 +62,13 @@ class EncoderConfig:
     )
 
     def __post_init__(self):
-        for name, mode in (
-            ("k", "topk"),
-            ("samples", "sample"),
-            ("sampler", "sample"),
-            ("proposal_temperature", "sample"),
-        ):
-            check(
-                getattr(self, name) is None or self.mode == mode,
-                f"encoder.{name} (--{name.replace('_', '-')}) applies to --mode {mode} only, "
-                f"not --mode {self.mode}",
-            )
+        for mode in MODES.values():
+            for name in mode.settings:
+                check(
+                    getattr(self, name) is None or self.mode == mode.name,
+                    f"encoder.{name} (--{name.replace('_', '-')}) applies to --mode "
+                    f"{mode.name} only, not --mode {self.mode}",
+                )
         check(1 <= self.top_k <= MAX_TOPK, f"encoder.k must be in 1..{MAX_TOPK}, got {self.k}")
         check(
             1 <= self.num_samples <= MAX_SAMPLES,
@@ -130,6 +129,7 @@ class Support:
 
 
 def from_topk(ids_LK: np.ndarray, logprobs_LK: np.ndarray) -> Support:
+    """L here is the number of positions given (the learnt ones)."""
     L, K = ids_LK.shape
     return Support(
         np.full(L, K, dtype=np.uint16),
@@ -155,20 +155,23 @@ def empty(L: int) -> Support:
 
 @dataclass
 class TeacherView:
-    token_logprobs: list[np.ndarray]  # per sequence, float32 [L]
-    supports: list[Support]
+    token_logprobs: list[np.ndarray]  # per sequence, float32 [n learnt]
+    supports: list[Support]  # per sequence, over its learnt positions
 
 
-def teacher_view(engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next_tokens):
-    """Run the teacher on one unit's sequences (lists of equal-length arrays)."""
+def teacher_view(engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next_tokens, masks):
+    """Run the teacher on one unit's sequences (lists of equal-length arrays; `masks`:
+    bool [L] per sequence, the learnt positions)."""
     if enc.resolved_path == "logprob":
         tb = engine.run(input_ids, next_tokens, k=enc.top_k)
-        supports = [from_topk(i, lp) for i, lp in zip(tb.topk_ids, tb.topk_logprobs)]
-        return TeacherView(tb.token_logprobs, supports)
-    return _hidden_view(engine, enc, seed, seq_ids, input_ids, next_tokens)
+        supports = [
+            from_topk(i[m], lp[m]) for i, lp, m in zip(tb.topk_ids, tb.topk_logprobs, masks)
+        ]
+        return TeacherView([t[m] for t, m in zip(tb.token_logprobs, masks)], supports)
+    return _hidden_view(engine, enc, seed, seq_ids, input_ids, next_tokens, masks)
 
 
-def _hidden_view(engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next_tokens):
+def _hidden_view(engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next_tokens, masks):
     import torch
 
     from sparsekd.kernels.teacher_head import default_chunk_rows, sampling_uniforms, teacher_head
@@ -180,19 +183,26 @@ def _hidden_view(engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next
     view = TeacherView([], [])
     for s0 in range(0, len(input_ids), per_call):
         ids, nxt = input_ids[s0 : s0 + per_call], next_tokens[s0 : s0 + per_call]
-        hidden = torch.cat(engine.hidden(ids, nxt)).to(W.device, W.dtype)  # [n * L, D]
-        labels = torch.from_numpy(np.concatenate([np.append(x[1:], t) for x, t in zip(ids, nxt)]))
+        mask = np.concatenate(masks[s0 : s0 + per_call])
+        if not mask.any():  # nothing learnt here (a row of padding): nothing to compute
+            for _ in ids:
+                view.token_logprobs.append(np.zeros(0, np.float32))
+                view.supports.append(empty(0))
+            continue
+        rows = torch.from_numpy(np.flatnonzero(mask))
+        hidden = torch.cat(engine.hidden(ids, nxt))[rows].to(W.device, W.dtype)  # [n, D]
+        labels = torch.from_numpy(np.concatenate([F.labels_of(x, t) for x, t in zip(ids, nxt)]))
         targets = None
-        if enc.mode == "sample":
+        if enc.mode == "sample":  # the draws of every position, kept at the learnt ones
             draws = [
                 sampling_uniforms(seed, int(s), L, enc.num_samples, enc.draw)
                 for s in seq_ids[s0 : s0 + per_call]
             ]
-            targets = torch.cat(draws)
+            targets = torch.cat(draws)[rows]
         out = teacher_head(
             hidden,
             W,
-            labels.to(W.device),
+            labels[rows].to(W.device),
             k=enc.top_k if enc.mode == "topk" else 0,
             targets=targets,
             tau=enc.tau,
@@ -202,16 +212,17 @@ def _hidden_view(engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next
             key: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
             for key, v in out.items()
         }
-        for i in range(len(ids)):
-            rows = slice(i * L, (i + 1) * L)
-            view.token_logprobs.append(out["token_logprob"][rows])
+        ends = np.cumsum([int(m.sum()) for m in masks[s0 : s0 + per_call]])
+        for lo, hi in zip(np.concatenate([[0], ends[:-1]]), ends):
+            part = slice(int(lo), int(hi))
+            view.token_logprobs.append(out["token_logprob"][part])
             if enc.mode == "topk":
-                view.supports.append(from_topk(out["topk_ids"][rows], out["topk_logprobs"][rows]))
+                view.supports.append(from_topk(out["topk_ids"][part], out["topk_logprobs"][part]))
             elif enc.mode == "sample":
-                w = out["sample_weights"][rows] if "sample_weights" in out else None
+                w = out["sample_weights"][part] if "sample_weights" in out else None
                 view.supports.append(
-                    from_samples(out["sample_ids"][rows], out["sample_counts"][rows], w)
+                    from_samples(out["sample_ids"][part], out["sample_counts"][part], w)
                 )
             else:
-                view.supports.append(empty(L))
+                view.supports.append(empty(hi - lo))
     return view

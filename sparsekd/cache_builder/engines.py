@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsekd.cache_builder.teacher import TeacherConfig, load_lm_head
+from sparsekd.schemas import format as F
 
 # Positions the engine needs beyond the L tokens of a sequence, by path.
 EXTRA_POSITIONS = {"logprob": 2, "hidden": 0}
@@ -253,8 +254,8 @@ class HfEngine:
         K = k or self.k
         batch = TeacherBatch([], [], [])
         for b0, ids_BL in self._batches(input_ids):
-            nxt_B = torch.tensor(next_tokens[b0 : b0 + len(ids_BL)], dtype=torch.long)
-            labels_BL = torch.cat([ids_BL[:, 1:], nxt_B[:, None]], dim=1)
+            pairs = zip(input_ids[b0 : b0 + len(ids_BL)], next_tokens[b0 : b0 + len(ids_BL)])
+            labels_BL = torch.from_numpy(np.stack([F.labels_of(x, t) for x, t in pairs])).long()
             with torch.no_grad():
                 logits_BLV = self.model(ids_BL.to(self.device)).logits.float()
                 logp_BLV = torch.log_softmax(logits_BLV, dim=-1)

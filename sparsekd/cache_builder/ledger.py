@@ -38,6 +38,7 @@ layout (`records/*.jsonl` logs) are converted on the next start.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -259,8 +260,9 @@ def _entry(unit_rec: dict) -> dict:
     return {k: unit_rec[k] for k in SHARD_ENTRY_KEYS}
 
 
-def domain_record(d, sequences: int, reader, units: list[dict]) -> dict:
-    """The record of a finished domain: what was read, and its shards' entries in order."""
+def domain_record(d, sequences: int, learnt: int, reader, units: list[dict]) -> dict:
+    """The record of a finished domain: what was read, how it was packed (learnt
+    positions; for conversations, what packing did to them), its shards' entries."""
     return {
         "kind": "domain",
         "domain": d.index,
@@ -271,6 +273,8 @@ def domain_record(d, sequences: int, reader, units: list[dict]) -> dict:
         "documents": reader.stats.documents,
         "bad_lines": reader.stats.bad_lines,
         "bad_examples": reader.stats.bad_examples,
+        "learnt": learnt,
+        "chat": dataclasses.asdict(reader.chat) if reader.chat is not None else None,
         "shards": [_entry(u) for u in units],
     }
 
@@ -317,6 +321,17 @@ def try_finalize(store: Store, plan) -> dict | None:
         extra={
             "corpus_content_sha256": content,
             "bad_lines": sum(r["bad_lines"] for r in domains),
+            "num_learnt": sum(r["learnt"] for r in domains),
+            "chat": chat_totals(domains),
             "versions": [json.loads(v) for v in versions],
         },
     )
+
+
+def chat_totals(domains: list[dict]) -> dict | None:
+    """What packing did to the cache's conversations, summed over its domains (None: no
+    conversations)."""
+    chats = [r["chat"] for r in domains if r.get("chat")]
+    if not chats:
+        return None
+    return {k: sum(c[k] for c in chats) for k in chats[0]}

@@ -1,14 +1,22 @@
-"""Packing: a domain's documents -> one token stream -> sequences of L tokens -> work units.
+"""Packing: a domain's documents -> rows of L + 1 tokens and their loss masks -> work units.
 
-Within a domain every document is tokenised without special tokens and followed by EOS;
+Text (`pack`). Every document is tokenised without special tokens and followed by EOS;
 the documents are concatenated; sequence i is `stream[i L : (i+1) L]` and its
 `next_token` is `stream[(i+1) L]` (so the last position of every sequence has a real
-target). The incomplete tail of each domain is dropped (L / 2 tokens per domain on
-average: 0.01 % of a 32 MiB domain at L = 2048). `seq_id = (domain << 32) | i` is stable:
-the same domain, tokenizer and L give the same sequences, byte for byte, whatever else the
-corpus holds and whoever packs it.
+target). Every position is learnt. The incomplete tail of each domain is dropped (L / 2
+tokens per domain on average: 0.01 % of a 32 MiB domain at L = 2048).
 
-Work unit (domain d, part j) is sequences [j S, (j+1) S) of domain d: one shard.
+Conversations (`pack_chat`). A row of L + 1 tokens holds whole conversations (rendered by
+chat.ChatRenderer), never a part of one: best fit (each conversation goes to the open row
+it fills best; at most OPEN_ROWS rows are open, the fullest closes when a new one is
+needed), or one per row; the rest of a row is padding, never learnt. A conversation
+longer than a row is split between turns into pieces that fit (a turn longer than a row
+is dropped and counted), or dropped and counted (`corpus.long_conversations`). Position p
+is learnt when token p + 1 is (schemas.format: position p predicts token p + 1).
+
+`seq_id = (domain << 32) | i` is stable: the same domain, tokenizer, settings and L give
+the same rows, byte for byte, whatever else the corpus holds and whoever packs it. Work
+unit (domain d, part j) is rows [j S, (j+1) S) of domain d: one shard.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import numpy as np
 from sparsekd.errors import CorpusError
 from sparsekd.schemas import format as F
 
+OPEN_ROWS = 32  # best fit: rows open at once
+
 
 @dataclass
 class Unit:
@@ -30,20 +40,38 @@ class Unit:
     seq_ids: np.ndarray  # int64 [n]
     input_ids: list[np.ndarray]  # n x int32 [L]
     next_tokens: list[int]
+    loss_masks: list[np.ndarray]  # n x bool [L]
 
     def tokens_sha256(self) -> str:
-        """Hash of the unit's tokens: a re-run compares it with the recorded one to notice a
-        corpus that changed under a half-built cache."""
+        """Hash of the unit's tokens and masks: a re-run compares it with the recorded one
+        to notice a corpus that changed under a half-built cache."""
         h = hashlib.sha256(np.asarray(self.next_tokens, np.int32).tobytes())
         for ids in self.input_ids:
             h.update(ids.tobytes())
+        for mask in self.loss_masks:
+            if not mask.all():  # all-learnt rows hash as they did before the mask
+                h.update(np.packbits(mask).tobytes())
         return h.hexdigest()
+
+
+@dataclass
+class ChatStats:
+    """What packing did to a domain's conversations (recorded with the domain)."""
+
+    conversations: int = 0
+    split: int = 0  # longer than a row, cut between turns
+    dropped: int = 0  # longer than a row, dropped (or a piece: a turn longer than a row)
+    rows: int = 0  # rows stored
+    tokens: int = 0  # conversation tokens in them (the rest is padding)
+    learnt: int = 0  # learnt positions in them
 
 
 def pack(
     texts: Iterable[str], tokenizer, eos_id: int, L: int, limit: int | None = None, batch_docs=256
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield `(input_ids int32 [L], next_token)` in stream order, at most `limit`."""
+) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
+    """Yield `(input_ids int32 [L], next_token, loss_mask bool [L])` in stream order, at most
+    `limit`; every position is learnt."""
+    learnt = np.ones(L, dtype=bool)
     if limit == 0:
         return
     buf = np.empty(0, dtype=np.int32)
@@ -59,27 +87,125 @@ def pack(
         buf = np.concatenate([buf, *(x for ids in enc for x in (np.asarray(ids, np.int32), eos))])
         n_full = (len(buf) - 1) // L  # each sequence needs L tokens plus its next token
         for i in range(n_full):
-            yield buf[i * L : (i + 1) * L].copy(), int(buf[(i + 1) * L])
+            yield buf[i * L : (i + 1) * L].copy(), int(buf[(i + 1) * L]), learnt
             n += 1
             if limit is not None and n >= limit:
                 return
         buf = buf[n_full * L :]
 
 
-def units(domain: int, sequences: Iterable[tuple[np.ndarray, int]], S: int) -> Iterator[Unit]:
+def _pieces(r, C: int, long: str, stats: ChatStats) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A rendered conversation as pieces of at most C tokens (module docstring)."""
+    if len(r.ids) <= C:
+        return [(r.ids, r.learnt)]
+    if long == "drop":
+        stats.dropped += 1
+        return []
+    stats.split += 1
+    bounds = [*r.turns, len(r.ids)]
+    pieces, start = [], 0
+    for a, b in zip(bounds, bounds[1:]):
+        if b - a > C:  # one turn longer than a row: it cannot be placed whole
+            if a > start:
+                pieces.append((start, a))
+            stats.dropped += 1
+            start = b
+        elif b - start > C:
+            pieces.append((start, a))
+            start = a
+    if len(r.ids) > start:
+        pieces.append((start, len(r.ids)))
+    return [(r.ids[a:b], r.learnt[a:b]) for a, b in pieces]
+
+
+class _Rows:
+    """Open rows of C tokens being filled with pieces (best fit, or one at a time)."""
+
+    def __init__(self, C: int, pad_id: int, most_open: int, stats: ChatStats):
+        self.C, self.pad_id, self.most_open, self.stats = C, pad_id, most_open, stats
+        self.open: list[list] = []  # [free tokens, pieces], in the order they were opened
+
+    def add(self, piece) -> list[tuple]:
+        """Place a piece; return the rows closed to make room for it."""
+        n, closed = len(piece[0]), []
+        fits = [r for r in self.open if r[0] >= n] if self.most_open > 1 else []
+        if fits:
+            row = min(fits, key=lambda r: r[0])  # the fullest that fits (the first of equals)
+        else:
+            if len(self.open) >= self.most_open:
+                full = min(self.open, key=lambda r: r[0])
+                self.open.remove(full)
+                closed.append(self.row(full))
+            row = [self.C, []]
+            self.open.append(row)
+        row[0] -= n
+        row[1].append(piece)
+        return closed
+
+    def flush(self) -> list[tuple]:
+        rows, self.open = [self.row(r) for r in self.open], []
+        return rows
+
+    def row(self, open_row) -> tuple[np.ndarray, int, np.ndarray]:
+        ids = np.full(self.C, self.pad_id, dtype=np.int32)
+        learnt = np.zeros(self.C, dtype=bool)
+        at = 0
+        for p_ids, p_learnt in open_row[1]:
+            ids[at : at + len(p_ids)], learnt[at : at + len(p_ids)] = p_ids, p_learnt
+            at += len(p_ids)
+        x, nxt = F.row_of(ids)
+        return x, nxt, learnt[1:].copy(), at  # position p is learnt when token p + 1 is
+
+
+def pack_chat(
+    items: Iterable,
+    render,
+    L: int,
+    pad_id: int,
+    *,
+    long: str = "split",
+    packing: str = "best_fit",
+    limit: int | None = None,
+    stats: ChatStats | None = None,
+) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
+    """Rows of whole conversations: `(input_ids int32 [L], next_token, loss_mask bool [L])`,
+    at most `limit`. `render(item)` gives a chat.Rendered."""
+    stats = stats if stats is not None else ChatStats()
+    rows = _Rows(L + 1, pad_id, OPEN_ROWS if packing == "best_fit" else 1, stats)
+    done = 0
+
+    def closed():  # rows closed by the items, then the rest
+        for item in items:
+            stats.conversations += 1
+            for piece in _pieces(render(item), L + 1, long, stats):
+                yield from rows.add(piece)
+        yield from rows.flush()
+
+    for x, nxt, mask, used in closed():
+        if limit is not None and done >= limit:
+            return
+        done += 1
+        stats.rows += 1
+        stats.tokens += used
+        stats.learnt += int(mask.sum())
+        yield x, nxt, mask
+
+
+def units(domain: int, sequences: Iterable[tuple[np.ndarray, int, np.ndarray]], S: int):
     """Group a domain's sequences into work units of S."""
-    part, ids, nxt = 0, [], []
-    for x, t in sequences:
+    part, ids, nxt, masks = 0, [], [], []
+    for x, t, m in sequences:
         ids.append(x)
         nxt.append(t)
+        masks.append(m)
         if len(ids) == S:
-            yield _unit(domain, part, ids, nxt, S)
-            part, ids, nxt = part + 1, [], []
+            yield _unit(domain, part, ids, nxt, masks, S)
+            part, ids, nxt, masks = part + 1, [], [], []
     if ids:
-        yield _unit(domain, part, ids, nxt, S)
+        yield _unit(domain, part, ids, nxt, masks, S)
 
 
-def _unit(domain: int, part: int, ids, nxt, S: int) -> Unit:
+def _unit(domain: int, part: int, ids, nxt, masks, S: int) -> Unit:
     first = part * S
     if first + len(ids) > F.MAX_DOMAIN_SEQUENCES:
         raise CorpusError(
@@ -87,4 +213,4 @@ def _unit(domain: int, part: int, ids, nxt, S: int) -> Unit:
             "its file, or lower --set corpus.domain_bytes"
         )
     seq_ids = F.make_seq_id(domain, np.arange(first, first + len(ids), dtype=np.int64))
-    return Unit(domain, part, seq_ids, ids, nxt)
+    return Unit(domain, part, seq_ids, ids, nxt, masks)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsekd import __version__
+from sparsekd.cache_builder.chat import ChatRenderer, load_template
 from sparsekd.cache_builder.config import BuildConfig
 from sparsekd.cache_builder.corpus import Domain, corpus_identity, plan_domains, resolve_sources
 from sparsekd.cache_builder.engines import EXTRA_POSITIONS
@@ -21,7 +22,13 @@ from sparsekd.cache_builder.teacher import TeacherInfo, inspect_teacher, load_to
 from sparsekd.config import to_dict
 from sparsekd.errors import TeacherError
 from sparsekd.schemas import format as F
-from sparsekd.schemas.identity import WeightsDigest, fingerprint, teacher_files, tokenizer_hash
+from sparsekd.schemas.identity import (
+    WeightsDigest,
+    fingerprint,
+    teacher_files,
+    template_sha256,
+    tokenizer_hash,
+)
 
 
 @dataclass
@@ -35,6 +42,8 @@ class BuildPlan:
     fingerprint: str
     shard_sequences: int
     digest: WeightsDigest
+    chat_template: str | None  # the template conversations are rendered with
+    _renderer: object = None
 
     @property
     def out(self) -> str:
@@ -57,6 +66,21 @@ class BuildPlan:
         for key in ("num_workers", "worker_index"):
             cfg["writer"].pop(key)
         return cfg
+
+    @property
+    def renderer(self):
+        """The chat renderer (made when a domain of conversations is first packed)."""
+        if self._renderer is None:
+            c = self.cfg.corpus
+            name = c.chat_template or f"the teacher tokenizer ({self.cfg.teacher.path})"
+            self._renderer = ChatRenderer(self.tokenizer, self.chat_template, name, c.learn)
+        return self._renderer
+
+    @property
+    def pad_id(self) -> int:
+        """The token that fills a row of conversations after the last one (never learnt)."""
+        pad = self.tokenizer.pad_token_id
+        return int(self.tokenizer.eos_token_id if pad is None else pad)
 
     def weights_sha256(self) -> str:
         return self.digest.result()
@@ -102,6 +126,7 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
         )
     digest = WeightsDigest(cfg.teacher.path)
     sources = resolve_sources(corpus.paths)
+    template = load_template(corpus.chat_template, tokenizer) if corpus.kind != "text" else None
     S = cfg.writer.sequences_per_shard(corpus.seq_len)
     identity = {
         "format": F.FORMAT_NAME,
@@ -116,7 +141,7 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
         "vocab_size": teacher.vocab_size,
         "eos_id": int(tokenizer.eos_token_id),
         "seq_len": corpus.seq_len,
-        "corpus": corpus_identity(corpus, sources),
+        "corpus": corpus_identity(corpus, sources, template_sha256(template)),
         "shard_sequences": S,
         "engine": cfg.teacher.engine,
         "seed": cfg.seed,
@@ -131,4 +156,5 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
         fingerprint=fingerprint(identity),
         shard_sequences=S,
         digest=digest,
+        chat_template=template,
     )

@@ -2,8 +2,9 @@
 
     s(x) = mean_t log p_teacher(x_t | x_<t) - mean_t log p_reference(x_t | x_<t)
 
-over the L positions of each packed sequence (the token log-probs both caches store, in
-any mode; `--mode logprob` is the cheap one). The top `ratio` fraction by score is kept,
+over the learnt positions of each packed sequence (all L for text; the assistant's tokens
+of conversations) from the token log-probs both caches store, in any mode (`--mode
+logprob` is the cheap one). The top `ratio` fraction by score is kept,
 in corpus order; ties break towards the earlier sequence, so the selection is a pure
 function of the two caches and the ratio.
 
@@ -63,8 +64,9 @@ class RefineConfig:
 
 
 def _score_pass(teacher: Cache, reference: Cache):
-    """Per sequence, in corpus order: seq_id, mean teacher and reference token log-prob."""
-    seq_ids, t_lp, r_lp = [], [], []
+    """Per sequence, in corpus order: seq_id, mean teacher and reference token log-prob
+    over its learnt positions, and how many it has."""
+    seq_ids, t_lp, r_lp, learnt = [], [], [], []
     it_r = iter(reference)
     for st in teacher:
         sr = next(it_r, None)
@@ -77,21 +79,36 @@ def _score_pass(teacher: Cache, reference: Cache):
                 f"sequence {st.seq_id} holds different tokens in {teacher.path} and "
                 f"{reference.path}: the caches were not packed from the same corpus"
             )
+        if not np.array_equal(sr.loss_mask, st.loss_mask):
+            raise CacheError(
+                f"sequence {st.seq_id} has other learnt positions in {teacher.path} and "
+                f"{reference.path}: the caches were not packed the same way"
+            )
         seq_ids.append(st.seq_id)
-        t_lp.append(float(np.mean(st.token_logprobs, dtype=np.float64)))
-        r_lp.append(float(np.mean(sr.token_logprobs, dtype=np.float64)))
+        t_lp.append(_mean_learnt(st))
+        r_lp.append(_mean_learnt(sr))
+        learnt.append(int(st.loss_mask.sum()))
     if next(it_r, None) is not None:
         raise CacheError(f"{reference.path} holds more sequences than {teacher.path}")
-    return np.array(seq_ids, np.int64), np.array(t_lp), np.array(r_lp)
+    return np.array(seq_ids, np.int64), np.array(t_lp), np.array(r_lp), np.array(learnt)
+
+
+def _mean_learnt(seq) -> float:
+    """Mean token log-prob over the positions the student learns (NaN: none)."""
+    lp = seq.token_logprobs[seq.loss_mask]
+    return float(np.mean(lp, dtype=np.float64)) if len(lp) else float("nan")
 
 
 def select(scores: np.ndarray, ratio: float) -> np.ndarray:
     """Boolean mask of the kept sequences: the top `ratio` fraction (at least one) by score,
-    ties broken towards the earlier sequence."""
-    n_keep = max(1, int(round(ratio * len(scores))))
-    order = np.lexsort((np.arange(len(scores)), -scores))  # score desc, then corpus order
+    ties broken towards the earlier sequence; a sequence with nothing learnt (score NaN)
+    is never kept."""
+    valid = ~np.isnan(scores)
+    n_keep = max(1, int(round(ratio * int(valid.sum()))))
+    key = np.where(valid, -scores, np.inf)
+    order = np.lexsort((np.arange(len(scores)), key))  # score desc, then corpus order
     keep = np.zeros(len(scores), dtype=bool)
-    keep[order[:n_keep]] = True
+    keep[order[: min(n_keep, int(valid.sum()))]] = True
     return keep
 
 
@@ -161,7 +178,7 @@ def run(cfg: RefineConfig) -> dict:
     fp = _fingerprint(cfg, teacher, reference)
     done = _prepare_out(store, fp, cfg)
     tok = _load_tokenizer(cfg, teacher)
-    seq_ids, t_lp, r_lp = _score_pass(teacher, reference)
+    seq_ids, t_lp, r_lp, learnt = _score_pass(teacher, reference)
     scores = t_lp - r_lp
     keep = select(scores, cfg.ratio)
     summary = _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, teacher, tok)
@@ -175,10 +192,13 @@ def run(cfg: RefineConfig) -> dict:
             meta=meta,
             fingerprint=fp,
             shards=index,
+            version=teacher.version,
             tables={"kept": pa.table({"seq_id": kept}, schema=KEPT_SCHEMA)},
             extra={
                 "corpus_content_sha256": teacher.manifest.get("corpus_content_sha256"),
                 "bad_lines": teacher.manifest.get("bad_lines"),
+                "num_learnt": int(learnt[keep].sum()),
+                "chat": teacher.manifest.get("chat"),  # the conversations it was cut from
             },
         )
     if cfg.plot:
@@ -228,7 +248,8 @@ def _refined_meta(cfg, fp, teacher: Cache, reference: Cache, keep, cut: float) -
 def _write_refined(store: Store, teacher: Cache, kept, kept_scores, tok, meta, S: int):
     """The kept rows of the teacher cache, with `score` and `text`, in shards of S rows
     (shard u is numbered as domain u, part 0; its rows keep their seq_ids)."""
-    schema = F.arrow_schema(teacher.meta["mode"], teacher.meta.get("weighted", False), True)
+    # the refined set keeps its teacher cache's layout (schema version 2 or 3)
+    schema = F.arrow_schema(teacher.meta["mode"], teacher.weighted, True, teacher.version)
     entries, pending = [], []
     shard, group, _ = teacher.row_groups()
     for i, g in zip(shard.tolist(), group.tolist()):
@@ -254,9 +275,10 @@ def _write_refined(store: Store, teacher: Cache, kept, kept_scores, tok, meta, S
 
 
 def _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, teacher: Cache, tok) -> dict:
-    q = np.quantile(scores, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
-    counts, edges = np.histogram(scores, bins=12)
-    order = np.lexsort((np.arange(len(scores)), -scores))
+    valid = np.flatnonzero(~np.isnan(scores))  # sequences with learnt positions
+    q = np.quantile(scores[valid], [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    counts, edges = np.histogram(scores[valid], bins=12)
+    order = valid[np.lexsort((valid, -scores[valid]))]
     picks = {"top": order[: cfg.examples], "bottom": order[::-1][: cfg.examples]}
     wanted = {int(seq_ids[i]) for idx in picks.values() for i in idx}
     text = {}
@@ -278,14 +300,14 @@ def _summary(cfg, seq_ids, t_lp, r_lp, scores, keep, teacher: Cache, tok) -> dic
         "kept": int(keep.sum()),
         "ratio": cfg.ratio,
         "cut": float(scores[keep].min()),
-        "score_mean": float(scores.mean()),
-        "score_std": float(scores.std()),
+        "score_mean": float(scores[valid].mean()),
+        "score_std": float(scores[valid].std()),
         "quantiles": dict(zip(("min", "p10", "p25", "p50", "p75", "p90", "max"), map(float, q))),
         "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
         "teacher_logprob_kept": float(t_lp[keep].mean()),
-        "teacher_logprob_dropped": float(t_lp[~keep].mean()) if (~keep).any() else None,
+        "teacher_logprob_dropped": float(np.nanmean(t_lp[~keep])) if (~keep).any() else None,
         "reference_logprob_kept": float(r_lp[keep].mean()),
-        "reference_logprob_dropped": float(r_lp[~keep].mean()) if (~keep).any() else None,
+        "reference_logprob_dropped": float(np.nanmean(r_lp[~keep])) if (~keep).any() else None,
         "examples": examples,
     }
 
@@ -335,6 +357,8 @@ def plot_scores(s: dict, t_lp, r_lp, scores, keep) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    ok = ~np.isnan(scores)  # sequences with learnt positions
+    scores, t_lp, r_lp, keep = scores[ok], t_lp[ok], r_lp[ok], keep[ok]
     bins = np.histogram_bin_edges(scores, bins=40)
     axes[0].hist(scores[keep], bins=bins, color="#3b6ea8", label=f"kept ({keep.sum()})")
     axes[0].hist(scores[~keep], bins=bins, color="#bbbbbb", label=f"dropped ({(~keep).sum()})")

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from sparsekd.cache_builder.encoder import Support
 from sparsekd.config import check, setting
 from sparsekd.schemas import format as F
+from sparsekd.schemas.modes import get_mode
 from sparsekd.storage import Store
 
 DEFAULT_SHARD_TOKENS = 4_194_304  # ~100-150 MB shards at 25-36 bytes/token (docs/scale.md)
@@ -97,24 +98,28 @@ def encode_table(
     seq_ids,
     input_ids: list[np.ndarray],
     next_tokens: list[int],
+    loss_masks: list[np.ndarray],
     token_logprobs: list[np.ndarray],
     supports: list[Support],
     weighted: bool = False,
 ) -> pa.Table:
-    """Rows of a shard: per sequence its tokens, token log-probs [L] and sparse support."""
+    """Rows of a shard: per sequence its tokens [L], loss mask [L], and at its learnt
+    positions only the token log-probs and the sparse support."""
     L = len(input_ids[0])
     n = len(seq_ids)
+    learnt = [int(m.sum()) for m in loss_masks]
     per_row = [len(s.ids) for s in supports]
     cols = {
         F.COL_SEQ_ID: pa.array(np.asarray(seq_ids, dtype=np.int64)),
         F.COL_INPUT_IDS: _list_array(np.concatenate(input_ids), [L] * n, pa.int32()),
         F.COL_NEXT_TOKEN: pa.array(next_tokens, type=pa.int32()),
+        F.COL_LOSS_MASK: _list_array(np.concatenate(loss_masks), [L] * n, pa.bool_()),
         F.COL_TOKEN_LOGPROB: _list_array(
-            F.quantize_logprobs(np.concatenate(token_logprobs)), [L] * n, pa.uint16()
+            F.quantize_logprobs(np.concatenate(token_logprobs)), learnt, pa.uint16()
         ),
         F.COL_SUPPORT_SIZE: _list_array(
             np.concatenate([s.support_size for s in supports]).astype(np.uint16),
-            [L] * n,
+            learnt,
             pa.uint16(),
         ),
         F.COL_IDS: _list_array(
@@ -122,7 +127,7 @@ def encode_table(
         ),
     }
     schema = F.arrow_schema(mode, weighted)
-    for col in F.value_columns(mode, weighted):
+    for col in get_mode(mode).columns(weighted):
         typ = schema.field(col).type.value_type
         cols[col] = _list_array(np.concatenate([s.values[col] for s in supports]), per_row, typ)
     return pa.Table.from_pydict(cols, schema=schema)

@@ -71,7 +71,8 @@ class CacheDataset(torch.utils.data.IterableDataset):
         self.path, self.teacher_cache = str(path), teacher_cache
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         cache = open_cache(self.path)
-        self.meta = (open_cache(teacher_cache) if teacher_cache else cache).meta
+        targets = open_cache(teacher_cache) if teacher_cache else cache
+        self.meta, self.manifest = targets.meta, targets.manifest
         self.epoch = 0
         self._progress: dict[int, list[int]] = {}  # stream -> [epoch, window, offset]
         self._batches = 0
@@ -148,7 +149,8 @@ class CacheDataset(torch.utils.data.IterableDataset):
 
 def collate(examples: list) -> dict:
     """Examples -> dict of tensors: `input_ids` [B, L], `labels` [B, L] (the token each
-    position predicts: already shifted, the last one is the sequence's next token),
+    position predicts: already shifted, the last one is the sequence's next token; -100
+    where the student learns nothing, as transformers and TRL expect),
     `teacher_ids` [B, L, S] (-1 padded) and `teacher_probs` [B, L, S] (0 padded), ready for
     `sparse_kl_loss` once flattened to rows; `seq_id` [B]; `positions` [B, 5] (stream,
     epoch, window, offset after the row, workers) for `CacheDataset.observe`."""

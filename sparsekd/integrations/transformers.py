@@ -16,8 +16,13 @@ it the same way: `class KDSFTTrainer(SparseKDMixin, SFTTrainer): pass`.
   `output_hidden_states=True, logits_to_keep=1`, and the final hidden states and the output
   embedding go to `sparse_kl_loss`. Micro-batch means, divided by the accumulation steps
   by the Trainer, as `sparsekd train-student` does.
-- Refusals: a model whose vocabulary or tokenizer (`processing_class`) differs from the
-  cache's, and a head that is not `hidden @ W.T + b` (`student_train.model.check_head`).
+- Refusals: a model whose vocabulary or tokenizer (`processing_class`, or when it is not
+  given the tokenizer in the model's folder) differs from the cache's, or whose chat
+  template differs from a chat cache's, and a head that is not `hidden @ W.T + b`
+  (`student_train.model.check_head`).
+- Labels are -100 where the cache's loss mask says the student learns nothing (a chat
+  cache's prompts and template markup): both the CE and the KD means run over learnt
+  positions only.
 - Data: a `CacheDataset` gets a DataLoader of its own (each rank reads its own streams;
   Accelerate's dispatching of iterable datasets would send rank 0's data everywhere).
 - Resume: every checkpoint holds each rank's dataset state
@@ -95,12 +100,9 @@ class SparseKDMixin:
         self.loss_is_scaled_for_ga = False
         check_head(self.model)
         if isinstance(self.train_dataset, CacheDataset):
-            if self.processing_class is None:
-                raise StudentError(
-                    "pass processing_class=<the student's tokenizer>: it is checked against "
-                    "the cache's"
-                )
-            check_compatible(self.model, self.processing_class, self.train_dataset.meta)
+            tok = self.processing_class or _model_tokenizer(self.model)
+            ds = self.train_dataset
+            check_compatible(self.model, tok, ds.meta, ds.manifest)
             self.add_callback(_SaveDataState(self))
 
     def get_train_dataloader(self):
@@ -151,6 +153,21 @@ class SparseKDMixin:
             config=self.sparse_kl,
         )
         return (loss, out) if return_outputs else loss
+
+
+def _model_tokenizer(model):
+    """The tokenizer saved in the model's folder (transformers makes processing_class
+    optional; the cache check still needs the student's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise StudentError(
+            f"no processing_class given and no tokenizer in the model's folder {path!r}: pass "
+            "processing_class=<the student's tokenizer> (it is checked against the cache's)"
+        ) from e
 
 
 def _validates_hf_datasets(cls) -> bool:

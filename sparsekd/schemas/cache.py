@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
 from sparsekd.schemas.manifest import MANIFEST, ShardIndex, check_manifest, read_shard_index
+from sparsekd.schemas.modes import get_mode
 from sparsekd.storage import Store, open_store, parse_json
 
 # Opened shards kept per cache: local files stay open (file handles); from an object store
@@ -58,42 +59,45 @@ def _report_order(key: str):
 
 @dataclass
 class Sequence:
-    """One packed sequence of a cache with its teacher targets (numpy arrays)."""
+    """One packed sequence of a cache with its teacher targets (numpy arrays). Positions
+    the student does not learn (`loss_mask` False) hold no target: support 0, token
+    log-prob NaN."""
 
     seq_id: int
     input_ids: np.ndarray  # int32 [L]
     next_token: int
-    token_logprobs: np.ndarray  # float32 [L]
-    support_size: np.ndarray  # int64 [L]
+    loss_mask: np.ndarray  # bool [L]: the target of position p is learnt
+    token_logprobs: np.ndarray  # float32 [L], NaN where not learnt
+    support_size: np.ndarray  # int64 [L], 0 where not learnt
     ids: np.ndarray  # int32 [sum(support_size)], sorted within each position
-    values: dict  # value column -> [sum(support_size)] array (see schemas.format)
-    mode: str
-    samples: int | None = None  # N, for mode sample
-    logprob_scale: float = F.LOGPROB_SCALE
+    values: dict  # value column -> [sum(support_size)] array (see schemas.modes)
+    meta: dict  # the cache's metadata (mode, samples, logprob_scale, ...)
+
+    @property
+    def mode(self) -> str:
+        return self.meta["mode"]
+
+    @property
+    def samples(self) -> int | None:
+        """N, the draws per position of a sample cache."""
+        return self.meta.get("samples")
 
     @property
     def labels(self) -> np.ndarray:
         """int32 [L]: labels[p] is the token position p predicts."""
-        return np.append(self.input_ids[1:], np.int32(self.next_token)).astype(np.int32)
+        return F.labels_of(self.input_ids, self.next_token)
 
     def targets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`(offsets int64 [L+1], ids int32 [n], probs float32 [n])`.
 
         Position p's support is `ids[offsets[p]:offsets[p+1]]` with teacher probability
-        estimates `probs[...]`: top-K, exp of the stored log-probs (summing to <= 1); sample,
-        count / N, times p / r when drawn at a proposal temperature (unbiased for p);
-        logprob, empty.
+        estimates `probs[...]` (schemas.modes): top-K, exp of the stored log-probs (summing
+        to <= 1); sample, count / N, times p / r when drawn at a proposal temperature
+        (unbiased for p); logprob, empty.
         """
         offsets = np.zeros(len(self.support_size) + 1, dtype=np.int64)
         np.cumsum(self.support_size, out=offsets[1:])
-        if self.mode == "topk":
-            probs = np.exp(F.dequantize_logprobs(self.values[F.COL_LOGPROBS], self.logprob_scale))
-        elif self.mode == "sample":
-            probs = self.values[F.COL_COUNTS].astype(np.float32) / np.float32(self.samples)
-            if F.COL_WEIGHTS in self.values:
-                probs = probs * self.values[F.COL_WEIGHTS]
-        else:
-            probs = np.zeros(0, dtype=np.float32)
+        probs = get_mode(self.mode).decode(self.values, self.meta)
         return offsets, self.ids, probs.astype(np.float32)
 
 
@@ -141,7 +145,7 @@ class ShardFile:
                     f"{str(want)[:24]!r} (a shard of another cache, or a damaged file)"
                 )
         m = cache.meta
-        expected = F.arrow_schema(m["mode"], m.get("weighted", False), "refined" in m)
+        expected = F.arrow_schema(m["mode"], cache.weighted, "refined" in m, cache.version)
         if not pf.schema_arrow.remove_metadata().equals(expected):
             raise CacheError(f"shard {name}: its columns are not the {m['mode']} shard schema")
         self.checksums = meta.get("checksums")
@@ -178,6 +182,8 @@ class Cache:
         self.meta: dict = manifest["meta"]
         self.index = index
         self.row_group_size = int(self.meta["row_group_size"])
+        self.version = int(manifest["schema_version"])
+        self.weighted = bool(self.meta.get("weighted", False))
         self.read_ahead = 0 if store.local else DEFAULT_READ_AHEAD
         self._open: OrderedDict[int, ShardFile] = OrderedDict()
         self._opening: dict[int, threading.Event] = {}
@@ -249,16 +255,7 @@ class Cache:
                 f"shard {sf.name} row group {g}: content checksum mismatch (corrupted); run "
                 f"`sparsekd inspect {self.path} --verify`"
             )
-        meta = self.meta
-        bad = check_group(
-            cols,
-            table.num_rows,
-            int(meta["seq_len"]),
-            int(meta["vocab_size"]),
-            meta["mode"],
-            meta.get("weighted", False),
-            meta.get("samples"),
-        )
+        bad = check_group(cols, table.num_rows, self.meta, self.version)
         if bad:
             raise CacheError(f"shard {sf.name} row group {g}: {bad}")
         return table, cols
@@ -302,30 +299,29 @@ class Cache:
         return read_kept(self.store, self.manifest["index"]["kept"])
 
     def _sequences(self, cols: dict, n: int) -> list[Sequence]:
-        meta = self.meta
-        L, mode = int(meta["seq_len"]), meta["mode"]
+        meta, L = self.meta, int(self.meta["seq_len"])
         input_ids = cols[F.COL_INPUT_IDS][1].reshape(n, L)
-        tlp = F.dequantize_logprobs(cols[F.COL_TOKEN_LOGPROB][1], meta["logprob_scale"]).reshape(
-            n, L
-        )
-        support = cols[F.COL_SUPPORT_SIZE][1].astype(np.int64).reshape(n, L)
+        mask = learnt_mask(cols, n, L)
+        tlp = np.full((n, L), np.nan, dtype=np.float32)
+        tlp[mask] = F.dequantize_logprobs(cols[F.COL_TOKEN_LOGPROB][1], meta["logprob_scale"])
+        support = np.zeros((n, L), dtype=np.int64)
+        support[mask] = cols[F.COL_SUPPORT_SIZE][1]
         id_off = np.zeros(n + 1, np.int64)
         np.cumsum(cols[F.COL_IDS][0], out=id_off[1:])
         ids = cols[F.COL_IDS][1]
-        value_cols = {c: cols[c][1] for c in F.value_columns(mode, meta.get("weighted", False))}
+        value_cols = {c: cols[c][1] for c in get_mode(meta["mode"]).columns(self.weighted)}
         seq_ids, nxt = cols[F.COL_SEQ_ID][1], cols[F.COL_NEXT_TOKEN][1]
         return [
             Sequence(
                 seq_id=int(seq_ids[r]),
                 input_ids=input_ids[r],
                 next_token=int(nxt[r]),
+                loss_mask=mask[r],
                 token_logprobs=tlp[r],
                 support_size=support[r],
                 ids=ids[id_off[r] : id_off[r + 1]],
                 values={c: v[id_off[r] : id_off[r + 1]] for c, v in value_cols.items()},
-                mode=mode,
-                samples=meta.get("samples"),
-                logprob_scale=meta["logprob_scale"],
+                meta=meta,
             )
             for r in range(n)
         ]
@@ -352,22 +348,36 @@ class Cache:
         return None
 
 
-def check_group(cols: dict, n: int, L: int, V: int, mode: str, weighted: bool, samples) -> str:
+def learnt_mask(cols: dict, n: int, L: int) -> np.ndarray:
+    """bool [n, L]: the loss mask of a decoded row group (schema v2: every position)."""
+    if F.COL_LOSS_MASK in cols:
+        return cols[F.COL_LOSS_MASK][1].astype(bool).reshape(n, L)
+    return np.ones((n, L), dtype=bool)
+
+
+def check_group(cols: dict, n: int, meta: dict, version: int) -> str:
     """What is structurally wrong with a decoded row group ("" when nothing): list lengths,
-    id ranges, ascending distinct ids per position, counts summing to N."""
-    for c in F.PER_POSITION:
+    id ranges, ascending distinct ids per position, and the mode's own checks."""
+    L, V = int(meta["seq_len"]), int(meta["vocab_size"])
+    mode = get_mode(meta["mode"])
+    for c in F.per_position(version):
         if cols[c][0] is None or np.any(cols[c][0] != L):
             return f"{c} rows are not {L} long"
-    for c in (F.COL_INPUT_IDS,):
-        v = cols[c][1]
-        if len(v) and (v.min() < 0 or v.max() >= V):
-            return f"{c} outside the vocabulary [0, {V})"
+    learnt = learnt_mask(cols, n, L).sum(1)
+    for c in F.per_learnt(version):
+        if not np.array_equal(cols[c][0].astype(np.int64), learnt):
+            return f"{c} rows do not hold one entry per learnt position"
+    v = cols[F.COL_INPUT_IDS][1]
+    if len(v) and (v.min() < 0 or v.max() >= V):
+        return f"{F.COL_INPUT_IDS} outside the vocabulary [0, {V})"
     nxt = cols[F.COL_NEXT_TOKEN][1]
     if len(nxt) and (nxt.min() < 0 or nxt.max() >= V):
         return f"next_token outside the vocabulary [0, {V})"
     support = cols[F.COL_SUPPORT_SIZE][1].astype(np.int64)
-    per_row = support.reshape(n, L).sum(1) if n else np.zeros(0, np.int64)
-    for c in (F.COL_IDS, *F.value_columns(mode, weighted)):
+    rows = np.repeat(np.arange(n), cols[F.COL_SUPPORT_SIZE][0])
+    per_row = np.bincount(rows, weights=support, minlength=n).astype(np.int64)
+    values = {c: cols[c][1] for c in mode.columns(meta.get("weighted", False))}
+    for c in (F.COL_IDS, *values):
         if not np.array_equal(cols[c][0].astype(np.int64), per_row):
             return f"{c} lengths do not match support_size"
     ids = cols[F.COL_IDS][1]
@@ -379,11 +389,7 @@ def check_group(cols: dict, n: int, L: int, V: int, mode: str, weighted: bool, s
         starts[0] = True
         if np.any((np.diff(ids.astype(np.int64)) <= 0) & ~starts[1:]):
             return "ids are not ascending and distinct within a position"
-        if mode == "sample":
-            counts = cols[F.COL_COUNTS][1].astype(np.int64)
-            pos_sum = np.add.reduceat(counts, np.flatnonzero(starts))
-            if np.any(counts < 1) or np.any(pos_sum != samples):
-                return f"counts do not sum to N = {samples} per position"
+        return mode.check(starts, values, meta)
     return ""
 
 

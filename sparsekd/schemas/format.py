@@ -1,25 +1,29 @@
 """The shard format: column names, Arrow schema, layout, sequence ids, checksums, quantisation.
 
 Both sides of sparsekd (the cache builder that writes shards and every reader) import
-their column names, encodings and paths from here; nothing else defines them.
-`docs/format.md` documents the same for people and for foreign readers (DuckDB, Polars,
-datasets).
+their column names, encodings and paths from here (and the modes from `modes.py`); nothing
+else defines them. `docs/format.md` documents the same for people and for foreign readers
+(DuckDB, Polars, datasets).
 
-One Parquet row is one packed sequence of `L = seq_len` tokens:
+One Parquet row is one packed sequence of `L = seq_len` tokens; n = sum(loss_mask) is the
+number of its learnt positions:
 
     seq_id          int64          (domain << 32) | index of the sequence in its domain
     input_ids       list<int32>[L] the tokens the teacher saw
     next_token      int32          the token after the last one
-    token_logprob   list<uint16>[L] q(-log p(actual next token)), see LOGPROB_SCALE
-    support_size    list<uint16>[L] ids stored for each position (CSR counts)
-    ids             list<int32>    concatenated sorted ids of every position
-    logprobs        list<uint16>   topk: q(-log p(id)) aligned with `ids`
-    counts          list<uint16>   sample: how many of the N draws gave each id
-    weights         list<float32>  sample with proposal temperature != 1: p(id) / r(id)
+    loss_mask       list<bool>[L]  does the student learn the target of position p? (v3)
+    token_logprob   list<uint16>[n] q(-log p(target)) at each learnt position, in order
+    support_size    list<uint16>[n] ids stored for each learnt position (CSR counts)
+    ids             list<int32>    concatenated sorted ids of every learnt position
+    (value columns of the mode, aligned with `ids`: modes.py)
 
-Mode logprob stores no support (support_size all 0, ids empty) and neither value column.
-Position p (0 <= p < L) holds the teacher's distribution over the token that follows
-input_ids[p], i.e. input_ids[p + 1] for p < L - 1 and `next_token` for p = L - 1.
+**Position p predicts token p+1** (`labels_of`): its target is input_ids[p + 1] for
+p < L - 1 and `next_token` for p = L - 1. The teacher reads every position (the prompt of
+a conversation is context); the targets and token log-probs are stored only where the
+student learns. Mode logprob stores no support (support_size all 0, ids empty).
+
+Schema version 2 (before the loss mask) has no `loss_mask` column and one token_logprob
+and support_size per position: every position learnt. Readers take both.
 
 Layout: shard (domain d, part j) is `shards/{d // 1000:05d}/{d:08d}-{j:05d}.parquet`, so no
 directory holds more than about a thousand domains' shards; `SHARD_GLOB` matches every
@@ -33,10 +37,13 @@ import zlib
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: seq_id = (domain << 32) | index, shards/ layout, row-group checksums
+# 2: seq_id = (domain << 32) | index, shards/ layout, row-group checksums
+# 3: the loss mask; targets and token log-probs only at learnt positions
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 FORMAT_NAME = "sparsekd-cache"
 
-MODES = ("topk", "sample", "logprob")
+MODES = ("topk", "sample", "logprob")  # each defined in modes.py
 SAMPLERS = ("iid", "systematic")  # mode sample: how the N draws are placed (teacher_head.py)
 
 # Log-probs are stored as unsigned fixed point: q = round(-logprob * LOGPROB_SCALE), clamped
@@ -56,6 +63,7 @@ MAX_DOMAIN_SEQUENCES = 1 << SEQ_ID_DOMAIN_SHIFT
 COL_SEQ_ID = "seq_id"
 COL_INPUT_IDS = "input_ids"
 COL_NEXT_TOKEN = "next_token"
+COL_LOSS_MASK = "loss_mask"
 COL_TOKEN_LOGPROB = "token_logprob"
 COL_SUPPORT_SIZE = "support_size"
 COL_IDS = "ids"
@@ -76,6 +84,17 @@ ROW_GROUP_SIZE = 16
 SHARDS_DIR = "shards"
 SHARD_GLOB = f"{SHARDS_DIR}/*/*.parquet"
 DOMAINS_PER_DIR = 1000
+
+
+def labels_of(input_ids: np.ndarray, next_token: int) -> np.ndarray:
+    """int32 [L]: the token each position predicts (position p predicts token p + 1)."""
+    return np.append(np.asarray(input_ids)[1:], np.int32(next_token)).astype(np.int32)
+
+
+def row_of(tokens: np.ndarray) -> tuple[np.ndarray, int]:
+    """A row of L + 1 tokens -> (input_ids [L], next_token): the last token is only a
+    target."""
+    return np.asarray(tokens[:-1], dtype=np.int32), int(tokens[-1])
 
 
 def make_seq_id(domain: int, index) -> np.ndarray | int:
@@ -101,35 +120,41 @@ def dequantize_logprobs(q: np.ndarray, scale: float = LOGPROB_SCALE) -> np.ndarr
     return np.asarray(q, dtype=np.float32) * np.float32(-1.0 / scale)
 
 
-def value_columns(mode: str, weighted: bool = False) -> tuple[str, ...]:
-    """The per-id value columns of a mode, aligned with `ids`."""
-    return {
-        "topk": (COL_LOGPROBS,),
-        "sample": (COL_COUNTS,) + ((COL_WEIGHTS,) if weighted else ()),
-        "logprob": (),
-    }[mode]
-
-
 _VALUE_TYPES = {COL_LOGPROBS: pa.uint16(), COL_COUNTS: pa.uint16(), COL_WEIGHTS: pa.float32()}
-PER_POSITION = (COL_INPUT_IDS, COL_TOKEN_LOGPROB, COL_SUPPORT_SIZE)  # lists of length L
 
 
-def arrow_schema(mode: str, weighted: bool = False, refined: bool = False) -> pa.Schema:
+def per_position(version: int) -> tuple[str, ...]:
+    """The columns with one entry per position (L long)."""
+    if version >= 3:
+        return (COL_INPUT_IDS, COL_LOSS_MASK)
+    return (COL_INPUT_IDS, COL_TOKEN_LOGPROB, COL_SUPPORT_SIZE)
+
+
+def per_learnt(version: int) -> tuple[str, ...]:
+    """The columns with one entry per learnt position (sum(loss_mask) long; v2: L)."""
+    return (COL_TOKEN_LOGPROB, COL_SUPPORT_SIZE) if version >= 3 else ()
+
+
+def arrow_schema(
+    mode: str, weighted: bool = False, refined: bool = False, version: int = SCHEMA_VERSION
+) -> pa.Schema:
     """The Arrow schema of a shard of the given mode (`weighted`: sample with tau != 1;
     `refined`: a refined set's shard, with `score` and `text` after the cache columns)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    from sparsekd.schemas.modes import get_mode
+
+    columns = get_mode(mode).columns(weighted)
     fields = [
         pa.field(COL_SEQ_ID, pa.int64(), nullable=False),
         pa.field(COL_INPUT_IDS, pa.list_(pa.int32()), nullable=False),
         pa.field(COL_NEXT_TOKEN, pa.int32(), nullable=False),
+    ]
+    if version >= 3:
+        fields.append(pa.field(COL_LOSS_MASK, pa.list_(pa.bool_()), nullable=False))
+    fields += [
         pa.field(COL_TOKEN_LOGPROB, pa.list_(pa.uint16()), nullable=False),
         pa.field(COL_SUPPORT_SIZE, pa.list_(pa.uint16()), nullable=False),
         pa.field(COL_IDS, pa.list_(pa.int32()), nullable=False),
-    ] + [
-        pa.field(c, pa.list_(_VALUE_TYPES[c]), nullable=False)
-        for c in value_columns(mode, weighted)
-    ]
+    ] + [pa.field(c, pa.list_(_VALUE_TYPES[c]), nullable=False) for c in columns]
     if refined:
         fields += [
             pa.field(COL_SCORE, pa.float32(), nullable=False),

@@ -11,6 +11,7 @@ every consumer.
 - `teacher_weights_sha256`: sha256 over the full content of every weight file (about
   2 GB/s; an 8B bf16 teacher takes ~8 s). Computed beside the engine's start-up and
   recorded by every worker; workers that saw different weights refuse to share a cache.
+- `template_sha256`: a chat template's text (a cache of conversations, and its students).
 - `fingerprint`: sha256 of a JSON identity document (sorted keys).
 """
 
@@ -46,6 +47,12 @@ def tokenizer_hash(tokenizer) -> str:
     doc["added"] = sorted((str(t), i) for t, i in tokenizer.get_added_vocab().items())
     payload = json.dumps(doc, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def template_sha256(template: str | None) -> str | None:
+    """sha256 of a chat template's text (None: no template). A cache of conversations
+    records the one it was rendered with; a student must render them the same way."""
+    return None if template is None else hashlib.sha256(template.encode()).hexdigest()
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:

@@ -177,13 +177,14 @@ def write_manifest(
     shards: ShardIndex,
     tables: dict[str, pa.Table] | None = None,
     extra: dict | None = None,
+    version: int = F.SCHEMA_VERSION,
 ) -> dict:
     """Write the index files (the shard index and `tables`, e.g. domains or a refined
     set's kept ids), then manifest.json; return the manifest."""
     L = int(meta["seq_len"])
     doc = {
         "format": F.FORMAT_NAME,
-        "schema_version": F.SCHEMA_VERSION,
+        "schema_version": version,
         "fingerprint": fingerprint,
         "meta": meta,
         "num_sequences": int(shards.rows.sum()),
@@ -230,12 +231,12 @@ def check_manifest(doc: dict, path: str) -> None:
     if doc.get("format") != F.FORMAT_NAME:
         raise CacheError(f"{path} is not a sparsekd manifest")
     version = doc.get("schema_version")
-    if version != F.SCHEMA_VERSION:
+    if version not in F.READABLE_VERSIONS:
         hint = "; rebuild it with this sparsekd" if isinstance(version, int) else ""
         cache = path.rsplit("/", 1)[0]
         raise CacheError(
-            f"cache {cache} has schema version {version}; this sparsekd reads version "
-            f"{F.SCHEMA_VERSION}{hint}"
+            f"cache {cache} has schema version {version}; this sparsekd reads versions "
+            f"{', '.join(map(str, F.READABLE_VERSIONS))}{hint}"
         )
     for key, typ in _MANIFEST_TYPES.items():
         if not isinstance(doc.get(key), typ) or isinstance(doc.get(key), bool):

@@ -1,6 +1,7 @@
 """`sparsekd evaluate`: how a student does on a cache's sequences.
 
-Metrics over every position (token) of the evaluated sequences:
+Metrics over the learnt positions (tokens) of the evaluated sequences: every position of a
+text cache; the assistant's tokens of a chat cache (its loss mask, docs/chat.md):
 - `lm_loss`: mean -log q(actual next token);
 - `kl`: mean over positions with a stored support of sum_S p log(p / q), the KL from the
   teacher to the student estimated on the stored support (top-K: the head of the teacher);
@@ -8,7 +9,7 @@ Metrics over every position (token) of the evaluated sequences:
   next token, 15 equal-width confidence bins: sum_b |B_b| / n * |accuracy_b - confidence_b|;
 - `top1_agreement`: student argmax == teacher's most likely stored id, over positions with
   a support;
-- `tokens`: positions evaluated.
+- `tokens`: positions evaluated (learnt positions).
 `kl` and `top1_agreement` are null for a cache without teacher targets (mode logprob).
 
 Distributed (inside train-student): every rank evaluates its share of each batch and the
@@ -143,11 +144,12 @@ def evaluate(
         logits_BLV = logits_fn(torch.from_numpy(b.input_ids).to(device)).float()
         if not mine:
             continue
+        learnt = torch.from_numpy(b.labels >= 0).to(device)  # the positions the student learns
         sums.add(
-            torch.log_softmax(logits_BLV, -1).reshape(-1, logits_BLV.shape[-1]),
-            torch.from_numpy(b.labels).to(device),
-            torch.from_numpy(b.ids).to(device),
-            torch.from_numpy(b.probs).to(device),
+            torch.log_softmax(logits_BLV, -1).reshape(-1, logits_BLV.shape[-1])[learnt],
+            torch.from_numpy(b.labels).to(device)[learnt],
+            torch.from_numpy(b.ids).to(device)[learnt],
+            torch.from_numpy(b.probs).to(device)[learnt],
         )
     if world_size > 1:
         sums.all_reduce()
@@ -172,5 +174,5 @@ def run(cfg: EvaluateConfig) -> dict:
 
     model, tok = load_student(cfg.model)
     cache = open_cache(cfg.cache)
-    check_compatible(model, tok, cache.meta)
+    check_compatible(model, tok, cache.meta, cache.manifest)
     return evaluate_model(model, cache, max_sequences=cfg.max_sequences, batch_size=cfg.batch_size)

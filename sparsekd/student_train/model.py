@@ -24,7 +24,7 @@ import torch
 from sparsekd.config import check, setting
 from sparsekd.errors import StudentError
 from sparsekd.kernels import SparseKLConfig, sparse_kl_loss
-from sparsekd.schemas.identity import tokenizer_hash
+from sparsekd.schemas.identity import template_sha256, tokenizer_hash
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -148,8 +148,10 @@ def load_student(path: str | Path):
     return model, tok
 
 
-def check_compatible(model, tok, meta: dict) -> None:
-    """Refuse a student whose vocabulary or tokenizer differs from the cache's."""
+def check_compatible(model, tok, meta: dict, manifest: dict | None = None) -> None:
+    """Refuse a student whose vocabulary or tokenizer differs from the cache's, or, for a
+    cache of conversations (its `manifest` counts them), whose chat template would render
+    them differently from the template the cache was built with."""
     v_student = model.get_output_embeddings().weight.shape[0]
     if v_student != meta["vocab_size"]:
         raise StudentError(
@@ -162,6 +164,15 @@ def check_compatible(model, tok, meta: dict) -> None:
             f"tokenizer mismatch: student tokenizer {h[:16]}, cache {meta['tokenizer_hash'][:16]} "
             "(another vocabulary, normaliser or special tokens)"
         )
+    chat = (meta.get("corpus") or {}).get("chat")
+    if manifest is not None and manifest.get("chat") and chat:
+        mine, theirs = template_sha256(getattr(tok, "chat_template", None)), chat["template_sha256"]
+        if mine != theirs:
+            raise StudentError(
+                f"chat template mismatch: the student's ({str(mine)[:16]}) would render "
+                f"conversations differently from the cache's ({str(theirs)[:16]}); save the "
+                "cache's template with the student's tokenizer (chat_template.jinja)"
+            )
 
 
 class DistillModule(torch.nn.Module):

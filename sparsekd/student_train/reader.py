@@ -43,6 +43,8 @@ import numpy as np
 from sparsekd.errors import CacheError
 from sparsekd.schemas.cache import Cache, Sequence, in_sorted
 
+IGNORE = -100  # the label of a position the student does not learn (transformers' value)
+
 
 @dataclass
 class Batch:
@@ -50,7 +52,7 @@ class Batch:
 
     seq_ids: np.ndarray  # int64 [B]
     input_ids: np.ndarray  # int64 [B, L]
-    labels: np.ndarray  # int64 [B * L]
+    labels: np.ndarray  # int64 [B * L], IGNORE where the student learns nothing
     ids: np.ndarray  # int64 [B * L, S], -1 = padding
     probs: np.ndarray  # float32 [B * L, S], 0 on padding
 
@@ -62,7 +64,9 @@ class Batch:
 
 
 def collate(seqs: list[Sequence]) -> Batch:
-    """Stack sequences into a Batch; supports are padded to the widest position's size."""
+    """Stack sequences into a Batch; supports are padded to the widest position's size, and
+    positions the student does not learn get the label IGNORE and no support (so both the
+    CE and the KD means run over learnt positions only)."""
     L = len(seqs[0].input_ids)
     supports = [s.targets() for s in seqs]
     S = max(1, max(int(np.diff(off).max(initial=0)) for off, _, _ in supports))
@@ -78,7 +82,9 @@ def collate(seqs: list[Sequence]) -> Batch:
     return Batch(
         seq_ids=np.array([s.seq_id for s in seqs], dtype=np.int64),
         input_ids=np.stack([s.input_ids for s in seqs]).astype(np.int64),
-        labels=np.concatenate([s.labels for s in seqs]).astype(np.int64),
+        labels=np.concatenate([np.where(s.loss_mask, s.labels, IGNORE) for s in seqs]).astype(
+            np.int64
+        ),
         ids=ids,
         probs=probs,
     )

@@ -225,7 +225,7 @@ def run(cfg: TrainConfig) -> dict:
     model, tok = load_student(cfg.student)
     for c in (data.cache, data.eval_cache):
         if c is not None:
-            check_compatible(model, tok, c.meta)
+            check_compatible(model, tok, c.meta, c.manifest)
     identities = {
         **data.identities,
         "student": checkpoint.student_identity(cfg.student),

@@ -153,9 +153,8 @@ def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
     for path, cls in (("hidden", VllmHiddenEngine), ("logprob", VllmEngine)):
         eng = cls(cfg, k=8, seq_len=48)
         try:
-            views[path] = teacher_view(
-                eng, EncoderConfig(mode="topk", k=8, path=path), 0, sid, ids, nxt
-            )
+            enc = EncoderConfig(mode="topk", k=8, path=path)
+            views[path] = teacher_view(eng, enc, 0, sid, ids, nxt, [s[2] for s in seqs])
             if path == "hidden":  # SmolLM2's head is tied: the embedding, as the model uses it
                 _check_hidden_times_head(eng, smollm2_dir, tied=True)
         finally:

@@ -135,7 +135,7 @@ def test_resume_from_a_checkpoint_continues_the_data_exactly(
     assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-6)
 
 
-def test_a_student_of_another_tokenizer_or_without_one_is_refused(
+def test_a_student_of_another_tokenizer_is_refused_and_its_own_folder_checked(
     tmp_path, vllm_topk_cache, tiny_student
 ):
     model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
@@ -149,7 +149,17 @@ def test_a_student_of_another_tokenizer_or_without_one_is_refused(
             data_collator=collate,
             processing_class=tok,
         )
-    with pytest.raises(StudentError, match="pass processing_class"):
+    # without processing_class, the tokenizer saved with the model is the one checked
+    SparseKDTrainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=CacheDataset(vllm_topk_cache),
+        data_collator=collate,
+    )
+    bare = tmp_path / "weights-only"
+    model.save_pretrained(bare)  # a folder with no tokenizer
+    model = AutoModelForCausalLM.from_pretrained(bare, dtype=torch.float32)
+    with pytest.raises(StudentError, match="no tokenizer in the model's folder.*pass processing"):
         SparseKDTrainer(
             model=model,
             args=_args(tmp_path),

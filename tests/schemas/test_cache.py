@@ -72,7 +72,10 @@ def test_open_cache_refusals(tmp_path, synth):
         open_cache(tmp_path / "empty")
     good = json.loads((path / "manifest.json").read_text())
     cases = [
-        (lambda m: m.update(schema_version=1), "schema version 1; this sparsekd reads version 2"),
+        (
+            lambda m: m.update(schema_version=1),
+            "schema version 1; this sparsekd reads versions 2, 3",
+        ),
         (lambda m: m["meta"].pop("seq_len"), "meta 'seq_len' is missing"),
         (lambda m: m["meta"].update(mode="dense"), "meta mode 'dense' is not one of"),
         (lambda m: m["meta"].update(logprob_scale=None), "meta 'logprob_scale' is missing"),
