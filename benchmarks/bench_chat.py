@@ -93,9 +93,7 @@ def main():
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-chat-"))
     subset = tmp / "first600.jsonl"
-    subset.write_text(
-        "".join(json.dumps(r) + "\n" for _, r in list(builtin_conversations())[:600])
-    )
+    subset.write_text("".join(json.dumps(r) + "\n" for _, r in list(builtin_conversations())[:600]))
     only = set(a.only.split(","))
     tcfg = TeacherConfig(path=a.teacher)
     engine = VllmEngine(tcfg, k=8, seq_len=SEQ_LEN)
