@@ -46,7 +46,7 @@ def main():
             times = []
             for _ in range(a.repeats):
                 t = time.perf_counter()
-                data = shard_bytes(table, meta)
+                data, _ = shard_bytes(table, meta)
                 times.append(time.perf_counter() - t)
             sec = statistics.median(times)
             rows.append(

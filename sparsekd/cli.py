@@ -51,6 +51,7 @@ USER_ERRNOS = {
     errno.ENAMETOOLONG,
     errno.EIO,
     errno.ESTALE,
+    errno.EFBIG,  # a file-size limit (ulimit -f): Python ignores SIGXFSZ, the write fails
 }
 
 
@@ -183,6 +184,10 @@ def demo_cmd(cfg: DemoConfig):
     run_demo(cfg)
 
 
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -197,9 +202,9 @@ def main(argv=None) -> int:
     except click.exceptions.Abort:
         click.echo("Aborted!", err=True)
         return 130
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
+    except click.ClickException as e:  # click's own usage errors: one line, as every other
+        click.echo(f"sparsekd: error: {_one_line_text(e.format_message())}", err=True)
+        return 2 if isinstance(e, click.UsageError) else e.exit_code
     except KeyboardInterrupt:
         return 130
     except SparsekdError as e:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -109,9 +110,11 @@ def _coerce(where: str, typ, value, choices=None):
         ok = isinstance(value, bool)
     elif inner is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif inner is float:
+    elif inner is float:  # a finite number: no setting means anything by inf or nan
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value}")
     elif inner is str:
         ok = isinstance(value, str)
     elif typing.get_origin(inner) is tuple:
@@ -188,16 +191,40 @@ def parse_sets(sets) -> dict:
     return out
 
 
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """A YAML mapping that names a key twice is refused (it would silently keep the
+        last value)."""
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"setting {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
+
+
 def load_yaml(path: str | None) -> dict:
     if not path:
         return {}
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config {path} is a folder, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"--config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_unique_key_loader()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):

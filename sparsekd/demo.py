@@ -166,7 +166,7 @@ def _train(
         "out": str(out),
         "steps": size.steps,
         "data": {"cache": str(cache), "batch_size": size.batch_size},
-        "loss": {"kind": loss, "kd_weight": KD_WEIGHT},
+        "loss": {"kind": loss, **({} if loss == "ce" else {"kd_weight": KD_WEIGHT})},
         "optim": {"lr": 2e-3, "warmup": max(1, size.steps // 10)},
         "eval": {
             "cache": str(heldout),

@@ -17,7 +17,7 @@ import numpy as np
 
 from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
-from sparsekd.schemas.cache import Cache, open_cache
+from sparsekd.schemas.cache import Cache, learnt_mask, open_cache
 from sparsekd.schemas.manifest import read_domain_index
 from sparsekd.schemas.modes import get_mode
 
@@ -70,6 +70,11 @@ def cache_stats(cache: Cache) -> dict:
             ent_sum += float(_entropy_estimate(seq)[seq.loss_mask].sum())
     m = cache.manifest
     meta = cache.meta
+    if m.get("num_learnt", m["num_tokens"]) != n:
+        raise CacheError(
+            f"{cache.store.url('manifest.json')}: its num_learnt is {m.get('num_learnt')}, the "
+            f"shards hold {n} learnt positions (an edited or damaged manifest)"
+        )
     learnt, n = n, max(n, 1)
     return {
         "mode": meta["mode"],
@@ -157,37 +162,45 @@ def format_stats(s: dict, path: str) -> str:
 PLACE_KEYS = ("domain", "part", "first_seq", "rows", "checksums")
 
 
-def _verify_shard(cache: Cache, i: int, full: bool) -> tuple[list[str], int | None]:
-    """Shard i's problems, and its last seq_id (None when it cannot be read)."""
+def _verify_shard(cache: Cache, i: int, full: bool) -> tuple[list[str], int | None, int]:
+    """Shard i's problems, its last seq_id (None when it cannot be read) and its learnt
+    positions."""
     name = cache.index.relpath(i)
     if full and (problem := cache.verify_full(i)):
-        return [problem], None
+        return [problem], None, 0
     try:
         sf = cache.shard(i)
         own = {k: v for k, v in sf.footer.items() if k not in PLACE_KEYS}
         if own != cache.meta:
             keys = sorted(k for k in set(own) | set(cache.meta) if own.get(k) != cache.meta.get(k))
-            return [f"{name}: its metadata differs from the manifest's in {', '.join(keys)}"], None
+            return (
+                [f"{name}: its metadata differs from the manifest's in {', '.join(keys)}"],
+                None,
+                0,
+            )
         meta = cache.meta
         expected = F.arrow_schema(meta["mode"], cache.weighted, "refined" in meta, cache.version)
         if not sf.schema.remove_metadata().equals(expected):
-            return [f"{name}: schema differs from the {meta['mode']} shard schema"], None
-        seq = np.concatenate(
-            [cache.read_group_table(i, g)[1][F.COL_SEQ_ID][1] for g in range(sf.num_row_groups)]
-        )
+            return [f"{name}: schema differs from the {meta['mode']} shard schema"], None, 0
+        groups = [cache.read_group_table(i, g) for g in range(sf.num_row_groups)]
+        seq = np.concatenate([cols[F.COL_SEQ_ID][1] for _, cols in groups])
+        L = int(meta["seq_len"])
+        learnt = sum(int(learnt_mask(cols, t.num_rows, L).sum()) for t, cols in groups)
     except CacheError as e:
-        return [str(e)], None
+        return [str(e)], None, 0
     first = int(cache.index.first_seq[i])
     if "refined" in cache.meta:  # a refined set keeps a subset, in corpus order
         if len(seq) and (seq[0] != first or np.any(np.diff(seq) <= 0)):
-            return [f"{name}: seq_id not increasing from {first}"], None
+            return [f"{name}: seq_id not increasing from {first}"], None, 0
     elif not np.array_equal(seq, np.arange(first, first + len(seq))) or (
         F.seq_domain(first) != int(cache.index.domain[i])
     ):
-        return [
-            f"{name}: seq_id not consecutive from {first} in domain {cache.index.domain[i]}"
-        ], None
-    return [], int(seq[-1]) if len(seq) else None
+        return (
+            [f"{name}: seq_id not consecutive from {first} in domain {cache.index.domain[i]}"],
+            None,
+            0,
+        )
+    return [], int(seq[-1]) if len(seq) else None, learnt
 
 
 def verify_cache(path: str | os.PathLike, full: bool = True) -> list[str]:
@@ -197,10 +210,11 @@ def verify_cache(path: str | os.PathLike, full: bool = True) -> list[str]:
         cache = open_cache(path)
     except CacheError as e:
         return [str(e)]
-    problems, last = [], None
+    problems, last, learnt = [], None, 0
     for i in range(len(cache.index)):
-        found, seq_end = _verify_shard(cache, i, full)
+        found, seq_end, n = _verify_shard(cache, i, full)
         problems += found
+        learnt += n
         first = int(cache.index.first_seq[i])
         if last is not None and first <= last:
             problems.append(f"{cache.index.relpath(i)}: its sequences overlap the shard before it")
@@ -210,6 +224,12 @@ def verify_cache(path: str | os.PathLike, full: bool = True) -> list[str]:
         if fnmatch.fnmatchcase(rel, F.SHARD_GLOB) and rel not in listed:
             problems.append(f"{rel}: present but not in the manifest")
     problems += _verify_domains(cache)
+    claimed = cache.manifest.get("num_learnt", cache.num_tokens)  # v2: every position
+    if not problems and claimed != learnt:
+        problems.append(
+            f"manifest.json: its num_learnt is {claimed}, the shards hold {learnt} learnt "
+            "positions (an edited or damaged manifest)"
+        )
     return problems
 
 

@@ -115,6 +115,48 @@ def atomic_write_file(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+_WRITE_ERRORS = {
+    "no space left": "no space left on the device",
+    "file too large": "a file-size limit was reached (ulimit -f)",
+    "disk quota": "the disk quota is exhausted",
+    "read-only file system": "the file system is read-only",
+    "permission denied": "permission denied",
+}
+
+
+def write_error(e: BaseException) -> str | None:
+    """What an error raised while writing says in words, when it is the disk's (full,
+    a size limit, read-only): torch, safetensors and tokenizers wrap OSErrors in their own
+    exception types, so the message is what tells."""
+    text = str(e).lower()
+    return next((why for key, why in _WRITE_ERRORS.items() if key in text), None)
+
+
+def publish_folder(path: str | os.PathLike, write) -> Path:
+    """A local folder written whole or not at all: `write(tmp)` fills a temporary sibling,
+    which then replaces `path`. A disk that refuses the writes is a one-line StorageError
+    naming `path`, and nothing half-written is left under its name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{process_tag()}.tmp")
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.{process_tag()}.old")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = write_error(e)
+        if why is None:
+            raise
+        raise StorageError(f"cannot write {path}: {why}") from e
+    fsync_dir(path.parent)
+    return path
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -291,15 +333,23 @@ class LocalStore(Store):
             return []
         return sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
 
-    def _stage(self, data: bytes) -> Path:
-        """`data` in a fresh, fsynced file of this process's staging folder."""
+    def _stage(self, data: bytes, name: str) -> Path:
+        """`data` in a fresh, fsynced file of this process's staging folder; a disk that
+        refuses it (full, a size limit, read-only) is a StorageError naming `name`."""
         if self._staging is None:
             parent = self.root / STAGING
             self._sweep(parent)
             self._staging = parent / process_tag()
-        self._staging.mkdir(parents=True, exist_ok=True)
         tmp = self._staging / uuid.uuid4().hex
-        _write_synced(tmp, data)
+        try:
+            self._staging.mkdir(parents=True, exist_ok=True)
+            _write_synced(tmp, data)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            why = write_error(e)
+            if why is None:
+                raise
+            raise StorageError(f"cannot write {self.url(name)}: {why}") from e
         return tmp
 
     @staticmethod
@@ -317,7 +367,7 @@ class LocalStore(Store):
     def put(self, name: str, data: bytes) -> None:
         final = self._path(name)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._stage(data)
+        tmp = self._stage(data, name)
         try:
             os.replace(tmp, final)
         except BaseException:
@@ -328,7 +378,7 @@ class LocalStore(Store):
     def put_new(self, name: str, data: bytes) -> bool:
         final = self._path(name)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._stage(data)
+        tmp = self._stage(data, name)
         try:
             os.link(tmp, final)  # fails if `final` exists: an atomic create
         except FileExistsError:
@@ -627,6 +677,8 @@ __all__ = [
     "atomic_write_file",
     "fsync_dir",
     "sha256_file",
+    "publish_folder",
+    "write_error",
     "json_bytes",
     "parse_json",
     "read_json_file",

@@ -137,3 +137,38 @@ def test_the_readme_documents_every_option(command):
     section = README.split(f"### `sparsekd {command}")[1].split("\n### ")[0]
     missing = [o for o in _options(command) if o not in section]
     assert not missing, f"README's sparsekd {command} section lacks {missing}"
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["build-cache", "--k", "abc"], "Invalid value for '--k': 'abc' is not a valid integer"),
+        (["build-cache", "--engine", "banana"], "Invalid value for '--engine'"),
+        (["build-cache", "--no-such-flag"], "No such option '--no-such-flag'"),
+        (["build-cache", "--config", "."], "Invalid value for '--config'"),
+        (["build-cache", "--set", "teacher.dtype=banana"], "teacher.dtype must be one of auto"),
+        (["build-cache", "--seed", "-1"], "seed must be in 0..2^63-1, got -1"),
+        (["init-student", "--seed", "-3", "--like", "x", "--out", "y", "--layers", "1",
+          "--hidden", "8", "--heads", "1"], "--seed must be in 0..2^63-1, got -3"),
+        (["build-cache", "--proposal-temperature", "inf", "--mode", "sample"],
+         "must be a finite number, got inf"),
+        (["nonsense-command"], "No such command 'nonsense-command'"),
+    ],
+)  # fmt: skip
+def test_every_usage_error_is_one_line_and_exit_2(args, match, tmp_path):
+    base = (
+        ["--teacher", str(tmp_path), "--out", str(tmp_path / "o")]
+        if args[0] == "build-cache"
+        else []
+    )
+    proc = run_cli(*args, *base)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("sparsekd: error: ") and match in lines[0], lines[0]
+
+
+def test_a_yaml_config_naming_a_setting_twice_is_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("corpus:\n  seq_len: 64\n  seq_len: 128\n")
+    proc = run_cli("build-cache", "--config", cfg, "--teacher", tmp_path, "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "setting 'seq_len' appears twice" in error_line(proc)

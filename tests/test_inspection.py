@@ -83,3 +83,45 @@ def test_verify_names_each_corruption(cache, corrupt, expect):
     proc = run_cli("inspect", cache, "--verify")
     assert proc.returncode == 2 and expect in proc.stderr
     assert f"problem(s) found in {cache}" in error_line(proc)
+
+
+@pytest.mark.parametrize("key, factor", [("num_tokens", 10), ("bytes", 10), ("num_learnt", 2)])
+def test_verify_recomputes_every_total_and_refuses_an_edited_manifest(cache, key, factor):
+    m = json.loads((cache / "manifest.json").read_text())
+    m[key] *= factor
+    (cache / "manifest.json").write_text(json.dumps(m))
+    problems = verify_cache(cache)
+    assert len(problems) == 1 and f"its {key} is {m[key]}" in problems[0], problems
+    proc = run_cli("inspect", cache, "--json")  # inspect itself never reports a false total
+    assert proc.returncode == 2 and key in error_line(proc)
+
+
+def test_a_shard_of_another_cache_with_the_same_fingerprint_and_size_is_caught_at_open(cache):
+    """Rewritten with one stored log-prob changed (another cache of the same configuration,
+    another corpus content): same size, same fingerprint and place, another footer."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from sparsekd import open_cache
+    from sparsekd.cache_builder.writer import shard_bytes
+    from sparsekd.errors import CacheError
+
+    path = shard_files(cache)[0]
+    pf = pq.ParquetFile(path)
+    meta = json.loads(pf.schema_arrow.metadata[b"sparsekd"])
+    table = pf.read().replace_schema_metadata(None)
+    col = table.column("token_logprob").combine_chunks()
+    for at in range(200):  # a change that compresses to the same size
+        values = col.values.to_numpy().copy()
+        values[at] += 1
+        other = pa.ListArray.from_arrays(col.offsets, pa.array(values, pa.uint16()))
+        at_col = table.schema.get_field_index("token_logprob")
+        data, _ = shard_bytes(table.set_column(at_col, "token_logprob", other), meta)
+        if len(data) == path.stat().st_size:
+            break
+    assert len(data) == path.stat().st_size and pc.sum(pc.not_equal(other.values, col.values))
+    path.write_bytes(data)
+    c = open_cache(cache)  # the manifest and index are untouched: opening it is fine
+    with pytest.raises(CacheError, match="its footer is not the one the index recorded"):
+        list(c)

@@ -158,3 +158,42 @@ def test_transient_errors_are_retried(s3_server):
         finally:
             os.environ.update(s3_server.env)
     assert proxy.failed >= 3
+
+
+def _limited(kb: int, *args) -> subprocess.CompletedProcess:
+    """`sparsekd *args` with files limited to `kb` KiB (ulimit -f): every write past it
+    fails with EFBIG, as on a full disk."""
+    cmd = " ".join(["ulimit -f", str(kb), ";", "exec", sys.executable, "-m", "sparsekd",
+                    *(f"'{a}'" for a in args)])  # fmt: skip
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600)
+
+
+def test_writers_on_a_disk_that_refuses_them_are_one_line_and_leave_nothing_half_written(
+    tmp_path, hf_topk_cache, tiny_student, tiny_llama_dir, smollm2_dir
+):
+    def one_line(proc, named):
+        line = error_line(proc)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+        assert line.startswith("sparsekd: error: cannot write") and named in line, line
+        assert "a file-size limit was reached" in line, line
+
+    train = ["train-student", "--cache", hf_topk_cache, "--student", tiny_student,
+             "--steps", 2, "--batch-size", 2, "--quiet"]  # fmt: skip
+    out = tmp_path / "ckpt"
+    one_line(_limited(256, *train, "--out", out, "--save-every", 1), "checkpoint file")
+    assert not list((out / "checkpoints").glob("step-*"))  # only a hidden, undone folder
+    out = tmp_path / "final"
+    one_line(_limited(256, *train, "--out", out), f"{out / 'final'}")
+    assert not (out / "final").exists()
+    out = tmp_path / "student"
+    one_line(_limited(256, "init-student", "--like", smollm2_dir, "--out", out, "--layers", 1,
+                      "--hidden", 64, "--heads", 2), f"{out}")  # fmt: skip
+    assert not out.exists() or not any(out.iterdir())
+    out = tmp_path / "teacher"
+    one_line(_limited(1024, "prepare-teacher", "--out", out), f"{out}")
+    assert not out.exists() or not any(out.iterdir())
+    out = tmp_path / "cache"
+    build = ["build-cache", "--teacher", tiny_llama_dir, "--engine", "hf", "--out", out,
+             "--seq-len", 32, "--max-sequences", 4, "--quiet"]  # fmt: skip
+    one_line(_limited(8, *build), f"{out}/shards/")
+    assert not list(out.glob("shards/*/*.parquet"))

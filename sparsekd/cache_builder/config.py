@@ -13,7 +13,7 @@ from sparsekd.cache_builder.corpus import CorpusConfig
 from sparsekd.cache_builder.encoder import EncoderConfig
 from sparsekd.cache_builder.teacher import TeacherConfig
 from sparsekd.cache_builder.writer import WriterConfig
-from sparsekd.config import section, setting
+from sparsekd.config import check, section, setting
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,3 +24,6 @@ class BuildConfig:
     writer: WriterConfig = section(WriterConfig, "Where and how shards are written.", required=True)
     seed: int = setting(0, "Seed of the engine and of the sampling uniforms.", flag=True)
     progress: bool = setting(True, "Show a progress bar.", flag="--progress/--quiet")
+
+    def __post_init__(self):
+        check(0 <= self.seed < 2**63, f"seed must be in 0..2^63-1, got {self.seed}")

@@ -36,12 +36,14 @@ with Python, with no download.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import fnmatch
 import glob as globlib
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -193,10 +195,15 @@ def _format_of(path: str) -> str | None:
     return None
 
 
+def _unreadable(e: OSError):
+    raise CorpusError(f"corpus folder {e.filename} cannot be read ({e.strerror})") from e
+
+
 def _walk(root: str) -> list[str]:
-    """Files under `root`, following symbolic links to directories (each real directory once)."""
+    """Files under `root`, following symbolic links to directories (each real directory once).
+    A folder that cannot be read is an error: a corpus is read whole or not at all."""
     found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_unreadable):
         real = os.path.realpath(dirpath)
         if real in seen:  # a link back up the tree
             dirnames[:] = []
@@ -217,7 +224,7 @@ def resolve_sources(paths: tuple[str, ...]) -> list[Source]:
             out += _remote_sources(p)
         else:
             out += _local_sources(p)
-    return [_with_span(s) if s.format == "jsonl.zst" else s for s in out]
+    return [_with_span(s) if s.format == "jsonl.zst" else s for s in _once(out)]
 
 
 def _with_span(src: Source) -> Source:
@@ -251,17 +258,39 @@ def _local_sources(p: str) -> list[Source]:
         base = os.path.dirname(p.split("*")[0].split("?")[0].split("[")[0])
         if not files:
             raise CorpusError(f"corpus glob {p!r} matches no {KINDS} file")
+    elif os.path.exists(p):
+        raise CorpusError(f"corpus path {p} is not a regular file (a device, FIFO or socket)")
     else:
         raise CorpusError(f"corpus path not found: {p}")
     out = []
     for f in files:
         try:
-            size = os.stat(f).st_size
+            st = os.stat(f)
         except OSError as e:
             raise CorpusError(f"corpus file {f}: cannot read ({e.strerror})") from e
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the build forever
+            raise CorpusError(f"corpus file {f} is not a regular file (a FIFO, device or socket)")
         name = os.path.relpath(f, base or ".")
-        out.append(Source(name, f, _format_of(f), size, base or "."))
+        out.append(Source(name, f, _format_of(f), st.st_size, base or "."))
     return out
+
+
+def _once(sources: list[Source]) -> list[Source]:
+    """Refuse the same file read twice: given twice, a folder and a file inside it, or a
+    link beside its target (local files, by their resolved path)."""
+    seen: dict[str, str] = {}
+    for s in sources:
+        if s.format == "builtin" or is_uri(s.path):
+            key = s.path
+        else:
+            key = os.path.realpath(s.path)
+        if key in seen:
+            raise CorpusError(
+                f"corpus file {s.path} is {seen[key]} again (given twice, inside a folder also "
+                "given, or a link to it): give each file once"
+            )
+        seen[key] = s.path
+    return sources
 
 
 def _remote_sources(p: str) -> list[Source]:
@@ -330,6 +359,22 @@ def corpus_identity(cfg: CorpusConfig, sources: list[Source], template_sha256=No
     if any(s.format == "jsonl.zst" for s in sources):
         identity["zst_split"] = ZST_SPLIT
     return identity
+
+
+PROBE_BLOCK = 4096
+
+
+def source_probe(src: Source) -> str | None:
+    """A cheap fingerprint of a corpus file's content, taken by every worker that reads a
+    part of it: its size and three blocks (start, middle, end). Workers that saw another
+    probe of one file read two versions of it (the finaliser refuses that cache)."""
+    if src.format == "builtin":
+        return None
+    f = src.store().open(src.name)
+    h = hashlib.sha256(str(src.size).encode())
+    for at in sorted({0, max(0, src.size // 2 - PROBE_BLOCK // 2), max(0, src.size - PROBE_BLOCK)}):
+        h.update(f.read_at(min(PROBE_BLOCK, src.size - at), at))
+    return h.hexdigest()
 
 
 @dataclass
@@ -718,31 +763,37 @@ def builtin_documents() -> Iterator[tuple[str, str]]:
 SYSTEM_PROMPT = "You are a concise assistant who explains Python's standard library."
 
 
+def _documented(tree, prefix: str = ""):
+    """(dotted name, docstring) of every documented class and function of a parsed module,
+    nested ones included, in source order."""
+    for node in getattr(tree, "body", []):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            name = f"{prefix}{node.name}"
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= 16:
+                yield name, doc
+            yield from _documented(node, name + ".")
+
+
 def builtin_conversations() -> Iterator[tuple[str, dict]]:
     """(name, row) of the built-in chat corpus (`builtin:stdlib-chat`), in a fixed order:
-    for each documented name of the built-in corpus's modules, a user asks about it and the
-    assistant answers with its documentation; every third conversation opens with a system
-    prompt, every third goes on for a second turn about the module itself."""
-    import importlib
-    import inspect
+    for each documented class and function in the source of the built-in corpus's modules
+    (read from the source files, so what other libraries patch at run time does not
+    change it), a user asks about it and the assistant answers with its docstring; every
+    third conversation opens with a system prompt, every third goes on for a second turn
+    about the module itself."""
+    import importlib.util
 
     i = 0
-    for name, doc, _ in _stdlib_docs():
+    for name in _STDLIB_DOC_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not (spec.origin or "").endswith(".py"):
+            continue
+        with open(spec.origin, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+        doc = ast.get_docstring(tree) or ""
         first_para = doc.split("\n\n")[0] if doc else f"The `{name}` module."
-        mod = importlib.import_module(name)
-        entries = []  # every documented public name, and the methods of its classes
-        for attr in sorted(vars(mod)):
-            obj = getattr(mod, attr)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
-                continue
-            entries.append((attr, inspect.getdoc(obj)))
-            if inspect.isclass(obj):
-                for meth in sorted(vars(obj)):
-                    if not meth.startswith("_") and callable(getattr(obj, meth, None)):
-                        entries.append((f"{attr}.{meth}", inspect.getdoc(getattr(obj, meth))))
-        for attr, adoc in entries:
-            if not adoc or len(adoc) < 40:
-                continue
+        for attr, adoc in _documented(tree):
             messages = [
                 {"role": "user", "content": f"What is `{name}.{attr}` for?"},
                 {"role": "assistant", "content": adoc},

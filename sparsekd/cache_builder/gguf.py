@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from sparsekd.errors import TeacherError
+from sparsekd.storage import publish_folder
 
 
 def default_gguf_path() -> Path:
@@ -167,9 +166,9 @@ def convert_gguf(out_dir: str | os.PathLike, gguf_file: str | os.PathLike | None
     tensors = _llama_tensors(reader, cfg)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(mode=0o755)
         save_file(
             {k: torch.from_numpy(v) for k, v in tensors.items()},
             str(tmp / "model.safetensors"),
@@ -180,10 +179,7 @@ def convert_gguf(out_dir: str | os.PathLike, gguf_file: str | os.PathLike | None
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         tok.save_pretrained(str(tmp))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    return publish_folder(out, write)

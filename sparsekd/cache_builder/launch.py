@@ -49,6 +49,10 @@ def resolve_worker(num_workers: int | None, worker_index: int | None, env=None) 
         index = _int(env, "SLURM_ARRAY_TASK_ID") - _int(
             {"m": env.get("SLURM_ARRAY_TASK_MIN", "0")}, "m"
         )
+        if num_workers is None and "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise ConfigError(
+                "SLURM_ARRAY_TASK_ID is set without SLURM_ARRAY_TASK_COUNT: pass --num-workers"
+            )
         count = num_workers or _int(env, "SLURM_ARRAY_TASK_COUNT")
         worker = Worker(index, count, "SLURM_ARRAY_TASK_ID")
     elif "JOB_COMPLETION_INDEX" in env and worker_index is None:

@@ -32,8 +32,9 @@ about 10^4 domains: that many small reads, no per-shard request).
 A unit is done when its record exists and its shard has the recorded size; on a local disk
 a re-run also checks the sha256 of the finished shards of the domains it owns and redoes
 any that fail (a file system can damage a file after the fact; an object store publishes
-objects whole, so there the size is checked). Records of a build started before this
-layout (`records/*.jsonl` logs) are converted on the next start.
+objects whole, so there the size is checked). A build started by a sparsekd of cache
+format 2 (its records were append-only logs) has another fingerprint, and is refused by
+name rather than resumed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
+from sparsekd.cache_builder.corpus import source_probe
 from sparsekd.errors import CacheError, CorpusError, TeacherError
 from sparsekd.schemas import format as F
 from sparsekd.schemas.manifest import DOMAIN_INDEX_SCHEMA, INDEX_DIR, MANIFEST, ShardIndex
@@ -78,9 +80,24 @@ def identity_diff(old: dict, new: dict, limit: int = 4) -> str:
     )
 
 
+UNIT_KEYS = ("domain", "part", "first_seq", "rows", "file", "bytes", "sha256", "tokens_sha256")
+DOMAIN_KEYS = ("domain", "source", "part", "sequences", "content_sha256", "documents",
+               "bad_lines", "learnt", "shards")  # fmt: skip
+KEYS = {"unit record": UNIT_KEYS, "domain record": DOMAIN_KEYS}
+
+
+def _checked(rec: dict, what: str, where: str) -> dict:
+    """A record read back must hold the keys its writer gave it (a damaged or edited one is
+    named, not a KeyError)."""
+    missing = [k for k in KEYS.get(what, ()) if k not in rec]
+    if missing:
+        raise CacheError(f"{what} {where} is damaged (no {missing[0]!r}); delete it to redo it")
+    return rec
+
+
 def read_many(store: Store, names: list[str], what: str) -> list[dict]:
-    """Small JSON objects, read concurrently from an object store."""
-    read = lambda n: store.read_json(n, what)  # noqa: E731
+    """Small JSON objects, read concurrently from an object store, each checked."""
+    read = lambda n: _checked(store.read_json(n, what), what, store.url(n))  # noqa: E731
     if store.local or len(names) < 2:
         return [read(n) for n in names]
     with ThreadPoolExecutor(READ_THREADS) as pool:
@@ -104,8 +121,9 @@ class Ledger:
         store, plan = self.store, self.plan
         if store.local and store.size("") is not None:
             raise CacheError(f"--out {store.uri} is a file, not a directory")
-        stray = sorted(set(store.top()) - OWN_ENTRIES)
-        if stray:
+        top = set(store.top())
+        stray = sorted(top - OWN_ENTRIES)
+        if stray and not top & {BUILD_CONFIG, MANIFEST}:  # beside a cache, others' files stay
             raise CacheError(
                 f"--out {store.uri} is not empty and holds no sparsekd cache ({stray[0]})"
             )
@@ -115,7 +133,6 @@ class Ledger:
             return
         old = store.read_json(BUILD_CONFIG, "build config")
         if old.get("fingerprint") == plan.fingerprint:
-            self._migrate_logs()
             return
         empty = not store.list(f"{RECORDS_DIR}/units/") and store.size(MANIFEST) is None
         hint = "use another --out"
@@ -189,9 +206,11 @@ class Ledger:
     def domain_record(self, domain: int) -> dict | None:
         name = domain_record_name(domain)
         try:
-            return parse_json(self.store.read(name), self.store.url(name))
+            data = self.store.read(name)
         except FileNotFoundError:
             return None
+        where = self.store.url(name)
+        return _checked(parse_json(data, f"domain record {where}"), "domain record", where)
 
     def unit_records(self, domain: int) -> dict[int, dict]:
         """The unit records of one domain, by part (one listing of its own prefix)."""
@@ -205,54 +224,8 @@ class Ledger:
             return False
         return not deep or self.store.sha256(rec["file"]) == rec["sha256"]
 
-    # --- records of a build started before this layout ----------------------------------
 
-    def _migrate_logs(self) -> None:
-        """Turn the append-only logs of an earlier sparsekd (`records/*.jsonl`) into
-        records of this layout, then remove them."""
-        logs = [n for n in self.store.list(f"{RECORDS_DIR}/") if n.count("/") == 1]
-        logs = [n for n in logs if n.endswith(".jsonl")]
-        if not logs:
-            return
-        units: dict[tuple[int, int], dict] = {}
-        domains: dict[int, dict] = {}
-        for name in logs:
-            for rec in _parse_log(self.store.read(name), self.store.url(name)):
-                if rec.get("kind") == "header":
-                    stem = name.rsplit("/", 1)[1].removesuffix(".jsonl")
-                    self.store.put(f"{RECORDS_DIR}/workers/{stem}.json", json_bytes(rec))
-                elif rec.get("kind") == "shard":
-                    units[rec["domain"], rec["part"]] = rec
-                elif rec.get("kind") == "domain":
-                    domains[rec["domain"]] = rec
-        for rec in units.values():
-            name = unit_record_name(rec["domain"], rec["part"])
-            self._put_record(name, rec, f"{self.store.url(name)} disagrees with the logs")
-        S = self.plan.shard_sequences
-        for d, rec in domains.items():
-            parts = [units.get((d, j)) for j in range(-(-rec["sequences"] // S))]
-            if all(parts):
-                self.write_domain({**rec, "shards": [_entry(p) for p in parts]})
-        for name in logs:
-            self.store.delete(name)
-
-
-def _parse_log(data: bytes, where: str) -> list[dict]:
-    lines = data.decode("utf-8", "replace").split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # the torn last line of a killed writer
-                break
-            raise CacheError(f"record {where} line {i + 1} is damaged") from e
-    return out
-
-
-SHARD_ENTRY_KEYS = ("domain", "part", "first_seq", "rows", "file", "bytes", "sha256")
+SHARD_ENTRY_KEYS = ("domain", "part", "first_seq", "rows", "file", "bytes", "sha256", "footer_crc")
 
 
 def _entry(unit_rec: dict) -> dict:
@@ -275,6 +248,7 @@ def domain_record(d, sequences: int, learnt: int, reader, units: list[dict]) -> 
         "bad_examples": reader.stats.bad_examples,
         "learnt": learnt,
         "chat": dataclasses.asdict(reader.chat) if reader.chat is not None else None,
+        "source_probe": source_probe(d.source),
         "shards": [_entry(u) for u in units],
     }
 
@@ -290,6 +264,7 @@ def try_finalize(store: Store, plan) -> dict | None:
         return None
     by_name = dict(zip(sorted(want), read_many(store, sorted(want), "domain record")))
     domains = [by_name[domain_record_name(d.index)] for d in plan.domains]
+    _check_probes(domains)
     entries = [e for r in domains for e in r["shards"]]
     if not entries:
         raise CorpusError(
@@ -326,6 +301,22 @@ def try_finalize(store: Store, plan) -> dict | None:
             "versions": [json.loads(v) for v in versions],
         },
     )
+
+
+def _check_probes(domains: list[dict]) -> None:
+    """Refuse a cache whose workers read different versions of one corpus file (edited
+    between their runs: the same name and size, other content)."""
+    seen: dict[str, str] = {}
+    for r in domains:
+        probe = r.get("source_probe")
+        if probe is None:
+            continue
+        if seen.setdefault(r["source"], probe) != probe:
+            raise CacheError(
+                f"corpus file {r['source']} changed between the workers of this cache (its "
+                "content differs between the parts they read): rebuild the domains of that "
+                "file, or restore it and use another --out"
+            )
 
 
 def chat_totals(domains: list[dict]) -> dict | None:

@@ -31,7 +31,11 @@ class TeacherConfig:
     path: str = setting(doc="Teacher model folder (Hugging Face layout).", flag="--teacher")
     engine: str = setting("vllm", "Teacher engine.", flag=True, choices=ENGINES)
     tensor_parallel_size: int = setting(1, "vLLM tensor parallelism.", flag=True)
-    dtype: str = setting("auto", "Engine dtype: auto is float32 on CPU, the model's own on GPU.")
+    dtype: str = setting(
+        "auto",
+        "Engine dtype: auto is float32 on CPU, the model's own on GPU.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     gpu_memory_utilization: float | None = setting(
         None,
         "vLLM's share of GPU memory. Default: 0.9 on the log-prob path; on the hidden-state "
@@ -64,6 +68,8 @@ class TeacherInfo:
 def read_config(path: str | Path) -> dict:
     """The text model's config.json (the `text_config` of a multimodal one)."""
     p = Path(path)
+    if p.is_file():
+        raise TeacherError(f"teacher {path} is a file: give the model's folder")
     if not p.is_dir():
         raise TeacherError(f"teacher folder not found: {path}")
     if not (p / "config.json").is_file():
@@ -75,6 +81,63 @@ def read_config(path: str | Path) -> dict:
     return cfg.get("text_config", cfg)
 
 
+def check_weights(path: str | Path) -> None:
+    """Refuse weights that would not load, or would load into another model than the config
+    describes: an unreadable safetensors file (truncated, random, empty), a shard index
+    naming a missing file, an unknown model_type, tensors missing, unexpected or of another
+    shape than the model built from config.json (on the meta device: no memory) has. An
+    engine would otherwise start, and fill what is missing at random."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = Path(path)
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wanted = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise TeacherError(f"teacher shard index {index} is damaged") from e
+        for name in sorted(wanted):
+            if not (p / name).is_file():
+                raise TeacherError(f"teacher shard index {index} names {name}, which is missing")
+    shapes = {}
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+        except Exception as e:  # SafetensorError: truncated, random or empty
+            raise TeacherError(f"teacher weights {f} cannot be read ({str(e)[:80]})") from e
+    if not shapes:  # .bin weights only: checked by the engine that loads them
+        return
+    try:
+        config = AutoConfig.from_pretrained(str(p))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # an unknown model_type, a config transformers refuses
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        where = p / "config.json"
+        raise TeacherError(f"teacher config {where} cannot describe a model: {why}") from e
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)  # the embedding, shared
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            raise TeacherError(
+                f"teacher {p}: its weights do not cover its config.json: {len(keys)} tensors "
+                f"{what} ({', '.join(keys[:2])})"
+            )
+    if wrong:
+        k = wrong[0]
+        raise TeacherError(
+            f"teacher {p}: {k} has shape {shapes[k]}, its config.json says {expected[k]} "
+            "(hidden_size, vocab_size or layer sizes do not match the weights)"
+        )
+
+
 def inspect_teacher(path: str, tokenizer, seq_len: int, extra_positions: int) -> TeacherInfo:
     """Refuse a teacher that cannot produce a cache of `seq_len`-token sequences;
     `extra_positions`: tokens the engine adds after a sequence (vLLM's log-prob path: 2)."""
@@ -83,6 +146,7 @@ def inspect_teacher(path: str, tokenizer, seq_len: int, extra_positions: int) ->
         raise TeacherError(f"teacher config {Path(path) / 'config.json'} has no vocab_size")
     if not weight_files(path):
         raise TeacherError(f"teacher folder {path} has no weights (*.safetensors or *.bin)")
+    check_weights(path)
     vocab = int(cfg["vocab_size"])
     if vocab < len(tokenizer):
         raise TeacherError(
@@ -101,8 +165,10 @@ def inspect_teacher(path: str, tokenizer, seq_len: int, extra_positions: int) ->
 def load_tokenizer(path: str | Path, what: str = "teacher"):
     from transformers import AutoTokenizer
 
-    if what == "teacher" and (Path(path) / "config.json").is_file():
-        read_config(path)  # a broken config.json names itself, not a tokenizer failure
+    if what == "teacher":
+        read_config(path)  # a missing folder or a broken config.json names itself
+    elif not Path(path).is_dir():  # never a model hub's name: nothing is downloaded
+        raise TeacherError(f"{what} folder not found: {path}")
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:

@@ -23,6 +23,7 @@ import json
 import queue
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,13 +134,15 @@ def encode_table(
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def shard_bytes(table: pa.Table, meta: dict) -> bytes:
-    """The shard file's bytes: `meta` plus the row-group checksums in its footer."""
+def shard_bytes(table: pa.Table, meta: dict) -> tuple[bytes, int]:
+    """The shard file's bytes (`meta` plus the row-group checksums in its footer), and the
+    crc32 of that footer metadata (recorded in the index, compared at every open)."""
     meta = {**meta, "checksums": F.row_group_checksums(table)}
-    table = table.replace_schema_metadata({F.META_KEY: json.dumps(meta, sort_keys=True)})
+    footer = json.dumps(meta, sort_keys=True)
+    table = table.replace_schema_metadata({F.META_KEY: footer})
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=F.ROW_GROUP_SIZE, **F.PARQUET_OPTIONS)
-    return buf.getvalue()
+    return buf.getvalue(), zlib.crc32(footer.encode())
 
 
 def write_shard(store: Store, domain: int, part: int, table: pa.Table, meta: dict) -> dict:
@@ -147,7 +150,7 @@ def write_shard(store: Store, domain: int, part: int, table: pa.Table, meta: dic
     entry."""
     seq_ids = table.column(F.COL_SEQ_ID).to_numpy()
     place = {"domain": domain, "part": part, "first_seq": int(seq_ids[0]), "rows": table.num_rows}
-    data = shard_bytes(table, {**meta, **place})
+    data, footer_crc = shard_bytes(table, {**meta, **place})
     relpath = F.shard_relpath(domain, part)
     store.put(relpath, data)
     return {
@@ -155,6 +158,7 @@ def write_shard(store: Store, domain: int, part: int, table: pa.Table, meta: dic
         "file": relpath,
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
+        "footer_crc": footer_crc,
     }
 
 

@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import threading
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -120,9 +121,16 @@ class ShardFile:
             )
         try:
             pf = pq.ParquetFile(self.file, page_checksum_verification=True)
-            meta = json.loads(pf.schema_arrow.metadata[F.META_KEY])
+            footer = pf.schema_arrow.metadata[F.META_KEY]
+            meta = json.loads(footer)
         except Exception as e:  # a damaged footer: any decode error is a finding
             raise CacheError(f"shard {name}: unreadable footer ({type(e).__name__})") from e
+        crc = cache.index.footer_crc
+        if crc is not None and zlib.crc32(footer) != int(crc[i]):
+            raise CacheError(
+                f"shard {name}: its footer is not the one the index recorded (a shard of "
+                "another cache of the same configuration, or a damaged file)"
+            )
         self._check_footer(cache, i, pf, meta)
         self.footer, self.schema = meta, pf.schema_arrow  # the sparsekd metadata, as stored
         self.metadata = pf.metadata
@@ -393,6 +401,23 @@ def check_group(cols: dict, n: int, meta: dict, version: int) -> str:
     return ""
 
 
+def check_totals(manifest: dict, index: ShardIndex, where: str) -> None:
+    """The manifest's totals are the shard index's: sequences, tokens, shards, bytes."""
+    rows = int(index.rows.sum())
+    want = {
+        "num_sequences": rows,
+        "num_tokens": rows * int(manifest["meta"]["seq_len"]),
+        "num_shards": len(index),
+        "bytes": int(index.bytes.sum()),
+    }
+    for key, value in want.items():
+        if manifest.get(key) != value:
+            raise CacheError(
+                f"{where}: its {key} is {manifest.get(key)}, its shard index says {value} "
+                "(an edited or damaged manifest)"
+            )
+
+
 def open_cache(path: str | os.PathLike) -> Cache:
     """Open a finished cache (a local path or a URI): its manifest and shard index,
     checked. Raises CacheError (StorageError when the store itself refuses)."""
@@ -419,11 +444,10 @@ def open_cache(path: str | os.PathLike) -> Cache:
     manifest = parse_json(data, f"manifest {where}")
     check_manifest(manifest, where)
     try:
-        index = read_shard_index(store, manifest["index"]["shards"])
+        index = read_shard_index(store, manifest["index"]["shards"], manifest["schema_version"])
     except (OSError, pa.ArrowException) as e:
         raise CacheError(f"the shard index of {path} cannot be read ({e})") from e
-    if int(index.rows.sum()) != manifest["num_sequences"] or len(index) != manifest["num_shards"]:
-        raise CacheError(f"{where}: its totals do not match its shard index")
+    check_totals(manifest, index, where)
     return Cache(store, manifest, index)
 
 

@@ -38,7 +38,7 @@ from sparsekd.storage import Store, json_bytes
 MANIFEST = "manifest.json"
 INDEX_DIR = "index"
 
-SHARD_INDEX_SCHEMA = pa.schema(
+SHARD_INDEX_SCHEMA_V2 = pa.schema(
     [
         pa.field("domain", pa.int64(), nullable=False),
         pa.field("part", pa.int32(), nullable=False),
@@ -47,6 +47,12 @@ SHARD_INDEX_SCHEMA = pa.schema(
         pa.field("bytes", pa.int64(), nullable=False),
         pa.field("sha256", pa.binary(32), nullable=False),
     ]
+)
+# v3: crc32 of each shard's sparsekd footer as written (its place and its row groups'
+# checksums), compared when the shard is opened: a shard swapped in from another cache of
+# the same fingerprint and size is caught without reading it whole
+SHARD_INDEX_SCHEMA = SHARD_INDEX_SCHEMA_V2.append(
+    pa.field("footer_crc", pa.uint32(), nullable=False)
 )
 DOMAIN_INDEX_SCHEMA = pa.schema(
     [
@@ -74,23 +80,13 @@ class ShardIndex:
     rows: np.ndarray  # int32
     bytes: np.ndarray  # int64
     sha256: list[bytes]  # 32 bytes each
+    footer_crc: np.ndarray | None = None  # uint32 (schema version 3)
 
     def __len__(self) -> int:
         return len(self.domain)
 
     def relpath(self, i: int) -> str:
         return F.shard_relpath(int(self.domain[i]), int(self.part[i]))
-
-    def entry(self, i: int) -> dict:
-        return {
-            "file": self.relpath(i),
-            "domain": int(self.domain[i]),
-            "part": int(self.part[i]),
-            "first_seq": int(self.first_seq[i]),
-            "rows": int(self.rows[i]),
-            "bytes": int(self.bytes[i]),
-            "sha256": self.sha256[i].hex(),
-        }
 
     @classmethod
     def from_entries(cls, entries: list[dict]) -> ShardIndex:
@@ -103,6 +99,7 @@ class ShardIndex:
             col("rows", np.int32),
             col("bytes", np.int64),
             [bytes.fromhex(e["sha256"]) for e in entries],
+            col("footer_crc", np.uint32),
         )
 
     def table(self) -> pa.Table:
@@ -114,6 +111,7 @@ class ShardIndex:
                 "rows": self.rows,
                 "bytes": self.bytes,
                 "sha256": pa.array(self.sha256, pa.binary(32)),
+                "footer_crc": self.footer_crc,
             },
             schema=SHARD_INDEX_SCHEMA,
         )
@@ -145,8 +143,9 @@ def _read_index(store: Store, ref: dict, schema: pa.Schema) -> pa.Table:
     return table
 
 
-def read_shard_index(store: Store, ref: dict) -> ShardIndex:
-    t = _read_index(store, ref, SHARD_INDEX_SCHEMA)
+def read_shard_index(store: Store, ref: dict, version: int = F.SCHEMA_VERSION) -> ShardIndex:
+    schema = SHARD_INDEX_SCHEMA if version >= 3 else SHARD_INDEX_SCHEMA_V2
+    t = _read_index(store, ref, schema)
     n = lambda k: t.column(k).to_numpy()  # noqa: E731
     return ShardIndex(
         n("domain"),
@@ -155,6 +154,7 @@ def read_shard_index(store: Store, ref: dict) -> ShardIndex:
         n("rows"),
         n("bytes"),
         t.column("sha256").to_pylist(),
+        n("footer_crc") if version >= 3 else None,
     )
 
 

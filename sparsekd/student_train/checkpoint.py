@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import random
 import shutil
@@ -27,19 +28,53 @@ import numpy as np
 import torch
 
 from sparsekd.config import to_dict
-from sparsekd.errors import RunError
+from sparsekd.errors import RunError, StorageError
 from sparsekd.storage import (
     atomic_write_file,
     fsync_dir,
     json_bytes,
     read_json_file,
     sha256_file,
+    write_error,
 )
 from sparsekd.student_train.config import RESUME_SAFE, TrainConfig
 from sparsekd.student_train.parallel import Dist, full_state, load_full_state
 
 RUN_CONFIG = "train_config.json"
 CKPT_DIR = "checkpoints"
+LOCK = ".lock"
+
+
+class RunLock:
+    """One train-student run at a time per --out: an exclusive lock on `out/.lock`, held for
+    the run's life and released by the OS when the process ends, killed or not (so a killed
+    run never leaves it stuck). Local file systems only: on NFS, locks may not be shared."""
+
+    def __init__(self, out: Path):
+        import fcntl
+        import socket
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.fh = open(out / LOCK, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise RunError(
+                f"--out {out} is in use by another train-student run ({holder}); wait for it, "
+                "or use another --out"
+            ) from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.fh.flush()
+
+    def release(self) -> None:
+        if self.fh is not None:
+            self.fh.close()  # closing drops the lock
+            self.fh = None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -65,21 +100,39 @@ def check_out(out: Path) -> None:
             raise RunError(f"--out {out} is inside the cache folder {parent}; choose another")
 
 
+RUN_KEYS = ("config", "identities", "resumes")
+
+
+def _run_record(path: Path) -> dict:
+    """A run record read back (train_config.json, or a checkpoint's config.json), checked."""
+    run = read_json_file(path, "run config", RunError)
+    missing = [k for k in RUN_KEYS if not isinstance(run.get(k), dict | list)]
+    if missing or not isinstance(run["config"].get("optim"), dict):
+        raise RunError(f"run record {path} is damaged (no {(missing or ['config.optim'])[0]!r})")
+    return run
+
+
 def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig, dict, list]:
     """Decide how the run starts: (the config to use, the run record to write, changes).
 
     A new run fixes `optim.decay_steps` (default: steps). A resume must match the run's
-    identities and every setting outside RESUME_SAFE; it keeps the run's decay_steps."""
+    identities and every setting outside RESUME_SAFE (against train_config.json, or, when
+    that is gone, the newest checkpoint's copy of it); it keeps the run's decay_steps. A
+    finished run is not rewritten by a resume that would end before its last step."""
     check_out(out)
     path = out / RUN_CONFIG
     if not path.exists():
-        if out.exists() and any(out.iterdir()) and not cfg.checkpoint.resume:
-            stray = sorted(p.name for p in out.iterdir())[0]
-            raise RunError(f"--out {out} is not empty ({stray}) and holds no run")
+        ckpt = latest_intact(out) if cfg.checkpoint.resume and out.is_dir() else None
+        if ckpt is not None:  # the record is gone: each checkpoint carries a copy
+            path = ckpt / "config.json"
+    if not path.exists():
+        entries = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.exists() else []
+        if entries and not cfg.checkpoint.resume:
+            raise RunError(f"--out {out} is not empty ({entries[0]}) and holds no run")
         decay = cfg.optim.decay_steps or cfg.steps
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, decay_steps=decay))
         return cfg, {"config": to_dict(cfg), "identities": identities, "resumes": []}, []
-    run = read_json_file(path, "run config")
+    run = _run_record(path)
     if not cfg.checkpoint.resume:
         raise RunError(f"--out {out} already holds a run; pass --resume to continue it")
     old = run["config"]
@@ -97,15 +150,30 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
             "logging, evaluation, checkpointing, --steps and paths that name the same data "
             "may change"
         )
+    finished = run.get("finished")
+    if finished is not None and cfg.steps <= finished:
+        raise RunError(
+            f"the run in {out} finished at step {finished}; --resume with --steps {cfg.steps} "
+            f"would not continue it (and would rewrite what it wrote): pass --steps above "
+            f"{finished} to train further"
+        )
     changes = [[k, old_flat.get(k), new_flat.get(k)] for k in changed if k != "checkpoint.resume"]
     return cfg, run, changes
 
 
-def write_run_record(out: Path, run: dict, start: int, changes: list) -> None:
+def write_run_record(out: Path, run: dict, start: int, changes: list) -> dict:
+    run = {k: v for k, v in run.items() if k != "finished"}  # it continues
     if changes:
         run = {**run, "resumes": [*run["resumes"], {"step": start, "changed": changes}]}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_file(out / RUN_CONFIG, json_bytes(run))
+    return run
+
+
+def mark_finished(out: Path, run: dict, step: int) -> None:
+    """The run ended at `step` with its final model written: a later --resume must go on
+    from there, never rewrite it with less."""
+    atomic_write_file(out / RUN_CONFIG, json_bytes({**run, "finished": step}))
 
 
 def rng_state() -> dict:
@@ -126,10 +194,18 @@ def set_rng_state(s: dict) -> None:
 
 
 def _save(obj, path: Path) -> None:
-    with open(path, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Serialised in memory, then written by Python, so that a disk that refuses the write
+    (full, a size limit) is named by its errno, not in torch's words."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    try:
+        with open(path, "wb") as fh:
+            fh.write(buf.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        why = write_error(e) or e.strerror
+        raise StorageError(f"cannot write the checkpoint file {path}: {why}") from e
 
 
 def save(out: Path, step: int, d: Dist, model, opt, sched, reader, run: dict) -> None:
@@ -175,10 +251,23 @@ def intact(ckpt: Path) -> str | None:
     return None if done.get("files") else "DONE lists no files"
 
 
+def _steps(out: Path) -> list[tuple[int, Path]]:
+    """The checkpoint folders (`step-N`), newest first; anything else there is named."""
+    root = out / CKPT_DIR
+    found = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.name.startswith("."):  # a save in progress, or a killed one (`.step-N.tmp`)
+            continue
+        step = p.name.removeprefix("step-")
+        if not (p.is_dir() and p.name.startswith("step-") and step.isdigit()):
+            raise RunError(f"{p} is not a checkpoint of this run (step-<number>): move it away")
+        found.append((int(step), p))
+    return sorted(found, reverse=True)
+
+
 def latest_intact(out: Path) -> Path | None:
     """The newest checkpoint whose files match its DONE; damaged ones are reported."""
-    found = [p.parent for p in (out / CKPT_DIR).glob("step-*/DONE")]
-    for ckpt in sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+    for _, ckpt in _steps(out):
         problem = intact(ckpt)
         if problem is None:
             return ckpt
@@ -198,4 +287,4 @@ def load(ckpt: Path, d: Dist, model, opt, sched, reader) -> int:
     rs = torch.load(ckpt / f"rank-{d.rank}.pt", weights_only=False)
     reader.load_state_dict(rs["reader"])
     set_rng_state(rs["rng"])
-    return int(ckpt.name.split("-")[1])
+    return int(ckpt.name.removeprefix("step-"))

@@ -22,6 +22,7 @@ from sparsekd.kernels.divergences import NAMES as DIVERGENCES
 from sparsekd.kernels.sparse_kl import BACKENDS
 
 LOSSES = ("ce", *DIVERGENCES)
+BETA_LOSSES = ("skew_fkl", "skew_rkl", "jsd")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,9 +62,13 @@ class LossConfig:
         flag="--loss",
         choices=LOSSES,
     )
-    kd_weight: float = setting(0.9, "A in (1 - A) CE + A KD.", flag=True)
+    kd_weight: float | None = setting(
+        None, "A in (1 - A) CE + A KD (default 0.9; not with --loss ce).", flag=True
+    )
     temperature: float = setting(1.0, "Student logits are divided by it in the loss.")
-    beta: float = setting(0.1, "Mixture weight of skew_fkl, skew_rkl and jsd.")
+    beta: float | None = setting(
+        None, "Mixture weight of skew_fkl, skew_rkl and jsd (default 0.1; only for those)."
+    )
     backend: str = setting(
         "auto", "Loss backend (auto: triton on CUDA, torch on CPU).", flag=True, choices=BACKENDS
     )
@@ -71,10 +76,20 @@ class LossConfig:
 
     def __post_init__(self):
         check(
-            0.0 <= self.kd_weight <= 1.0, f"loss.kd_weight must be in [0, 1], got {self.kd_weight}"
+            self.kd_weight is None or self.kind != "ce",
+            "loss.kd_weight (--kd-weight) weighs the KD term, and --loss ce has none",
+        )
+        check(
+            0.0 <= self.effective_kd_weight <= 1.0,
+            f"loss.kd_weight must be in [0, 1], got {self.kd_weight}",
         )
         check(self.temperature > 0, "loss.temperature must be > 0")
-        check(0.0 < self.beta < 1.0, "loss.beta must be in (0, 1)")
+        uses_beta = self.kind in BETA_LOSSES
+        check(
+            self.beta is None or uses_beta,
+            f"loss.beta applies to --loss {', '.join(BETA_LOSSES)} only, not --loss {self.kind}",
+        )
+        check(0.0 < self.mix < 1.0, f"loss.beta must be in (0, 1), got {self.beta}")
         check(self.chunk_rows is None or self.chunk_rows >= 1, "loss.chunk_rows must be >= 1")
 
     @property
@@ -83,7 +98,14 @@ class LossConfig:
 
     @property
     def effective_kd_weight(self) -> float:
-        return 0.0 if self.kind == "ce" else self.kd_weight
+        if self.kind == "ce":
+            return 0.0
+        return 0.9 if self.kd_weight is None else self.kd_weight
+
+    @property
+    def mix(self) -> float:
+        """beta as the loss uses it."""
+        return 0.1 if self.beta is None else self.beta
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +178,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        check(0 <= self.seed < 2**63, f"seed must be in 0..2^63-1, got {self.seed}")
         check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
 
 

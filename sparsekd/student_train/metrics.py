@@ -6,14 +6,33 @@ run leaves the same files as an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from sparsekd.errors import RunError
 
 
 def truncate_lines(path: Path, step: int, step_of) -> None:
-    """Keep the lines whose step (`step_of(line)`) is <= `step`."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and step_of(ln) <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+    """Keep the lines whose step (`step_of(line)`) is <= `step`. A torn last line (the trace
+    of a kill while it was written) is dropped with a note; damage elsewhere is named."""
+    if not path.exists():
+        return
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    keep = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            at = step_of(ln)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            if i == len(lines) - 1 and not text.endswith("\n"):  # torn: the last, unfinished
+                print(f"sparsekd: note: dropped the torn last line of {path}", file=sys.stderr)
+                break
+            raise RunError(f"{path} line {i + 1} is damaged; restore or remove the file") from e
+        if at <= step:
+            keep.append(ln)
+    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 class MetricsLog:

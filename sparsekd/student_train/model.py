@@ -25,6 +25,7 @@ from sparsekd.config import check, setting
 from sparsekd.errors import StudentError
 from sparsekd.kernels import SparseKLConfig, sparse_kl_loss
 from sparsekd.schemas.identity import template_sha256, tokenizer_hash
+from sparsekd.storage import publish_folder
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -58,6 +59,7 @@ class InitStudentConfig:
         kv = self.kv_heads or self.heads
         check(kv >= 1 and self.heads % kv == 0, f"--kv-heads {kv} must divide --heads {self.heads}")
         check(self.intermediate is None or self.intermediate >= 1, "--intermediate must be >= 1")
+        check(0 <= self.seed < 2**63, f"--seed must be in 0..2^63-1, got {self.seed}")
 
 
 def init_student(cfg: InitStudentConfig) -> Path:
@@ -89,11 +91,16 @@ def init_student(cfg: InitStudentConfig) -> Path:
     )
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(model_cfg).to(torch.float32)
-    model.save_pretrained(out)
-    for name in _TOKENIZER_FILES:
-        if (like / name).exists():
-            shutil.copy(like / name, out / name)
-    return out
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        for name in _TOKENIZER_FILES:
+            if (like / name).exists():
+                shutil.copy(like / name, tmp / name)
+
+    if out.exists():
+        out.rmdir()  # empty (checked above): publish_folder makes it
+    return publish_folder(out, write)
 
 
 @torch.no_grad()
@@ -137,15 +144,30 @@ def load_student(path: str | Path):
     if not (p / "config.json").is_file():
         raise StudentError(f"student folder {p} has no config.json")
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise StudentError(f"cannot load the student in {p}: {str(e).splitlines()[0]}") from e
+        model, info = AutoModelForCausalLM.from_pretrained(
+            p, dtype=torch.float32, output_loading_info=True
+        )
+    except Exception as e:  # damaged or truncated weights, a config it cannot read
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise StudentError(f"cannot load the student in {p}: {why}") from e
+    refuse_partial_weights(info, f"student {p}", StudentError)
     check_head(model)
     try:
         tok = AutoTokenizer.from_pretrained(p)
     except Exception as e:
         raise StudentError(f"student folder {p} has no usable tokenizer ({e})") from e
     return model, tok
+
+
+def refuse_partial_weights(info: dict, what: str, error) -> None:
+    """transformers only warns when weights do not cover the model (it initialises what is
+    missing at random): an error here."""
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    if missing or unexpected:
+        which = f"{len(missing)} missing ({', '.join(sorted(missing)[:2])})" if missing else ""
+        extra = f"{len(unexpected)} unexpected ({', '.join(sorted(unexpected)[:2])})"
+        shown = ", ".join(x for x in (which, extra if unexpected else "") if x)
+        raise error(f"{what}: its weights do not match its config.json: {shown}")
 
 
 def check_compatible(model, tok, meta: dict, manifest: dict | None = None) -> None:
@@ -205,11 +227,14 @@ class DistillModule(torch.nn.Module):
 
 
 def save_final(model, tok, out: str | Path) -> Path:
-    """`save_pretrained` folder with the tokenizer: loads in transformers and vLLM."""
-    out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.setdefault("torch_dtype", "float32")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    return out
+    """`save_pretrained` folder with the tokenizer: loads in transformers and vLLM. Written
+    whole or not at all (storage.publish_folder)."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg.setdefault("torch_dtype", "float32")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    return publish_folder(out, write)

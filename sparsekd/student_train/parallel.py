@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sparsekd.errors import RunError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -25,9 +27,26 @@ class Dist:
             dist.barrier()
 
 
+def _env_int(name: str, default: str) -> int:
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise RunError(f"environment variable {name}={value!r} is not an integer") from None
+
+
 def init() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """The process group (under torchrun: WORLD_SIZE > 1), or one process. A distributed
+    environment left half set (WORLD_SIZE or RANK without MASTER_ADDR) is refused by name."""
+    world = _env_int("WORLD_SIZE", "1")
+    _env_int("RANK", "0")
     if world > 1 and not dist.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if k not in os.environ]
+        if missing:
+            raise RunError(
+                f"WORLD_SIZE={world} is set but {', '.join(missing)} is not: launch with "
+                "torchrun, or unset WORLD_SIZE for one process"
+            )
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     if torch.cuda.is_available():

@@ -120,9 +120,10 @@ class SequenceStream:
             lo = np.searchsorted(keep, first)
             hi = np.searchsorted(keep, first + rows)
             has = hi > lo
-            shard, group = shard[has], group[has]
+            shard, group, rows = shard[has], group[has], (hi - lo)[has]
         mine = _cut(len(shard), streams, stream)
         self.shard, self.group = shard[mine], group[mine]
+        self.sequences = int(rows[mine].sum())  # in one epoch of this stream
         if not len(self.shard):
             raise CacheError(
                 f"stream {stream} of {streams} gets no data: the cache has {len(shard)} row "
@@ -235,6 +236,12 @@ class CacheReader:
             keep=keep,
             read_ahead=read_ahead,
         )
+        if batch_size > self.stream.sequences:
+            raise CacheError(
+                f"--batch-size {batch_size} is more than the {self.stream.sequences} sequences "
+                f"rank {rank} of {world_size} reads from {cache.path}: a batch would repeat "
+                "sequences; use a smaller batch, fewer ranks or a larger cache"
+            )
         self.batch_size, self.prefetch, self.pin = batch_size, prefetch, pin_memory
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.state = {"epoch": 0, "window": 0, "offset": 0}

@@ -24,6 +24,7 @@ to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsekd.errors import CacheError
+from sparsekd.errors import CacheError, RunError
 from sparsekd.kernels import SparseKLConfig
 from sparsekd.schemas.cache import Cache, check_same_sequences, open_cache
 from sparsekd.student_train import checkpoint, parallel
@@ -86,7 +87,7 @@ class Trainer:
             kd_weight=kd,
             ce_weight=1.0 - kd,
             temperature=cfg.loss.temperature,
-            beta=cfg.loss.beta,
+            beta=cfg.loss.mix,
             backend=cfg.loss.backend,
             chunk_rows=cfg.loss.chunk_rows,
             validate=False,  # the reader checked ids and labels on the CPU
@@ -178,6 +179,7 @@ class Trainer:
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 dt, wait = time.perf_counter() - t0, self.reader.wait_s - wait0
                 record = {"step": step + 1, **{k: float(v) / since for k, v in acc.items()}}
+                _check_diverged(record, cfg)
                 record.update(lr=lr, tokens_per_s=tokens_per_step * since / dt)
                 record.update(data_wait_s=wait, data_wait_frac=wait / dt)
                 log.write(record)
@@ -200,13 +202,24 @@ class Trainer:
         if self.data.eval_cache is not None and cfg.eval.every and step % cfg.eval.every == 0:
             log.write({"step": step, "eval": self.evaluate()})
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.steps:
+            self.check_finite(step)
             mod = self.module.model
             checkpoint.save(
                 Path(cfg.out), step, self.d, mod, self.opt, self.sched, self.reader, run
             )
         return time.perf_counter() - t
 
+    def check_finite(self, step: int) -> None:
+        """Refuse to save non-finite weights (a host sync: only where a save happens)."""
+        finite = torch.stack([p.detach().isfinite().all() for p in self.module.parameters()])
+        if not bool(finite.all()):
+            raise RunError(
+                f"training diverged by step {step}: the student's weights are no longer "
+                f"finite, so nothing is saved ({_likely_cause(self.cfg)})"
+            )
+
     def save_final(self, tok) -> None:
+        self.check_finite(self.cfg.steps)
         model_sd, _ = parallel.full_state(self.module.model)  # a collective under FSDP2
         if self.d.rank == 0:
             model = self.module.model
@@ -231,6 +244,16 @@ def run(cfg: TrainConfig) -> dict:
         "student": checkpoint.student_identity(cfg.student),
         "world_size": d.world,
     }
+    checkpoint.check_out(out)
+    lock = checkpoint.RunLock(out) if d.rank == 0 else None  # one run per --out at a time
+    try:
+        return _run(cfg, d, out, data, model, tok, identities)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: TrainConfig, d, out: Path, data: TrainingData, model, tok, identities) -> dict:
     cfg, run_record, changes = checkpoint.plan_run(out, cfg, identities)
     d.barrier()  # every rank has read --out before rank 0 writes to it
     trainer = Trainer(cfg, d, model, data)
@@ -241,18 +264,38 @@ def run(cfg: TrainConfig) -> dict:
             ckpt, d, trainer.module.model, trainer.opt, trainer.sched, trainer.reader
         )
     if d.rank == 0:
-        checkpoint.write_run_record(out, run_record, start, changes)
+        run_record = checkpoint.write_run_record(out, run_record, start, changes)
     d.barrier()
     log = MetricsLog(out, d.rank, start, cfg.tensorboard)
     data_log = DataLog(out, d.rank, start)
     try:
         record = trainer.fit(start, run_record, log, data_log)
         trainer.save_final(tok)
+        if d.rank == 0:
+            checkpoint.mark_finished(out, run_record, cfg.steps)
     finally:
         trainer.reader.close()
         log.close()
         data_log.close()
     return record
+
+
+def _likely_cause(cfg: TrainConfig) -> str:
+    return (
+        f"likely a learning rate too high (--lr {cfg.optim.lr:g}) or a loss temperature too "
+        f"small ({cfg.loss.temperature:g}); the last checkpoint is intact"
+    )
+
+
+def _check_diverged(record: dict, cfg: TrainConfig) -> None:
+    """Stop a run whose logged loss or gradient norm is not finite (read at the logging
+    step's synchronisation: a step itself stays free of host syncs)."""
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record[k])]
+    if bad:
+        shown = ", ".join(f"{k} {record[k]}" for k in bad)
+        raise RunError(
+            f"training diverged at step {record['step']}: {shown} ({_likely_cause(cfg)})"
+        )
 
 
 def _bar(cfg: TrainConfig, start: int, rank: int):

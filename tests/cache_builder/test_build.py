@@ -329,3 +329,41 @@ def test_a_corpus_on_s3_is_read_by_ranged_reads_into_the_same_cache(
     out = tmp_path / "cache"
     run(_cfg(tiny_llama_dir, src + "/", out))
     assert digests(out) == digests(reference)
+
+
+def test_a_corpus_file_edited_between_two_workers_runs_is_refused(tmp_path, tiny_llama_dir):
+    """The same name and size, other content, read by two workers (one domain each): the
+    finaliser compares what each saw of the file and names it."""
+    lines = [json.dumps({"text": f"line {i} " + "word " * 30}) + "\n" for i in range(900)]
+    corpus = tmp_path / "big.jsonl"
+    corpus.write_text("".join(lines))
+    out = tmp_path / "cache"
+    cfg = lambda i: build(BuildConfig, {  # noqa: E731
+        "teacher": {"path": str(tiny_llama_dir), "engine": "hf"},
+        "corpus": {"paths": [str(corpus)], "seq_len": 32, "domain_bytes": 65536},
+        "encoder": {"mode": "topk", "k": 4},
+        "writer": {"out": str(out), "num_workers": 2, "worker_index": i},
+        "progress": False,
+    })  # fmt: skip
+    assert not run(cfg(0))["complete"]
+    text = corpus.read_text()
+    corpus.write_text(text[:100] + ("x" if text[100] != "x" else "y") + text[101:])
+    with pytest.raises(CacheError, match="corpus file big.jsonl changed between the workers"):
+        run(cfg(1))
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_damaged_record_is_named_and_a_cache_keeps_files_beside_it(
+    tmp_path, tiny_llama_dir, corpus, reference
+):
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    (out / "README.txt").write_text("notes about this cache")  # a user's file: fine
+    run(_cfg(tiny_llama_dir, corpus, out))
+    rec = sorted(out.glob("records/domains/*/*.json"))[0]
+    data = json.loads(rec.read_text())
+    data["sequencez"] = data.pop("sequences")
+    rec.write_text(json.dumps(data))
+    proc = run_cli("build-cache", *_args(tiny_llama_dir, corpus, out))
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert f"domain record {rec} is damaged (no 'sequences')" in error_line(proc)

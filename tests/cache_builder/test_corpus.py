@@ -4,6 +4,8 @@ line, symbolic links followed."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -242,3 +244,37 @@ def test_parquet_without_text_field(tmp_path):
     with pytest.raises(CorpusError, match="no column 'text'"):
         _documents([tmp_path / "x.parquet"])
     assert _documents([tmp_path / "x.parquet"], text_field="body")[2] == [["a b c"]]
+
+
+def test_a_corpus_is_read_whole_and_each_file_once(tmp_path):
+    """An unreadable folder inside the corpus, a file given twice (directly, through its
+    folder, or through a link), a FIFO or a device: each refused by name."""
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    row = json.dumps({"text": "some text"}) + "\n"
+    (d / "a.jsonl").write_text(row)
+    (d / "sub" / "b.jsonl").write_text(row)
+    assert len(resolve_sources((str(d),))) == 2
+    with pytest.raises(CorpusError, match=r"a\.jsonl is .*a\.jsonl again"):
+        resolve_sources((str(d / "a.jsonl"), str(d / "a.jsonl")))
+    with pytest.raises(CorpusError, match=r"b\.jsonl is .*b\.jsonl again \(given twice, inside"):
+        resolve_sources((str(d), str(d / "sub" / "b.jsonl")))
+    os.symlink(d / "a.jsonl", d / "link.jsonl")
+    with pytest.raises(CorpusError, match="or a link to it"):
+        resolve_sources((str(d),))
+    (d / "link.jsonl").unlink()
+    os.mkfifo(d / "pipe.jsonl")
+    with pytest.raises(CorpusError, match=r"pipe\.jsonl is not a regular file"):
+        resolve_sources((str(d),))
+    (d / "pipe.jsonl").unlink()
+    with pytest.raises(CorpusError, match="/dev/null is not a regular file"):
+        resolve_sources(("/dev/null",))
+    # a folder that cannot be read (as root: without the capability to override file modes)
+    (d / "sub").chmod(0)
+    code = (
+        f"from sparsekd.cache_builder.corpus import resolve_sources; resolve_sources(({str(d)!r},))"
+    )
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    proc = subprocess.run([*drop, sys.executable, "-c", code], capture_output=True, text=True)
+    (d / "sub").chmod(0o755)
+    assert "CorpusError: corpus folder" in proc.stderr and "sub cannot be read" in proc.stderr

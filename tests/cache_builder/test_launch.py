@@ -64,6 +64,11 @@ def test_worker_from_flags_or_launcher(flags, env, want):
             {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "4"},
             "SLURM_ARRAY_TASK_ID='x' is not an integer",
         ),
+        (
+            (None, None),
+            {"SLURM_ARRAY_TASK_ID": "3"},
+            "SLURM_ARRAY_TASK_ID is set without SLURM_ARRAY_TASK_COUNT: pass --num-workers",
+        ),
     ],
 )
 def test_launcher_settings_that_cannot_be_served(flags, env, match):

@@ -1,7 +1,6 @@
 """The build's records: one object per unit and per domain, created conditionally; the same
 record twice is harmless, a different one is refused naming the file; the claim refuses a
-second configuration before anything is written and is given back after a failure; logs
-of a build started before this layout are converted."""
+second configuration before anything is written and is given back after a failure."""
 
 import json
 
@@ -11,7 +10,6 @@ from sparsekd.cache_builder.config import BuildConfig
 from sparsekd.cache_builder.ledger import (
     BUILD_CONFIG,
     Ledger,
-    domain_record_name,
     unit_record_name,
 )
 from sparsekd.cache_builder.plan import plan_build
@@ -83,24 +81,3 @@ def test_the_claim_refuses_another_configuration_up_front(tmp_path, tiny_llama_d
     assert not (out / BUILD_CONFIG).exists()
     other.claim()
     assert other.claimed
-
-
-def test_logs_of_an_earlier_build_are_converted(tmp_path, tiny_llama_dir):
-    out = tmp_path / "cache"
-    plan = _plan(tiny_llama_dir, out)
-    Ledger(open_store(out), plan).claim()
-    header = {"kind": "header", "fingerprint": plan.fingerprint, "teacher_weights_sha256": "w"}
-    domain = {"kind": "domain", "domain": 0, "source": "a", "part": 0, "sequences": 6}
-    domain.update(content_sha256="c", documents=2, bad_lines=0, bad_examples=[])
-    lines = [header, _unit(0, 0), _unit(0, 1), domain, _unit(1, 0)]
-    log = out / "records" / "host-1-abc.jsonl"
-    log.parent.mkdir()
-    log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "sh')  # torn
-    ledger = Ledger(open_store(out), plan)
-    ledger.claim()
-    assert not log.exists()
-    assert sorted(ledger.unit_records(0)) == [0, 1] and sorted(ledger.unit_records(1)) == [0]
-    rec = ledger.domain_record(0)
-    assert [s["part"] for s in rec["shards"]] == [0, 1] and rec["content_sha256"] == "c"
-    assert (out / domain_record_name(0)).is_file() and ledger.domain_record(1) is None
-    assert (out / "records/workers/host-1-abc.json").is_file()

@@ -57,3 +57,56 @@ def test_a_teacher_config_without_vocab_size_is_refused(tmp_path, tiny_llama_dir
     (d / "config.json").write_text(json.dumps(cfg))
     proc = run_cli("build-cache", "--teacher", d, "--out", tmp_path / "c", "--engine", "hf")
     assert proc.returncode == 2 and "has no vocab_size" in error_line(proc)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _broken_teachers(root, tiny):
+    """Teacher folders broken the ways users break them (each: what the error must say)."""
+    w = "model.safetensors"
+    out = {}
+    d = _copy(tiny, root / "truncated")
+    (d / w).write_bytes((d / w).read_bytes()[:1000])
+    out[d] = f"teacher weights {d / w} cannot be read"
+    d = _copy(tiny, root / "random")
+    (d / w).write_bytes(bytes(range(256)) * 64)
+    out[d] = f"teacher weights {d / w} cannot be read"
+    d = _copy(tiny, root / "empty")
+    (d / w).write_bytes(b"")
+    out[d] = f"teacher weights {d / w} cannot be read"
+    d = _copy(tiny, root / "sharded")
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    ))  # fmt: skip
+    out[d] = "names model-00002-of-00002.safetensors, which is missing"
+    for key, value, named in (
+        ("hidden_size", 96, "has shape"),
+        ("vocab_size", 50000, "has shape"),
+        ("num_hidden_layers", 3, "tensors missing (model.layers.2."),
+        ("num_hidden_layers", 1, "tensors unexpected (model.layers.1."),
+        ("model_type", "no-such-model", "cannot describe a model"),
+    ):
+        d = _copy(tiny, root / f"{key}-{value}")
+        cfg = json.loads((d / "config.json").read_text())
+        cfg[key] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+        out[d] = named
+    return out
+
+
+def test_broken_teacher_folders_are_one_line(tmp_path, tiny_llama_dir):
+    for teacher, named in _broken_teachers(tmp_path, tiny_llama_dir).items():
+        proc = run_cli("build-cache", "--teacher", teacher, "--out", tmp_path / "c", "--engine",
+                       "hf", "--quiet")  # fmt: skip
+        assert proc.returncode == 2 and named in error_line(proc), (teacher, proc.stderr[-800:])
+        assert "Traceback" not in proc.stderr
+    cases = [
+        (tmp_path / "nonexistent", "teacher folder not found"),
+        (tiny_llama_dir / "config.json", "is a file: give the model's folder"),
+    ]
+    for path, named in cases:
+        proc = run_cli("build-cache", "--teacher", path, "--out", tmp_path / "c", "--quiet")
+        assert proc.returncode == 2 and named in error_line(proc), proc.stderr[-500:]

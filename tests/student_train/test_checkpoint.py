@@ -114,9 +114,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
     assert "does not match its checksum" in intact(out / "checkpoints" / "step-4")
     assert latest_intact(out).name == "step-2"
     assert "checkpoint" in capsys.readouterr().err
-    shutil.rmtree(out / "final")
-    T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6, **{"checkpoint.resume": True}))
-    assert json.loads((out / "train_config.json").read_text())["resumes"] == []
+    T.run(_cfg(hf_topk_cache, tiny_student, out, steps=8, **{"checkpoint.resume": True}))
+    resumed = json.loads((out / "train_config.json").read_text())["resumes"]
+    assert resumed[0]["step"] == 2 and resumed[0]["changed"] == [["steps", 6, 8]]
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_zero(
@@ -127,6 +127,9 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_zero(
     T.run(cfg)
     reference = (out / "final" / "model.safetensors").read_bytes()
     shutil.rmtree(out / "final")  # as if killed at the end: metrics and config, no checkpoint
+    record = json.loads((out / "train_config.json").read_text())
+    del record["finished"]  # (a killed run never marked itself finished)
+    (out / "train_config.json").write_text(json.dumps(record))
     proc = run_cli(
         "train-student",
         "--cache",
@@ -169,6 +172,12 @@ def test_out_that_is_a_file_or_inside_a_cache_is_refused(tmp_path, hf_topk_cache
         ("--steps", "0", "steps must be >= 1"),
         ("--set", "steps=abc", "steps must be an integer, got 'abc'"),
         ("--kd-weight", "1.5", "loss.kd_weight must be in"),
+        ("--lr", "inf", "optim.lr must be a finite number, got inf"),
+        ("--set", "loss.temperature=1e999", "loss.temperature must be a finite number"),
+        ("--seed", "-1", "seed must be in 0..2^63-1, got -1"),
+        ("--kd-weight", "0.5", "--loss ce has none"),  # with --loss ce, below
+        ("--set", "loss.beta=0.3", "loss.beta applies to --loss skew_fkl, skew_rkl, jsd only"),
+        ("--batch-size", "11", "--batch-size 11 is more than the 10 sequences rank 0 of 1"),
     ],
 )
 def test_nonsense_settings_are_refused_in_one_line(
@@ -185,11 +194,127 @@ def test_nonsense_settings_are_refused_in_one_line(
         "--steps",
         "2",
     ]
-    proc = run_cli(*args, flag, value)
+    extra = ["--loss", "ce"] if "has none" in match else []
+    proc = run_cli(*args, flag, value, *extra)
     assert proc.returncode == 2 and match in error_line(proc), proc.stderr[-500:]
-    assert not (tmp_path / "o").exists()
+    left = [p.name for p in (tmp_path / "o").iterdir()] if (tmp_path / "o").exists() else []
+    assert left in ([], [".lock"])  # nothing of a run was written
 
 
 def test_config_errors_are_config_errors():
     with pytest.raises(ConfigError, match="missing required setting data.cache"):
         build(TrainConfig, {"student": "s", "out": "o", "steps": 1, "data": {}})
+
+
+def test_a_finished_run_is_never_rewritten_by_a_shorter_resume(tmp_path, finished, hf_topk_cache,
+                                                               tiny_student):  # fmt: skip
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
+    metrics = (out / "metrics.jsonl").read_text()
+    for steps in (2, 4):
+        with pytest.raises(RunError, match=f"finished at step 4; --resume with --steps {steps}"):
+            T.run(
+                _cfg(hf_topk_cache, tiny_student, out, steps=steps, **{"checkpoint.resume": True})
+            )
+    assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == before
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_resume_without_its_record_is_checked_against_the_checkpoints_copy(
+    tmp_path, hf_topk_cache, tiny_student
+):
+    out = tmp_path / "run"
+    T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6))
+    (out / "train_config.json").unlink()
+    with pytest.raises(RunError, match="settings differ from the run .*loss.kind.*optim.lr"):
+        T.run(_cfg(hf_topk_cache, tiny_student, out, steps=8, **{
+            "checkpoint.resume": True, "loss.kind": "jsd", "optim.lr": 0.01}))  # fmt: skip
+    T.run(_cfg(hf_topk_cache, tiny_student, out, steps=8, **{"checkpoint.resume": True}))
+
+
+def test_a_damaged_run_directory_is_named_or_its_torn_line_dropped(
+    tmp_path, finished, hf_topk_cache, tiny_student, capsys
+):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    resume = {"checkpoint.resume": True}
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "lo')  # the torn line of a kill
+    with open(out / "data" / "rank-0.txt", "a") as fh:
+        fh.write("5 1 2")
+    T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6, **resume))
+    err = capsys.readouterr().err
+    assert "dropped the torn last line of" in err and "metrics.jsonl" in err
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(RunError, match=r"metrics.jsonl line 2 is damaged"):
+        T.run(_cfg(hf_topk_cache, tiny_student, out, steps=8, **resume))
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (out / "checkpoints" / "step-abc").mkdir()
+    with pytest.raises(RunError, match=r"step-abc is not a checkpoint of this run"):
+        T.run(_cfg(hf_topk_cache, tiny_student, out, steps=8, **resume))
+    (out / "checkpoints" / "step-abc").rmdir()
+    record = json.loads((out / "train_config.json").read_text())
+    del record["identities"]
+    (out / "train_config.json").write_text(json.dumps(record))
+    with pytest.raises(RunError, match=r"train_config.json is damaged \(no 'identities'\)"):
+        T.run(_cfg(hf_topk_cache, tiny_student, out, steps=8, **resume))
+
+
+def test_a_diverging_run_stops_in_one_line_and_saves_nothing(tmp_path, hf_topk_cache,
+                                                             tiny_student):  # fmt: skip
+    for flag, value in (("--lr", "1e6"), ("--set", "loss.temperature=1e-30")):
+        out = tmp_path / value
+        proc = run_cli(
+            "train-student", "--cache", hf_topk_cache, "--student", tiny_student, "--out", out,
+            "--steps", 6, "--batch-size", 2, "--save-every", 1, "--quiet", flag, value,
+        )  # fmt: skip
+        line = error_line(proc)
+        assert proc.returncode == 2 and line.startswith("sparsekd: error: training diverged"), line
+        assert "likely a learning rate too high" in line
+        assert not (out / "final").exists()
+        for ckpt in (out / "checkpoints").glob("step-*"):  # what was saved is finite
+            import torch
+
+            state = torch.load(ckpt / "model.pt")
+            assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_one_run_at_a_time_per_out_and_a_killed_one_leaves_no_lock(
+    tmp_path, hf_topk_cache, tiny_student
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = ["train-student", "--cache", hf_topk_cache, "--student", tiny_student, "--out", out,
+            "--steps", 100000, "--batch-size", 2, "--quiet"]  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "sparsekd", *map(str, args)],
+                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    assert (out / "metrics.jsonl").exists()
+    proc = run_cli(*args[:-1], "--resume", "--quiet")
+    assert proc.returncode == 2 and "is in use by another train-student run (pid" in error_line(
+        proc
+    )
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    proc = run_cli(*[a if a != 100000 else 2 for a in args], "--resume")
+    assert "is in use" not in proc.stderr  # the lock died with its process
+
+
+def test_a_half_set_distributed_environment_is_one_line(tmp_path, hf_topk_cache, tiny_student):
+    args = ["train-student", "--cache", hf_topk_cache, "--student", tiny_student,
+            "--out", tmp_path / "o", "--steps", 1, "--quiet"]  # fmt: skip
+    proc = run_cli(*args, env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert proc.returncode == 2 and "WORLD_SIZE=2 is set but MASTER_ADDR" in error_line(proc)
+    proc = run_cli(*args, env={"WORLD_SIZE": "two"})
+    assert proc.returncode == 2 and "WORLD_SIZE='two' is not an integer" in error_line(proc)
