@@ -74,6 +74,17 @@ def wrap(module: torch.nn.Module, decoder_layers, d: Dist, fsdp: bool):
     return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
+def all_finite(params, d: Dist) -> bool:
+    """Whether every parameter is finite on every rank (a collective, and a host sync).
+    Under FSDP2 each rank checks its own shards (DTensor locals)."""
+    local = [p.detach() for p in params]
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in local]
+    ok = torch.stack([p.isfinite().all() for p in local]).all().to(torch.float32)
+    if d.world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
 def full_state(model, opt=None):
     """Full model and optimizer state dicts on the CPU (a collective under FSDP2)."""
     from torch.distributed.checkpoint.state_dict import (

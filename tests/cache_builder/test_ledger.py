@@ -59,7 +59,8 @@ def test_records_are_objects_and_a_conflicting_one_is_refused(tmp_path, tiny_lla
     with pytest.raises(CacheError, match=r"00000003-00000\.parquet with different contents"):
         ledger.write_unit(_unit(3, 0, sha="b" * 64))
     assert ledger.domain_record(3) is None
-    rec = {"kind": "domain", "domain": 3, "source": "x", "content_sha256": "c", "shards": []}
+    rec = {"kind": "domain", "domain": 3, "source": "x", "part": None, "sequences": 0}
+    rec.update(content_sha256="c", documents=0, bad_lines=0, learnt=0, shards=[])
     ledger.write_domain(rec)
     assert ledger.domain_record(3) == rec
     with pytest.raises(CacheError, match="saw different corpus content"):
