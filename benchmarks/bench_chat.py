@@ -3,7 +3,7 @@ conversation packing against one conversation per row, in one run, with the real
 teacher through vLLM and the defaults a user gets (top-8 on the log-prob path; sample
 N = 50 on the hidden-state path).
 
-  learn     the built-in chat corpus (2,146 conversations made from the standard library's
+  learn     the built-in chat corpus (2,569 conversations made from the standard library's
             documentation: a question about a name and its documentation as the answer;
             every third with a system prompt, every third with a second turn), seq_len 256:
             bytes per token, bytes per learnt token and build throughput with

@@ -28,6 +28,9 @@ it the same way: `class KDSFTTrainer(SparseKDMixin, SFTTrainer): pass`.
 - Resume: every checkpoint holds each rank's dataset state
   (`sparsekd_data_state-rank-R.json`); `train(resume_from_checkpoint=...)` restores it and
   skips no batches (`ignore_data_skip`), so the data continues exactly with no replay.
+- A divergence parameter that moves (`schedule=`, TAID's `t`; the settings and rules of
+  `train-student`'s `loss.*`, docs/losses.md) steps after each optimizer step on the
+  step's KD loss, on the device, and is saved in `sparsekd_loss_schedule.pt`.
 """
 
 from __future__ import annotations
@@ -38,12 +41,16 @@ from pathlib import Path
 import torch
 import transformers
 
+from sparsekd.config import build
 from sparsekd.errors import StudentError
 from sparsekd.integrations.torch import CacheDataset
 from sparsekd.kernels import SparseKLConfig, sparse_kl_loss
+from sparsekd.student_train.config import LossConfig
 from sparsekd.student_train.model import check_compatible, check_head
+from sparsekd.student_train.schedules import ParamSchedule
 
 DATA_STATE = "sparsekd_data_state-rank-{rank}.json"
+PARAM_STATE = "sparsekd_loss_schedule.pt"
 
 
 class _EpochLoader(torch.utils.data.DataLoader):
@@ -62,7 +69,24 @@ class _SaveDataState(transformers.TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         ckpt.mkdir(parents=True, exist_ok=True)
         rank = args.process_index
-        (ckpt / DATA_STATE.format(rank=rank)).write_text(json.dumps(ds.state_dict()))
+        if isinstance(ds, CacheDataset):
+            (ckpt / DATA_STATE.format(rank=rank)).write_text(json.dumps(ds.state_dict()))
+        if self.trainer.param_schedule is not None and args.process_index == 0:
+            torch.save(self.trainer.param_schedule.state_dict(), ckpt / PARAM_STATE)
+
+
+class _StepParamSchedule(transformers.TrainerCallback):
+    """After each optimizer step, the divergence parameter moves (on the device) by the
+    step's mean KD loss."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tr = self.trainer
+        if tr.param_schedule is not None and tr._kd_n:
+            tr.param_schedule.step(tr._kd_sum / tr._kd_n)
+        tr._kd_sum, tr._kd_n = None, 0
 
 
 class SparseKDMixin:
@@ -75,7 +99,13 @@ class SparseKDMixin:
         divergence: str = "fkl",
         backend: str = "auto",
         temperature: float = 1.0,
-        beta: float = 0.1,
+        beta: float | None = None,
+        t: float | None = None,
+        schedule: str | None = None,
+        schedule_end: float | None = None,
+        schedule_steps: int | None = None,
+        taid_alpha: float = 5e-4,
+        taid_momentum: float = 0.99,
         **kwargs,
     ):
         cache_ds = kwargs.get("train_dataset")
@@ -86,15 +116,31 @@ class SparseKDMixin:
         super().__init__(*args, **kwargs)
         if isinstance(cache_ds, CacheDataset):
             self.train_dataset = cache_ds
+        # the settings of `train-student --loss`, checked by the same rules
+        self.loss_settings = build(
+            LossConfig,
+            {
+                "kind": divergence, "kd_weight": kd_weight, "temperature": temperature,
+                "beta": beta, "t": t, "schedule": schedule, "schedule_end": schedule_end,
+                "schedule_steps": schedule_steps, "taid_alpha": taid_alpha,
+                "taid_momentum": taid_momentum, "backend": backend,
+            },
+            "SparseKDTrainer ",
+        )  # fmt: skip
+        ls = self.loss_settings
         self.sparse_kl = SparseKLConfig(
-            divergence=divergence,
-            kd_weight=kd_weight,
-            ce_weight=1.0 - kd_weight,
+            divergence=ls.divergence,
+            kd_weight=ls.effective_kd_weight,
+            ce_weight=1.0 - ls.effective_kd_weight,
             temperature=temperature,
-            beta=beta,
+            beta=ls.mix,
+            t=ls.start if ls.param == "t" else 1.0,
             backend=backend,
             validate=not isinstance(self.train_dataset, CacheDataset),  # the reader checked
         )
+        self.param_schedule = None  # made on the model's device at the first loss
+        self._kd_sum, self._kd_n = None, 0
+        self.add_callback(_StepParamSchedule(self))
         # the loss is a micro-batch mean: the Trainer divides it by the accumulation steps
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -103,7 +149,7 @@ class SparseKDMixin:
             tok = self.processing_class or _model_tokenizer(self.model)
             ds = self.train_dataset
             check_compatible(self.model, tok, ds.meta, ds.manifest)
-            self.add_callback(_SaveDataState(self))
+        self.add_callback(_SaveDataState(self))
 
     def get_train_dataloader(self):
         ds = self.train_dataset
@@ -120,10 +166,11 @@ class SparseKDMixin:
         )
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        if resume_from_checkpoint and isinstance(self.train_dataset, CacheDataset):
-            ckpt = resume_from_checkpoint
-            if ckpt is True:
-                ckpt = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+        ckpt = resume_from_checkpoint
+        if ckpt is True:
+            ckpt = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+        self._resume_schedule_from = Path(ckpt) if ckpt else None
+        if ckpt and isinstance(self.train_dataset, CacheDataset):
             path = Path(ckpt) / DATA_STATE.format(rank=self.args.process_index)
             if not path.exists():
                 raise StudentError(f"{ckpt} holds no sparsekd data state ({path.name})")
@@ -143,7 +190,8 @@ class SparseKDMixin:
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         N = hidden.shape[0] * hidden.shape[1]
         ids = inputs["teacher_ids"].reshape(N, -1)
-        loss = sparse_kl_loss(
+        schedule = self._param_schedule(hidden.device)
+        loss, kd, _ = sparse_kl_loss(
             hidden.reshape(N, -1),
             head.weight,
             ids,
@@ -151,8 +199,32 @@ class SparseKDMixin:
             inputs["labels"].reshape(N),
             bias=head.bias,
             config=self.sparse_kl,
+            return_parts=True,
+            param=None if schedule is None else schedule.value,
         )
+        if schedule is not None and model.training:  # the step's KD loss, for the schedule
+            self._kd_sum = kd if self._kd_sum is None else self._kd_sum + kd
+            self._kd_n += 1
         return (loss, out) if return_outputs else loss
+
+    def _param_schedule(self, device):
+        """The divergence parameter's schedule, made once on the model's device (restored
+        from the checkpoint `train` resumes from)."""
+        ls = self.loss_settings
+        if self.param_schedule is None and ls.param is not None:
+            steps = ls.schedule_steps or max(self.args.max_steps, 1)
+            self.param_schedule = ParamSchedule(
+                ls.schedule_kind, ls.start, ls.end, steps, device,
+                alpha=ls.taid_alpha, momentum=ls.taid_momentum, world=self.args.world_size,
+            )  # fmt: skip
+            ckpt = getattr(self, "_resume_schedule_from", None)
+            if ckpt is not None and (ckpt / PARAM_STATE).exists():
+                self.param_schedule.load_state_dict(
+                    torch.load(ckpt / PARAM_STATE, weights_only=False)
+                )
+            elif ckpt is not None and ls.schedule_kind != "constant":
+                raise StudentError(f"{ckpt} holds no state of the loss schedule ({PARAM_STATE})")
+        return self.param_schedule
 
 
 def _model_tokenizer(model):

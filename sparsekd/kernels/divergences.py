@@ -13,7 +13,21 @@ for every j off the support. One gradient formula then serves them all:
 Each entry of `DIVERGENCES` carries its math four times over, side by side so they cannot
 drift apart: as text (the CLI help and docs/losses.md, whose table is `markdown_table()`),
 as torch functions (the CPU path and the float64 oracle) and as Triton device functions
-(the kernel takes them as constexpr arguments). `b` is `beta`.
+(the kernel takes them as constexpr arguments).
+
+A divergence has at most one parameter `a` (`param`: `beta`, written b, for the skew and
+JSD losses; `t` for TAID) and a constant derived from it, `c = const(a)`, both read by the
+kernel from a small device tensor: a parameter can change every step (a schedule,
+student_train/schedules.py) with no recompilation and no host synchronisation.
+
+TAID (Shing et al., ICLR 2025) trains towards m = t p + (1 - t) stopgrad(q), a mixture
+in probability space, with the loss KL(m || q). The paper mixes logits, softmax((1 - t)
+stopgrad(z_q) + t z_p), which needs the teacher's logits over the whole vocabulary; a sparse
+cache holds p on its support only, where the mixture of probabilities is exact: off the
+support m_j = (1 - t) q_j, whose terms sum in closed form to (1 - q_S) (1 - t) log(1 - t).
+The gradient is q_j (t P + 1 - t) - m_j: linear in p, so an unbiased RS-KD target gives an
+unbiased gradient; with a top-K target (P < 1) it vanishes only at q = p / P, as forward
+KL's on the same target does. At t = 1 it is forward KL exactly.
 
 Shapes: elementwise over the support ([C, S] in torch, [BLOCK_S] in Triton); the
 off-support terms per row ([C] in torch, scalars in Triton).
@@ -21,7 +35,6 @@ off-support terms per row ([C] in torch, scalars in Triton).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,24 +77,32 @@ def _jsd_support(p, q, beta):
     return beta * _xlogy_torch(q, m) + (1.0 - beta) * _xlogy_torch(p, m), beta * torch.log(q / m)
 
 
-def _zero_off(P, q_S, beta):
+def _taid_support(p, q, t):
+    m = t * p + (1.0 - t) * q.detach()  # q inside m is held constant (stopgrad)
+    return _xlogy_torch(m, q), -m / q
+
+
+def _zero_off(P, q_S, a, c):
     zero = torch.zeros_like(q_S)
     return zero, zero
 
 
-def _ghost_off(P, q_S, beta):
+def _ghost_off(P, q_S, a, c):
     p_t = (1.0 - P).clamp_min(0.0)
     q_t = (1.0 - q_S).clamp_min(TINY)
     return _xlogy_torch(p_t, q_t), -p_t / q_t
 
 
-def _skew_rkl_off(P, q_S, beta):
-    return (1.0 - q_S) * math.log(1.0 / beta), torch.full_like(q_S, math.log(1.0 / beta))
+def _skew_rkl_off(P, q_S, beta, log_inv_beta):
+    return (1.0 - q_S) * log_inv_beta, log_inv_beta + 0.0 * q_S
 
 
-def _jsd_off(P, q_S, beta):
-    c = beta * math.log(1.0 / beta)
-    return (1.0 - q_S) * c, torch.full_like(q_S, c)
+def _jsd_off(P, q_S, beta, log_inv_beta):
+    return (1.0 - q_S) * beta * log_inv_beta, beta * log_inv_beta + 0.0 * q_S
+
+
+def _taid_off(P, q_S, t, xlogx):
+    return (1.0 - q_S) * xlogx, -(1.0 - t) + 0.0 * q_S
 
 
 # --- Triton: the same, on a block of the support / per row ------------------------------
@@ -111,12 +132,18 @@ def _jsd_support_tl(p, q, beta):
 
 
 @triton.jit
-def _zero_off_tl(P, q_S, beta, log_inv_beta):
+def _taid_support_tl(p, q, t):
+    m = t * p + (1.0 - t) * q
+    return _xlogy(m, q), -m / q
+
+
+@triton.jit
+def _zero_off_tl(P, q_S, a, c):
     return 0.0 * q_S, 0.0 * q_S
 
 
 @triton.jit
-def _ghost_off_tl(P, q_S, beta, log_inv_beta):
+def _ghost_off_tl(P, q_S, a, c):
     p_t = tl.maximum(1.0 - P, 0.0)
     q_t = tl.maximum(1.0 - q_S, 1e-30)
     return _xlogy(p_t, q_t), -p_t / q_t
@@ -132,16 +159,39 @@ def _jsd_off_tl(P, q_S, beta, log_inv_beta):
     return (1.0 - q_S) * beta * log_inv_beta, beta * log_inv_beta + 0.0 * q_S
 
 
+@triton.jit
+def _taid_off_tl(P, q_S, t, xlogx):
+    return (1.0 - q_S) * xlogx, -(1.0 - t) + 0.0 * q_S
+
+
+# --- the derived constant c of each parameter (torch, on the parameter's device) --------
+
+
+def _no_const(a):
+    return torch.zeros_like(a)
+
+
+def _log_inv(a):
+    return torch.log(1.0 / a)
+
+
+def _xlogx_complement(t):
+    return torch.special.xlogy(1.0 - t, 1.0 - t)  # (1 - t) log(1 - t), 0 at t = 1
+
+
 @dataclass(frozen=True)
 class Divergence:
     name: str
     summary: str  # one line for the CLI help
     support: str  # f, summed over S
     off_support: str  # h, exact
-    torch_support: Callable  # (p, q, beta) -> (f, g)          elementwise
-    torch_off: Callable  # (P, q_S, beta) -> (h, g_out)        per row
+    torch_support: Callable  # (p, q, a) -> (f, g)             elementwise
+    torch_off: Callable  # (P, q_S, a, c) -> (h, g_out)        per row
     triton_support: object  # the same as @triton.jit functions
-    triton_off: object  # (P, q_S, beta, log(1/beta)) -> (h, g_out)
+    triton_off: object  # (P, q_S, a, c) -> (h, g_out)
+    param: str | None = None  # the name of its parameter a (a setting of the loss)
+    const: Callable = _no_const  # a -> c, the constant the off-support terms use
+    bounds: tuple = (0.0, 1.0)  # a must lie in the open interval (or t in (0, 1])
 
 
 DIVERGENCES: dict[str, Divergence] = {
@@ -176,6 +226,7 @@ DIVERGENCES: dict[str, Divergence] = {
             _zero_off,
             _skew_fkl_support_tl,
             _zero_off_tl,
+            param="beta",
         ),
         Divergence(
             "skew_rkl",
@@ -186,6 +237,8 @@ DIVERGENCES: dict[str, Divergence] = {
             _skew_rkl_off,
             _skew_rkl_support_tl,
             _skew_rkl_off_tl,
+            param="beta",
+            const=_log_inv,
         ),
         Divergence(
             "jsd",
@@ -196,6 +249,20 @@ DIVERGENCES: dict[str, Divergence] = {
             _jsd_off,
             _jsd_support_tl,
             _jsd_off_tl,
+            param="beta",
+            const=_log_inv,
+        ),
+        Divergence(
+            "taid",
+            "TAID: KL(m || q) to m = t p + (1-t) q (q held), t rising to 1 during training",
+            "m log(m/q), m = t p + (1-t) q",
+            "(1 - q_S) (1-t) log(1-t)",
+            _taid_support,
+            _taid_off,
+            _taid_support_tl,
+            _taid_off_tl,
+            param="t",
+            const=_xlogx_complement,
         ),
     )
 }
@@ -208,13 +275,22 @@ def get(name: str) -> Divergence:
     return DIVERGENCES[name]
 
 
-def row_terms(div: Divergence, p_CS, q_CS, mask_CS, beta: float):
-    """Per row: loss [C], g on the support [C, S] (0 on padding), g_out [C] and q_S [C]."""
+def param_tensor(div: Divergence, a, device, dtype=torch.float32) -> torch.Tensor:
+    """[2]: the parameter a and its constant c, on `device` (a: a float, or a 0-d tensor
+    already there, as a schedule keeps it: no host synchronisation either way)."""
+    a = torch.as_tensor(a, dtype=dtype, device=device).reshape(())
+    return torch.stack([a, div.const(a)])
+
+
+def row_terms(div: Divergence, p_CS, q_CS, mask_CS, par):
+    """Per row: loss [C], g on the support [C, S] (0 on padding), g_out [C] and q_S [C].
+    `par`: `param_tensor` (its dtype the computation's)."""
+    a, c = par[0], par[1]
     p = torch.where(mask_CS, p_CS, 0.0)
     q = torch.where(mask_CS, q_CS, 1.0)  # a safe log argument and divisor on padding
     q_S = (q_CS * mask_CS).sum(-1)
-    f, g = div.torch_support(p, q, beta)
-    h, g_out = div.torch_off(p.sum(-1), q_S, beta)
+    f, g = div.torch_support(p, q, a)
+    h, g_out = div.torch_off(p.sum(-1), q_S, a, c)
     loss = torch.where(mask_CS, f, 0.0).sum(-1) + h
     return loss, torch.where(mask_CS, g, 0.0), g_out, q_S
 

@@ -28,17 +28,29 @@ def sparse_kl_loss_ref(
     ce_weight=0.0,
     temperature=1.0,
     beta=0.1,
+    t=1.0,
     ignore_index=-100,
     bias=None,
 ):
-    """Dense oracle of `sparse_kl_loss`, in the input dtype; differentiable by autograd."""
+    """Dense oracle of `sparse_kl_loss`, in the input dtype; differentiable by autograd.
+    TAID is written from its definition over the whole vocabulary: KL(m || q) with
+    m = t p + (1 - t) q.detach(), p the sparse target scattered over V (0 elsewhere)."""
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
     logq = torch.log_softmax(logits / temperature, dim=-1)
     mask = ids >= 0
-    q_NS = torch.gather(logq, 1, ids.clamp_min(0).long()).exp()
-    kd_rows, _, _, _ = DV.row_terms(DV.get(divergence), probs.to(logq.dtype), q_NS, mask, beta)
+    div = DV.get(divergence)
+    if divergence == "taid":
+        p_NV = torch.zeros_like(logq).scatter_add(  # add: padding's 0 lands on id 0 too
+            1, ids.clamp_min(0).long(), torch.where(mask, probs.to(logq.dtype), 0.0)
+        )
+        m = t * p_NV + (1.0 - t) * logq.detach().exp()
+        kd_rows = torch.where(m > 0, m * (torch.log(m.clamp_min(1e-300)) - logq), 0.0).sum(-1)
+    else:
+        q_NS = torch.gather(logq, 1, ids.clamp_min(0).long()).exp()
+        par = DV.param_tensor(div, beta, logq.device, logq.dtype)
+        kd_rows, _, _, _ = DV.row_terms(div, probs.to(logq.dtype), q_NS, mask, par)
     has = mask.any(-1)
     loss = kd_weight * (kd_rows * has).sum() / has.sum().clamp_min(1)
     if labels is not None and ce_weight != 0.0:

@@ -34,7 +34,6 @@ Shape legend: N rows (tokens), C rows in a chunk, D hidden, V vocabulary, S supp
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import torch
@@ -74,6 +73,7 @@ class SparseKLConfig:
     ce_weight: float = 0.0
     temperature: float = 1.0  # student logits are divided by it (the teacher is as stored)
     beta: float = 0.1  # mixture weight of skew_fkl, skew_rkl and jsd
+    t: float = 1.0  # TAID's interpolation (a schedule passes its value per call: `param`)
     ignore_index: int = -100  # labels equal to it are not in the CE mean
     backend: str = "auto"
     chunk_rows: int | None = None  # None: from CHUNK_BUDGET_BYTES and V
@@ -87,6 +87,8 @@ class SparseKLConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.beta < 1.0:
             raise ValueError(f"beta must be in (0, 1), got {self.beta}")
+        if not 0.0 <= self.t <= 1.0:
+            raise ValueError(f"t must be in [0, 1], got {self.t}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
 
@@ -111,18 +113,19 @@ def _sparse_kl_fwd_kernel(
     stride_ids,
     stride_p,
     stride_corr,
+    par_ptr,  # [2] float32: the divergence's parameter a and its constant c (divergences.py)
     # sizes and scalars
     V,
     S,
     inv_temp,
-    beta,
-    log_inv_beta,
-    SUPPORT_FN: tl.constexpr,  # (p, q, beta) -> (f, g): divergences.<name>.triton_support
-    OFF_FN: tl.constexpr,  # (P, q_S, beta, log(1/beta)) -> (h, g_out)
+    SUPPORT_FN: tl.constexpr,  # (p, q, a) -> (f, g): divergences.<name>.triton_support
+    OFF_FN: tl.constexpr,  # (P, q_S, a, c) -> (h, g_out)
     BLOCK_V: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    a = tl.load(par_ptr)
+    c = tl.load(par_ptr + 1)
     z_row = z_ptr + row * stride_z
     ids_row = ids_ptr + row * stride_ids
     p_row = p_ptr + row * stride_p
@@ -145,7 +148,7 @@ def _sparse_kl_fwd_kernel(
         zs = tl.load(z_row + tl.maximum(ids, 0), mask=valid, other=0.0).to(tl.float32)
         q_S += tl.sum(tl.where(valid, tl.exp(zs * inv_temp - lse), 0.0), 0)
         P += tl.sum(tl.load(p_row + so, mask=valid, other=0.0).to(tl.float32), 0)
-    kd, g_out = OFF_FN(P, q_S, beta, log_inv_beta)
+    kd, g_out = OFF_FN(P, q_S, a, c)
 
     # support pass B: KD += sum_S f(p, q), G = sum_S q g + (1 - q_S) g_out, and the sparse
     # correction kd_scale q (g - g_out) / T returned for the caller to scatter-add
@@ -158,7 +161,7 @@ def _sparse_kl_fwd_kernel(
         zs = tl.load(z_row + tl.maximum(ids, 0), mask=valid, other=0.0).to(tl.float32)
         p = tl.load(p_row + so, mask=valid, other=0.0).to(tl.float32)
         q = tl.where(valid, tl.exp(zs * inv_temp - lse), 1.0)  # 1: a safe divisor on padding
-        f, g = SUPPORT_FN(p, q, beta)
+        f, g = SUPPORT_FN(p, q, a)
         f = tl.where(valid, f, 0.0)
         g = tl.where(valid, g, 0.0)
         q = tl.where(valid, q, 0.0)
@@ -184,7 +187,7 @@ def block_sizes(V: int, S: int) -> tuple[int, int]:
     )
 
 
-def sparse_kl_rows_triton(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, cfg):
+def sparse_kl_rows_triton(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, cfg, par):
     """Launcher with the contract of `sparse_kl_rows_torch`."""
     C, V = z_CV.shape
     S = ids_CS.shape[1]
@@ -212,11 +215,10 @@ def sparse_kl_rows_triton(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, 
         ids_CS.stride(0),
         p_CS.stride(0),
         corr_CS.stride(0),
+        par.to(torch.float32).contiguous(),
         V,
         S,
         1.0 / cfg.temperature,
-        cfg.beta,
-        math.log(1.0 / cfg.beta),
         SUPPORT_FN=div.triton_support,
         OFF_FN=div.triton_off,
         BLOCK_V=block_v,
@@ -232,8 +234,8 @@ def aot_targets(vocabs):
         "z_ptr": "*fp32", "ids_ptr": "*i64", "p_ptr": "*fp32", "labels_ptr": "*i64",
         "kd_scale_ptr": "*fp32", "ce_scale_ptr": "*fp32", "kd_out_ptr": "*fp32",
         "ce_out_ptr": "*fp32", "corr_ptr": "*fp32", "stride_z": "i32", "stride_ids": "i32",
-        "stride_p": "i32", "stride_corr": "i32", "V": "i32", "S": "i32", "inv_temp": "fp32",
-        "beta": "fp32", "log_inv_beta": "fp32",
+        "stride_p": "i32", "stride_corr": "i32", "par_ptr": "*fp32", "V": "i32", "S": "i32",
+        "inv_temp": "fp32",
     }  # fmt: skip
     block_vs: dict[int, list[int]] = {}
     for V in vocabs:
@@ -254,7 +256,7 @@ def aot_targets(vocabs):
     return out
 
 
-def sparse_kl_rows_torch(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, cfg):
+def sparse_kl_rows_torch(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, cfg, par):
     """The row pass in plain torch.
 
     z_CV: [C, V] float32/64 logits before temperature; overwritten with the dense part of
@@ -268,7 +270,7 @@ def sparse_kl_rows_torch(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, c
     mask_CS = ids_CS >= 0
     q_CS = torch.gather(q_CV, 1, ids_CS.clamp_min(0))
     kd_C, g_CS, g_out_C, q_S = DV.row_terms(
-        DV.get(cfg.divergence), p_CS.to(q_CV.dtype), q_CS, mask_CS, cfg.beta
+        DV.get(cfg.divergence), p_CS.to(q_CV.dtype), q_CS, mask_CS, par.to(q_CV.dtype)
     )
     q_lab = torch.gather(q_CV, 1, labels_C.clamp_min(0)[:, None])[:, 0]
     ce_C = torch.where(labels_C >= 0, -torch.log(q_lab.clamp_min(DV.TINY)), 0.0)
@@ -278,8 +280,9 @@ def sparse_kl_rows_torch(z_CV, ids_CS, p_CS, labels_C, kd_scale_C, ce_scale_C, c
     return kd_C, ce_C, corr_CS
 
 
-def sparse_kl_chunked(hidden, weight, bias, ids, probs, labels, cfg, need_grad=True):
+def sparse_kl_chunked(hidden, weight, bias, ids, probs, labels, cfg, param=None, need_grad=True):
     """Loss and gradients for hidden/weight/bias, computed chunk by chunk over rows.
+    `param`: a 0-d tensor overriding the divergence's parameter (a schedule's value).
 
     Returns (loss 0-d, (weighted KD part, weighted CE part), d_hidden [N, D] | None,
     d_weight [V, D] | None, d_bias [V] | None), in the accumulation dtype.
@@ -291,6 +294,9 @@ def sparse_kl_chunked(hidden, weight, bias, ids, probs, labels, cfg, need_grad=T
     use_triton = cfg.backend == "triton" or (cfg.backend == "auto" and hidden.is_cuda)
     row_pass = sparse_kl_rows_triton if use_triton else sparse_kl_rows_torch
     C = cfg.chunk_rows or default_chunk_rows(V, dev)
+    div = DV.get(cfg.divergence)
+    value = param if param is not None else getattr(cfg, div.param) if div.param else 0.0
+    par = DV.param_tensor(div, value, dev, acc)
     # per-row scales: the means' denominators stay on the device (no host sync)
     has_N = (ids >= 0).any(-1)
     kd_scale_N = has_N.to(acc) * (cfg.kd_weight / has_N.sum().clamp_min(1).to(acc))
@@ -316,7 +322,7 @@ def sparse_kl_chunked(hidden, weight, bias, ids, probs, labels, cfg, need_grad=T
             ce_scale_N[rows],
         )
         z_CV = lm_logits(hidden[rows], weight, bias, acc)
-        kd_C, ce_C, corr_CS = row_pass(z_CV, ids_CS, probs[rows], lab_C, kd_s, ce_s, cfg)
+        kd_C, ce_C, corr_CS = row_pass(z_CV, ids_CS, probs[rows], lab_C, kd_s, ce_s, cfg, par)
         kd_sum += (kd_C * kd_s).sum()
         ce_sum += (ce_C * ce_s).sum()
         if not need_grad:
@@ -387,14 +393,14 @@ class SparseKLFunction(torch.autograd.Function):
     """Forward computes the loss and every gradient; backward scales them by grad_out."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, probs, labels, cfg):
+    def forward(ctx, hidden, weight, bias, ids, probs, labels, cfg, param):
         need = (
             hidden.requires_grad
             or weight.requires_grad
             or (bias is not None and bias.requires_grad)
         )
         loss, (kd, ce), d_h, d_w, d_b = sparse_kl_chunked(
-            hidden, weight, bias, ids, probs, labels, cfg, need_grad=need
+            hidden, weight, bias, ids, probs, labels, cfg, param, need_grad=need
         )
         if need:
             ctx.save_for_backward(
@@ -408,7 +414,7 @@ class SparseKLFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_kd=None, _grad_ce=None):
         d_h, d_w, d_b = ctx.saved_tensors
         d_b = d_b * grad_out if d_b is not None else None
-        return d_h * grad_out, d_w * grad_out, d_b, None, None, None, None
+        return d_h * grad_out, d_w * grad_out, d_b, None, None, None, None, None
 
 
 def sparse_kl_loss(
@@ -421,6 +427,7 @@ def sparse_kl_loss(
     bias=None,
     config: SparseKLConfig | None = None,
     return_parts: bool = False,
+    param=None,
     **options,
 ):
     """KD (and optional CE) loss of a student LM head against a sparse teacher target.
@@ -432,14 +439,17 @@ def sparse_kl_loss(
         probs: [N, S] teacher probability estimates (0 on padding).
         labels: [N] next-token ids for the CE term, `ignore_index` to skip.
         config: a SparseKLConfig; `**options` (its field names: divergence, kd_weight,
-            ce_weight, temperature, beta, ignore_index, backend, chunk_rows, validate)
+            ce_weight, temperature, beta, t, ignore_index, backend, chunk_rows, validate)
             override it.
         return_parts: also return the weighted KD and CE parts (detached, for logging).
+        param: a 0-d tensor on the device overriding the divergence's parameter (beta, or
+            TAID's t) for this call: a value that changes during training, read by the
+            kernel from the device (no recompilation, no host synchronisation).
     Returns:
         0-d tensor kd_weight * mean KD over rows with support + ce_weight * mean CE over
         labelled rows; with return_parts, `(loss, kd_part, ce_part)`.
     """
     cfg = dataclasses.replace(config or SparseKLConfig(), **options)
     check_inputs(hidden, weight, ids, probs, labels, bias, cfg)
-    loss, kd, ce = SparseKLFunction.apply(hidden, weight, bias, ids, probs, labels, cfg)
+    loss, kd, ce = SparseKLFunction.apply(hidden, weight, bias, ids, probs, labels, cfg, param)
     return (loss, kd, ce) if return_parts else loss

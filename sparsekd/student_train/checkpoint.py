@@ -2,7 +2,8 @@
 
     out/train_config.json        the resolved config and identities of the run, and one
                                  entry per resume naming the safe settings it changed
-    out/checkpoints/step-N/      model.pt optim.pt sched.pt (rank 0), rank-R.pt (reader
+    out/checkpoints/step-N/      model.pt optim.pt sched.pt [loss_schedule.pt] (rank 0),
+                                 rank-R.pt (reader
                                  position and RNG states of rank R), config.json, and DONE:
                                  written last, listing every file's size and sha256
 
@@ -43,6 +44,7 @@ from sparsekd.student_train.parallel import Dist, full_state, load_full_state
 RUN_CONFIG = "train_config.json"
 CKPT_DIR = "checkpoints"
 LOCK = ".lock"
+PARAM_FILE = "loss_schedule.pt"  # the divergence parameter's schedule state (schedules.py)
 
 
 class RunLock:
@@ -129,16 +131,13 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
         entries = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.exists() else []
         if entries and not cfg.checkpoint.resume:
             raise RunError(f"--out {out} is not empty ({entries[0]}) and holds no run")
-        decay = cfg.optim.decay_steps or cfg.steps
-        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, decay_steps=decay))
+        cfg = _fix_horizons(cfg, {"optim": {"decay_steps": cfg.steps}, "loss": {}})
         return cfg, {"config": to_dict(cfg), "identities": identities, "resumes": []}, []
     run = _run_record(path)
     if not cfg.checkpoint.resume:
         raise RunError(f"--out {out} already holds a run; pass --resume to continue it")
     old = run["config"]
-    if cfg.optim.decay_steps is None:
-        decay = old["optim"]["decay_steps"]
-        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, decay_steps=decay))
+    cfg = _fix_horizons(cfg, old)
     new_flat, old_flat = _flat(to_dict(cfg)), _flat(old)
     changed = sorted(k for k in set(new_flat) | set(old_flat) if new_flat.get(k) != old_flat.get(k))
     refused = [k for k in changed if k not in RESUME_SAFE]
@@ -159,6 +158,20 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
         )
     changes = [[k, old_flat.get(k), new_flat.get(k)] for k in changed if k != "checkpoint.resume"]
     return cfg, run, changes
+
+
+def _fix_horizons(cfg: TrainConfig, given: dict) -> TrainConfig:
+    """Fill the schedules' lengths left unset (optim.decay_steps, and loss.schedule_steps of
+    a moving parameter schedule) from `given`: --steps for a new run, the run's own on a
+    resume (a longer --steps does not stretch a schedule already under way)."""
+    optim, loss = cfg.optim, cfg.loss
+    if optim.decay_steps is None:
+        optim = dataclasses.replace(optim, decay_steps=given["optim"].get("decay_steps"))
+    moving = loss.param is not None and loss.schedule_kind != "constant"
+    if moving and loss.schedule_steps is None:
+        steps = given["loss"].get("schedule_steps", cfg.steps)
+        loss = dataclasses.replace(loss, schedule_steps=steps)
+    return dataclasses.replace(cfg, optim=optim, loss=loss)
 
 
 def write_run_record(out: Path, run: dict, start: int, changes: list) -> dict:
@@ -208,7 +221,7 @@ def _save(obj, path: Path) -> None:
         raise StorageError(f"cannot write the checkpoint file {path}: {why}") from e
 
 
-def save(out: Path, step: int, d: Dist, model, opt, sched, reader, run: dict) -> None:
+def save(out: Path, step: int, d: Dist, model, opt, sched, reader, run: dict, param=None) -> None:
     """A checkpoint of every rank's state (a collective: call on all ranks)."""
     root = out / CKPT_DIR
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
@@ -222,6 +235,8 @@ def save(out: Path, step: int, d: Dist, model, opt, sched, reader, run: dict) ->
         _save(model_sd, tmp / "model.pt")
         _save(optim_sd, tmp / "optim.pt")
         _save(sched.state_dict(), tmp / "sched.pt")
+        if param is not None:  # the divergence parameter's schedule (the same on every rank)
+            _save(param.state_dict(), tmp / PARAM_FILE)
         atomic_write_file(tmp / "config.json", json_bytes(run))
     d.barrier()
     if d.rank == 0:
@@ -278,12 +293,16 @@ def latest_intact(out: Path) -> Path | None:
     return None
 
 
-def load(ckpt: Path, d: Dist, model, opt, sched, reader) -> int:
+def load(ckpt: Path, d: Dist, model, opt, sched, reader, param=None) -> int:
     """Restore every piece of state; return the step to continue from."""
     model_sd = torch.load(ckpt / "model.pt", map_location="cpu")
     optim_sd = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=False)
     load_full_state(model, opt, model_sd, optim_sd)
     sched.load_state_dict(torch.load(ckpt / "sched.pt"))
+    if param is not None and (ckpt / PARAM_FILE).exists():
+        param.load_state_dict(torch.load(ckpt / PARAM_FILE, weights_only=False))
+    elif param is not None and param.kind != "constant":  # saved before schedules existed
+        raise RunError(f"checkpoint {ckpt} holds no state of loss.schedule {param.kind}")
     rs = torch.load(ckpt / f"rank-{d.rank}.pt", weights_only=False)
     reader.load_state_dict(rs["reader"])
     set_rng_state(rs["rng"])

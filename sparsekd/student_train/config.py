@@ -18,11 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsekd.config import check, section, setting
-from sparsekd.kernels.divergences import NAMES as DIVERGENCES
+from sparsekd.kernels import divergences as DV
 from sparsekd.kernels.sparse_kl import BACKENDS
+from sparsekd.student_train.schedules import SCHEDULES
 
-LOSSES = ("ce", *DIVERGENCES)
-BETA_LOSSES = ("skew_fkl", "skew_rkl", "jsd")
+LOSSES = ("ce", *DV.NAMES)
+BETA_LOSSES = tuple(n for n in DV.NAMES if DV.get(n).param == "beta")
+PARAM_DEFAULTS = {"beta": 0.1, "t": 0.4}  # t: TAID's t_start (the paper's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,8 +69,28 @@ class LossConfig:
     )
     temperature: float = setting(1.0, "Student logits are divided by it in the loss.")
     beta: float | None = setting(
-        None, "Mixture weight of skew_fkl, skew_rkl and jsd (default 0.1; only for those)."
+        None,
+        "Mixture weight of skew_fkl, skew_rkl and jsd (default 0.1; only for those; the "
+        "start value when loss.schedule moves it).",
     )
+    t: float | None = setting(
+        None, "TAID's interpolation t at the first step (default 0.4, the paper's; only taid)."
+    )
+    schedule: str | None = setting(
+        None,
+        "How the divergence's parameter (beta, or taid's t) moves during training: constant; "
+        "linear or cosine from its start value to loss.schedule_end over "
+        "loss.schedule_steps; taid, TAID's adaptive pace (only --loss taid, its default).",
+        choices=SCHEDULES,
+    )
+    schedule_end: float | None = setting(
+        None, "The parameter's value at the end of a schedule (needed but by taid: 1.0)."
+    )
+    schedule_steps: int | None = setting(
+        None, "Steps a schedule takes to reach its end (default: --steps; kept on resume)."
+    )
+    taid_alpha: float = setting(5e-4, "TAID's step size alpha (the paper's default).")
+    taid_momentum: float = setting(0.99, "TAID's momentum of the loss's relative change.")
     backend: str = setting(
         "auto", "Loss backend (auto: triton on CUDA, torch on CPU).", flag=True, choices=BACKENDS
     )
@@ -84,13 +106,60 @@ class LossConfig:
             f"loss.kd_weight must be in [0, 1], got {self.kd_weight}",
         )
         check(self.temperature > 0, "loss.temperature must be > 0")
-        uses_beta = self.kind in BETA_LOSSES
         check(
-            self.beta is None or uses_beta,
+            self.beta is None or self.param == "beta",
             f"loss.beta applies to --loss {', '.join(BETA_LOSSES)} only, not --loss {self.kind}",
         )
-        check(0.0 < self.mix < 1.0, f"loss.beta must be in (0, 1), got {self.beta}")
+        check(self.t is None or self.param == "t", f"loss.t is TAID's: not for --loss {self.kind}")
+        self._check_schedule()
         check(self.chunk_rows is None or self.chunk_rows >= 1, "loss.chunk_rows must be >= 1")
+
+    def _check_schedule(self) -> None:
+        name, kind = self.param, self.schedule_kind
+        check(
+            name is not None or self.schedule in (None, "constant"),
+            f"loss.schedule {self.schedule} moves a divergence's parameter, and --loss "
+            f"{self.kind} has none",
+        )
+        check(
+            kind != "taid" or self.kind == "taid",
+            f"loss.schedule taid is TAID's own pace: for --loss taid, not --loss {self.kind}",
+        )
+        moving = kind in ("linear", "cosine", "taid")
+        check(
+            self.schedule_end is None or moving,
+            "loss.schedule_end needs a moving loss.schedule (linear, cosine or taid)",
+        )
+        check(
+            self.schedule_steps is None or moving,
+            "loss.schedule_steps needs a moving loss.schedule (linear, cosine or taid)",
+        )
+        check(
+            kind not in ("linear", "cosine") or self.schedule_end is not None,
+            f"loss.schedule {kind} needs loss.schedule_end, the value it ends at",
+        )
+        if name is None:
+            return
+        lo_open = name == "beta"  # beta in (0, 1); TAID's t in [0, 1]
+        for what, v in ((f"loss.{name}", self.start), ("loss.schedule_end", self.end)):
+            ok = 0.0 < v < 1.0 if lo_open else 0.0 <= v <= 1.0
+            check(ok, f"{what} must be in {'(0, 1)' if lo_open else '[0, 1]'}, got {v}")
+        check(
+            kind != "taid" or self.end >= self.start,
+            f"TAID's t rises: loss.schedule_end {self.end} is below loss.t {self.start}",
+        )
+        check(
+            self.schedule_steps is None or self.schedule_steps >= 1,
+            "loss.schedule_steps must be >= 1",
+        )
+        check(
+            0.0 <= self.taid_alpha <= 1.0,
+            f"loss.taid_alpha must be in [0, 1], got {self.taid_alpha}",
+        )
+        check(
+            0.0 <= self.taid_momentum < 1.0,
+            f"loss.taid_momentum must be in [0, 1), got {self.taid_momentum}",
+        )
 
     @property
     def divergence(self) -> str:
@@ -103,9 +172,30 @@ class LossConfig:
         return 0.9 if self.kd_weight is None else self.kd_weight
 
     @property
+    def param(self) -> str | None:
+        """The name of the divergence's parameter (beta, t), None if it has none."""
+        return None if self.kind == "ce" else DV.get(self.kind).param
+
+    @property
+    def start(self) -> float:
+        """The parameter's value at the first step."""
+        given = getattr(self, self.param) if self.param else None
+        return PARAM_DEFAULTS.get(self.param, 0.0) if given is None else given
+
+    @property
+    def schedule_kind(self) -> str:
+        return self.schedule or ("taid" if self.kind == "taid" else "constant")
+
+    @property
+    def end(self) -> float:
+        if self.schedule_end is not None:
+            return self.schedule_end
+        return 1.0 if self.schedule_kind == "taid" else self.start
+
+    @property
     def mix(self) -> float:
-        """beta as the loss uses it."""
-        return 0.1 if self.beta is None else self.beta
+        """beta as the loss uses it at the first step."""
+        return self.start if self.param == "beta" else 0.1
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -200,10 +200,11 @@ def check_compatible(model, tok, meta: dict, manifest: dict | None = None) -> No
 class DistillModule(torch.nn.Module):
     """Wraps a causal LM: forward(batch tensors) -> (loss, kd_part, ce_part)."""
 
-    def __init__(self, model, loss: SparseKLConfig):
+    def __init__(self, model, loss: SparseKLConfig, param=None):
         super().__init__()
         self.model = model
         self.loss = loss
+        self.schedule = param  # a ParamSchedule whose device value the loss reads, or None
 
     def forward(self, input_ids, labels=None, ids=None, probs=None, *, logits_only=False):
         if logits_only:
@@ -223,6 +224,7 @@ class DistillModule(torch.nn.Module):
             bias=head.bias,
             config=self.loss,
             return_parts=True,
+            param=None if self.schedule is None else self.schedule.value,
         )
 
 

@@ -8,8 +8,10 @@
     trainer.save_final(tok)                out/final: a save_pretrained folder
 
 Loss per step: (1 - A) CE + A KD through `sparse_kl_loss` on the student's final hidden
-states and LM head (`--loss ce` sets A = 0). AdamW (decay on matrices only), linear warm-up
-then cosine decay to 10 %, gradient clipping and accumulation; bf16 autocast on GPU.
+states and LM head (`--loss ce` sets A = 0). A divergence's parameter (beta, TAID's t)
+follows `loss.schedule` on the device (schedules.py), checkpointed with the rest. AdamW
+(decay on matrices only), linear warm-up then cosine decay to 10 %, gradient clipping and
+accumulation; bf16 autocast on GPU.
 
 The step (`Trainer.train_step`) makes no host synchronisation: ids and labels were checked
 by the reader on the CPU, the loss skips its own value checks, and the step's results stay
@@ -43,6 +45,7 @@ from sparsekd.student_train.metrics import DataLog, MetricsLog
 from sparsekd.student_train.model import DistillModule, check_compatible, load_student, save_final
 from sparsekd.student_train.optim import build_optimizer, build_schedule
 from sparsekd.student_train.reader import CacheReader
+from sparsekd.student_train.schedules import ParamSchedule
 
 
 @dataclass
@@ -88,11 +91,24 @@ class Trainer:
             ce_weight=1.0 - kd,
             temperature=cfg.loss.temperature,
             beta=cfg.loss.mix,
+            t=cfg.loss.start if cfg.loss.param == "t" else 1.0,
             backend=cfg.loss.backend,
             chunk_rows=cfg.loss.chunk_rows,
             validate=False,  # the reader checked ids and labels on the CPU
         )
-        self.module = DistillModule(model, loss)
+        self.param = None  # the divergence's parameter over training (schedules.py)
+        if cfg.loss.param is not None:
+            self.param = ParamSchedule(
+                cfg.loss.schedule_kind,
+                cfg.loss.start,
+                cfg.loss.end,
+                cfg.loss.schedule_steps or cfg.steps,
+                d.device,
+                alpha=cfg.loss.taid_alpha,
+                momentum=cfg.loss.taid_momentum,
+                world=d.world,
+            )
+        self.module = DistillModule(model, loss, self.param)
         self.wrapped = parallel.wrap(self.module, model.get_decoder().layers, d, cfg.parallel.fsdp)
         self.opt = build_optimizer(self.module, cfg.optim)
         self.sched = build_schedule(self.opt, cfg.optim, cfg.optim.decay_steps)
@@ -125,6 +141,7 @@ class Trainer:
         """One optimizer step over the micro-batches; returns device tensors, no host sync."""
         n = len(batches)
         parts = torch.zeros(3, device=self.d.device)
+        used = None if self.param is None else self.param.value.clone()
         for i, b in enumerate(batches):
             x = [
                 b[k].to(self.d.device, non_blocking=True)
@@ -140,7 +157,11 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"loss": parts[0], "kd": parts[1], "ce": parts[2], "grad_norm": grad_norm.detach()}
+        out = {"loss": parts[0], "kd": parts[1], "ce": parts[2], "grad_norm": grad_norm.detach()}
+        if self.param is not None:
+            self.param.step(parts[1])  # on the device: the value the next step uses
+            out[self.cfg.loss.param] = used
+        return out
 
     def evaluate(self) -> dict:
         self.module.eval()
@@ -179,6 +200,8 @@ class Trainer:
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 dt, wait = time.perf_counter() - t0, self.reader.wait_s - wait0
                 record = {"step": step + 1, **{k: float(v) / since for k, v in acc.items()}}
+                if self.param is not None:  # as the logged step used it, not a mean
+                    record[cfg.loss.param] = float(out[cfg.loss.param])
                 _check_diverged(record, cfg)
                 record.update(lr=lr, tokens_per_s=tokens_per_step * since / dt)
                 record.update(data_wait_s=wait, data_wait_frac=wait / dt)
@@ -205,14 +228,14 @@ class Trainer:
             self.check_finite(step)
             mod = self.module.model
             checkpoint.save(
-                Path(cfg.out), step, self.d, mod, self.opt, self.sched, self.reader, run
-            )
+                Path(cfg.out), step, self.d, mod, self.opt, self.sched, self.reader, run,
+                self.param,
+            )  # fmt: skip
         return time.perf_counter() - t
 
     def check_finite(self, step: int) -> None:
         """Refuse to save non-finite weights (a host sync: only where a save happens)."""
-        finite = torch.stack([p.detach().isfinite().all() for p in self.module.parameters()])
-        if not bool(finite.all()):
+        if not parallel.all_finite(self.module.parameters(), self.d):
             raise RunError(
                 f"training diverged by step {step}: the student's weights are no longer "
                 f"finite, so nothing is saved ({_likely_cause(self.cfg)})"
@@ -232,6 +255,7 @@ class Trainer:
 
 def run(cfg: TrainConfig) -> dict:
     """Train (or resume); returns the last metrics record."""
+    owned = not torch.distributed.is_initialized()
     d = parallel.init()
     out = Path(cfg.out)
     data = open_data(cfg)
@@ -247,10 +271,13 @@ def run(cfg: TrainConfig) -> dict:
     checkpoint.check_out(out)
     lock = checkpoint.RunLock(out) if d.rank == 0 else None  # one run per --out at a time
     try:
-        return _run(cfg, d, out, data, model, tok, identities)
+        record = _run(cfg, d, out, data, model, tok, identities)
     finally:
         if lock is not None:
             lock.release()
+    if owned and d.world > 1:  # stop gloo/NCCL's threads before the interpreter exits
+        torch.distributed.destroy_process_group()
+    return record
 
 
 def _run(cfg: TrainConfig, d, out: Path, data: TrainingData, model, tok, identities) -> dict:
@@ -261,8 +288,9 @@ def _run(cfg: TrainConfig, d, out: Path, data: TrainingData, model, tok, identit
     start = 0
     if ckpt is not None:
         start = checkpoint.load(
-            ckpt, d, trainer.module.model, trainer.opt, trainer.sched, trainer.reader
-        )
+            ckpt, d, trainer.module.model, trainer.opt, trainer.sched, trainer.reader,
+            trainer.param,
+        )  # fmt: skip
     if d.rank == 0:
         run_record = checkpoint.write_run_record(out, run_record, start, changes)
     d.barrier()

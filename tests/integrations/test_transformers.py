@@ -46,7 +46,7 @@ def _args(out, **kw):
     return TrainingArguments(**{**base, **kw})
 
 
-def _trainer(student, cache, out, cls=Recording, ds_kw=None, **kw):
+def _trainer(student, cache, out, cls=Recording, ds_kw=None, loss_kw=None, **kw):
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(student)
     return cls(
@@ -55,8 +55,7 @@ def _trainer(student, cache, out, cls=Recording, ds_kw=None, **kw):
         train_dataset=CacheDataset(cache, seed=0, **(ds_kw or {})),
         data_collator=collate,
         processing_class=tok,
-        kd_weight=0.9,
-        divergence="fkl",
+        **{"kd_weight": 0.9, "divergence": "fkl", **(loss_kw or {})},
     )
 
 
@@ -100,39 +99,35 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path, vllm_topk_cache,
     assert logged[0] == pytest.approx((a.losses[0] + a.losses[1]) / 2, rel=1e-3)
 
 
+# TAID with a large step size: its adaptive state (momentum, previous loss), not only its
+# linear floor, decides t, so a resume that lost it would show
+@pytest.mark.parametrize(
+    "loss_kw",
+    [{}, {"divergence": "taid", "taid_alpha": 1.0, "taid_momentum": 0.5}],
+    ids=["fkl", "taid"],
+)
 def test_resume_from_a_checkpoint_continues_the_data_exactly(
-    tmp_path, vllm_topk_cache, tiny_student
+    tmp_path, vllm_topk_cache, tiny_student, loss_kw
 ):
-    full = _trainer(
-        tiny_student,
-        vllm_topk_cache,
-        tmp_path / "full",
-        max_steps=6,
-        save_strategy="steps",
-        save_steps=3,
-    )
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=3, loss_kw=loss_kw)
+    full = _trainer(tiny_student, vllm_topk_cache, tmp_path / "full", **kw)
     full.train()
-    part = _trainer(
-        tiny_student,
-        vllm_topk_cache,
-        tmp_path / "part",
-        max_steps=6,
-        save_strategy="steps",
-        save_steps=3,
-    )
+    part = _trainer(tiny_student, vllm_topk_cache, tmp_path / "part", **kw)
     part.train()
     ckpt = tmp_path / "part" / "checkpoint-3"
     assert (ckpt / "sparsekd_data_state-rank-0.json").exists()
-    resumed = _trainer(
-        tiny_student,
-        vllm_topk_cache,
-        tmp_path / "part",
-        max_steps=6,
-        save_strategy="steps",
-        save_steps=3,
-    )
+    resumed = _trainer(tiny_student, vllm_topk_cache, tmp_path / "part", **kw)
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-6)
+    if loss_kw:
+        t_full = full.param_schedule.value.item()
+        floor = 0.4 + 0.6 * 6 / 6  # the linear floor reaches the end at the last step...
+        assert resumed.param_schedule.state_dict()["done"] == 6
+        assert resumed.param_schedule.value.item() == t_full == pytest.approx(floor)
+        assert (ckpt / "sparsekd_loss_schedule.pt").exists()
+        mid = torch.load(ckpt / "sparsekd_loss_schedule.pt", weights_only=False)
+        # ...but at step 3 the adaptive pace is ahead of its 0.7: the state matters
+        assert mid["value"].item() > 0.4 + 0.6 * 3 / 6 + 0.01
 
 
 def test_a_student_of_another_tokenizer_is_refused_and_its_own_folder_checked(
@@ -188,6 +183,8 @@ DDP_SCRIPT = textwrap.dedent(
              processing_class=AutoTokenizer.from_pretrained(student))
     t.train()
     json.dump(t.seen, open(f"{out}/seen-{t.args.process_index}.json", "w"))
+    # gloo's threads stopped before the interpreter exits (else, rarely, a C++ abort at exit)
+    torch.distributed.destroy_process_group()
     """
 )
 

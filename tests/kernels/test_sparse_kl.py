@@ -67,6 +67,8 @@ def test_loss_and_grads_match_dense_float64(block_v, backend, divergence, ce_wei
     dtype = DTYPE[backend]
     h, w, b, ids, p, labels = _case(N, D, V, S, dtype=dtype, pad_rows=(2,))
     kw = dict(divergence=divergence, kd_weight=0.7, ce_weight=ce_weight, temperature=1.3)
+    if divergence == "taid":
+        kw["t"] = 0.6
     out, grads = _loss_and_grads(
         lambda h, w, b: sparse_kl_loss(
             h, w, ids, p, labels, bias=b, backend=backend, chunk_rows=16, **kw
@@ -121,7 +123,44 @@ def test_every_row_padded_gives_zero_and_ce_still_trains(backend):
     torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("divergence", NAMES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.8, 1.0])
+@pytest.mark.parametrize("N, D, V, S", [(13, 12, 301, 5), (6, 8, 129, 40)])
+def test_taid_at_several_t_matches_the_oracle(backend, t, N, D, V, S):
+    """t given as a device tensor (`param`, as a schedule passes it) and as a setting give
+    the oracle's loss and gradients; padded rows, ignored labels, upstream gradient 2."""
+    dtype = DTYPE[backend]
+    h, w, b, ids, p, labels = _case(N, D, V, S, dtype=dtype, pad_rows=(1,))
+    ref, ref_grads = _loss_and_grads(
+        lambda h, w, b: sparse_kl_loss_ref(
+            h, w, ids, p.double(), labels, bias=b, divergence="taid", t=t, ce_weight=0.2
+        ),
+        h.double(),
+        w.double(),
+        b.double(),
+    )
+    for how in ({"param": torch.tensor(t, dtype=torch.float64, device=DEV)}, {"t": t}):
+        out, grads = _loss_and_grads(
+            lambda h, w, b, how=how: sparse_kl_loss(
+                h, w, ids, p, labels, bias=b, divergence="taid", ce_weight=0.2,
+                backend=backend, chunk_rows=4, **how,
+            ),
+            h,
+            w,
+            b,
+        )  # fmt: skip
+        torch.testing.assert_close(out.double(), ref, **LOSS_TOL[dtype])
+        for a, r, name in zip(grads, ref_grads, ("hidden", "weight", "bias")):
+            scale = r.abs().max().clamp_min(1e-12)
+            torch.testing.assert_close(a.double() / scale, r / scale, **TOL[dtype], msg=name)
+    if t == 1.0:  # forward KL on the same target
+        fkl = sparse_kl_loss(h, w, ids, p, labels, bias=b, ce_weight=0.2, backend=backend)
+        torch.testing.assert_close(out, fkl, rtol=1e-6, atol=1e-7)
+
+
+# TAID's target holds the student's q constant (stopgrad), so its gradient is not the
+# finite-difference derivative of its loss: the oracle above checks it instead.
+@pytest.mark.parametrize("divergence", [n for n in NAMES if n != "taid"])
 def test_gradcheck_float64(divergence):
     h, w, b, ids, p, labels = (t.cpu() for t in _case(5, 4, 23, 3, seed=3))
     fn = lambda h, w, b: sparse_kl_loss(  # noqa: E731

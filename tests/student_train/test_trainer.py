@@ -134,7 +134,7 @@ def test_a_training_step_makes_no_host_synchronisation(
         return out
 
     monkeypatch.setattr(T.Trainer, "train_step", guarded)
-    for kind in ("fkl", "ce"):
+    for kind in ("fkl", "ce", "taid"):
         cfg = _cfg(
             vllm_topk_cache,
             tiny_student,
@@ -145,10 +145,22 @@ def test_a_training_step_makes_no_host_synchronisation(
             log_every=4,
         )
         T.run(cfg)
-    assert len(steps) == 8 and all(isinstance(v, torch.Tensor) for v in steps[0].values())
+    assert len(steps) == 12 and all(isinstance(v, torch.Tensor) for v in steps[0].values())
+    # TAID's t moved on the device inside the guarded steps, and is logged per record
+    assert [float(s["t"]) for s in steps[8:]] == sorted(float(s["t"]) for s in steps[8:])
+    assert float(steps[8]["t"]) == pytest.approx(0.4)
+    assert float(steps[11]["t"]) > 0.4
+    assert _records(tmp_path / "taid")[-1]["t"] == float(steps[11]["t"])
 
 
-def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, vllm_topk_cache, tiny_student):
+# TAID with a large step size and short momentum: t is decided by its adaptive state
+# (momentum, previous loss), which the kill lands in the middle of
+@pytest.mark.parametrize(
+    "loss",
+    [[], ["--loss", "taid", "--set", "loss.taid_alpha=1.0", "--set", "loss.taid_momentum=0.5"]],
+    ids=["fkl", "taid"],
+)
+def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, vllm_topk_cache, tiny_student, loss):
     args = [
         "train-student",
         "--cache",
@@ -166,6 +178,7 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, vllm_topk_cache, 
         "--warmup",
         "2",
         "--quiet",
+        *loss,
     ]
     run_cli(*args, "--out", tmp_path / "full", check=True)
 
@@ -192,6 +205,12 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, vllm_topk_cache, 
         for r in rs
     ]  # noqa
     assert strip(_records(out)) == strip(_records(tmp_path / "full"))
+    if loss:  # t after the kill (step 9) is TAID's adaptive value, above its linear floor
+        t9 = _records(out)[8]["t"]
+        assert (
+            t9 > 0.4 + 0.6 * 8 / 16 + 0.01
+            and (out / "checkpoints" / "step-8" / "loss_schedule.pt").exists()
+        )
     assert (out / "data" / "rank-0.txt").read_text() == (
         tmp_path / "full" / "data" / "rank-0.txt"
     ).read_text()
@@ -223,7 +242,7 @@ def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
         "--set",
         "eval.sequences=6",
         "--quiet",
-    ] + (["--fsdp"] if fsdp else [])
+    ] + (["--fsdp"] if fsdp else ["--loss", "taid"])  # TAID: t from the loss of both ranks
     proc = run_torchrun(29500 + int(fsdp), *args)
     # a failing rank's one-line error first: the tail is the launcher's traceback
     errors = [ln for ln in proc.stderr.splitlines() if "sparsekd: " in ln]
@@ -234,6 +253,9 @@ def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
         assert len(lines) == 4
         ids.append({int(x) for ln in lines for x in ln.split()[1:]})
     assert ids[0] and ids[1] and not (ids[0] & ids[1])
+    if not fsdp:  # t moved by the mean KD loss over ranks (an all-reduce in the step)
+        ts = [r["t"] for r in _records(out) if "t" in r]
+        assert len(ts) == 4 and ts[0] == pytest.approx(0.4) and ts == sorted(ts) and ts[3] > 0.4
     evals = [r["eval"] for r in _records(out) if "eval" in r]
     assert len(evals) == 2 and all(e["tokens"] == 6 * 64 for e in evals)
     model, _ = load_student(out / "final")
