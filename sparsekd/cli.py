@@ -32,7 +32,7 @@ from sparsekd.cache_builder.config import BuildConfig  # noqa: E402
 from sparsekd.cache_builder.refine import RefineConfig  # noqa: E402
 from sparsekd.config import command_options  # noqa: E402
 from sparsekd.demo import DemoConfig  # noqa: E402
-from sparsekd.errors import SparsekdError  # noqa: E402
+from sparsekd.errors import Preempted, SparsekdError  # noqa: E402
 from sparsekd.student_train.config import TrainConfig  # noqa: E402
 from sparsekd.student_train.evaluate import EvaluateConfig  # noqa: E402
 from sparsekd.student_train.model import InitStudentConfig  # noqa: E402
@@ -207,6 +207,9 @@ def main(argv=None) -> int:
         return 2 if isinstance(e, click.UsageError) else e.exit_code
     except KeyboardInterrupt:
         return 130
+    except Preempted as e:
+        click.echo(f"sparsekd: {e}", err=True)
+        return e.exit_code
     except SparsekdError as e:
         if show_tb:
             traceback.print_exc()

@@ -38,3 +38,12 @@ class RunError(SparsekdError):
 class StorageError(SparsekdError):
     """A store that cannot be used: no such bucket, access refused, an endpoint that does not
     answer (sparsekd.storage)."""
+
+
+class Preempted(Exception):
+    """The run stopped on a scheduler's signal after writing a checkpoint: not an error,
+    and not a bug. The CLI prints its one line and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

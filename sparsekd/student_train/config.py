@@ -15,6 +15,7 @@ recorded in train_config.json); any other difference is refused, naming the sett
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 from sparsekd.config import check, section, setting
@@ -226,9 +227,26 @@ class CheckpointConfig:
     resume: bool = setting(
         False, "Continue from the newest intact checkpoint of --out.", flag="--resume"
     )
+    preempt_signals: tuple[str, ...] = setting(
+        ("SIGTERM", "SIGUSR1"),
+        "Signals that stop the run cleanly: it finishes its step, writes a checkpoint and "
+        "exits with checkpoint.preempt_exit_code (docs/training.md); empty: none.",
+    )
+    preempt_exit_code: int = setting(75, "Exit status after a preemption (75: try again).")
 
     def __post_init__(self):
         check(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
+        for name in self.preempt_signals:
+            sig = getattr(signal, name, None) if name.startswith("SIG") else None
+            check(
+                isinstance(sig, signal.Signals) and name not in ("SIGKILL", "SIGSTOP"),
+                f"checkpoint.preempt_signals: {name!r} is not a signal a process can catch",
+            )
+        check(
+            1 <= self.preempt_exit_code <= 255 and self.preempt_exit_code != 2,
+            "checkpoint.preempt_exit_code must be in 1..255 and not 2 (sparsekd's error "
+            f"status), got {self.preempt_exit_code}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,6 +298,8 @@ RESUME_SAFE = (
     "tensorboard",
     "checkpoint.every",
     "checkpoint.resume",
+    "checkpoint.preempt_signals",
+    "checkpoint.preempt_exit_code",
     "eval.cache",
     "eval.every",
     "eval.sequences",

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsekd.errors import CacheError, RunError
+from sparsekd.errors import CacheError, Preempted, RunError
 from sparsekd.kernels import SparseKLConfig
 from sparsekd.schemas.cache import Cache, check_same_sequences, open_cache
 from sparsekd.student_train import checkpoint, parallel
@@ -44,6 +44,7 @@ from sparsekd.student_train.evaluate import evaluate
 from sparsekd.student_train.metrics import DataLog, MetricsLog
 from sparsekd.student_train.model import DistillModule, check_compatible, load_student, save_final
 from sparsekd.student_train.optim import build_optimizer, build_schedule
+from sparsekd.student_train.preemption import StopSignals
 from sparsekd.student_train.reader import CacheReader
 from sparsekd.student_train.schedules import ParamSchedule
 
@@ -179,7 +180,16 @@ class Trainer:
 
     def fit(self, start: int, run: dict, log: MetricsLog, data_log: DataLog) -> dict:
         """The step loop: train, log every `log_every` steps (the only host syncs),
-        evaluate and checkpoint (their time is left out of the logged throughput)."""
+        evaluate and checkpoint (their time is left out of the logged throughput); on a
+        preemption signal, checkpoint and raise Preempted (preemption.py)."""
+        bar = _bar(self.cfg, start, self.d.rank)
+        with StopSignals(self.cfg.checkpoint.preempt_signals) as stop:
+            record = self._loop(start, run, log, data_log, bar, stop)
+        if bar is not None:
+            bar.close()
+        return record
+
+    def _loop(self, start, run, log, data_log, bar, stop) -> dict:
         cfg = self.cfg
         tokens_per_step = (
             cfg.data.batch_size
@@ -187,7 +197,6 @@ class Trainer:
             * self.data.cache.meta["seq_len"]
             * self.d.world
         )
-        bar = _bar(cfg, start, self.d.rank)
         acc, since, t0, wait0, record = None, 0, time.perf_counter(), self.reader.wait_s, {}
         for step in range(start, cfg.steps):
             lr = self.opt.param_groups[0]["lr"]  # the rate this step uses
@@ -197,7 +206,8 @@ class Trainer:
             data_log.write(step + 1, seq_ids.tolist())
             acc = out if acc is None else {k: acc[k] + v for k, v in out.items()}
             since += 1
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+            if logged:
                 dt, wait = time.perf_counter() - t0, self.reader.wait_s - wait0
                 record = {"step": step + 1, **{k: float(v) / since for k, v in acc.items()}}
                 if self.param is not None:  # as the logged step used it, not a mean
@@ -215,9 +225,29 @@ class Trainer:
                         loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
                     )
             t0 += self._after_step(step + 1, run, log)  # not training time
-        if bar is not None:
-            bar.close()
+            if step + 1 < cfg.steps and stop.agreed(self.d, logged):
+                if bar is not None:
+                    bar.close()
+                self._preempt(step + 1, run, stop.received)
         return record
+
+    def _preempt(self, step: int, run: dict, received: str | None) -> None:
+        """Checkpoint at `step` (unless this step's regular one was just written), then stop
+        with the status the scheduler requeues on."""
+        cfg, out = self.cfg, Path(self.cfg.out)
+        saved = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+        if not saved:
+            self.check_finite(step)
+            mod = self.module.model
+            checkpoint.save(out, step, self.d, mod, self.opt, self.sched, self.reader, run,
+                            self.param)  # fmt: skip
+        why = received or "a signal to another rank"
+        raise Preempted(
+            f"preempted ({why}) after step {step} of {cfg.steps}: checkpoint "
+            f"{out / checkpoint.CKPT_DIR / f'step-{step}'} written; run the same command "
+            "with --resume to continue exactly",
+            cfg.checkpoint.preempt_exit_code,
+        )
 
     def _after_step(self, step: int, run: dict, log: MetricsLog) -> float:
         """Evaluate and checkpoint when due; return the seconds it took."""

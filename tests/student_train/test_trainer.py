@@ -262,3 +262,91 @@ def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
     single = evaluate_model(model, open_cache(vllm_topk_cache), max_sequences=6)
     # the last evaluation ran at step 4 on the final weights, split over two ranks
     assert evals[-1]["lm_loss"] == pytest.approx(single["lm_loss"], rel=1e-4)
+
+
+def _train_args(cache, student, steps, *extra):
+    return [
+        "-m", "sparsekd", "train-student", "--cache", str(cache), "--student", str(student),
+        "--steps", str(steps), "--batch-size", "2", "--lr", "3e-3", "--warmup", "2",
+        "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def _wait_for_steps(out, n, proc, deadline_s=300):
+    log = out / "data" / "rank-0.txt"
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run did not reach step {n} (exit {proc.poll()})")
+
+
+def test_a_preempted_run_checkpoints_exits_75_and_resumes_bitwise(
+    tmp_path, vllm_topk_cache, tiny_student
+):
+    args = _train_args(vllm_topk_cache, tiny_student, 40)
+    run_cli(*args[2:], "--out", tmp_path / "full", check=True)
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--out", str(out)], stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_steps(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    step = int(line.split("after step ")[1].split()[0])
+    assert 3 <= step < 40 and line.startswith("sparsekd: preempted (SIGTERM) after step")
+    assert not (out / "final").exists()
+    assert (out / "checkpoints" / f"step-{step}" / "DONE").exists()
+    run_cli(*args[2:], "--out", out, "--resume", check=True)
+    a = (tmp_path / "full" / "final" / "model.safetensors").read_bytes()
+    assert (out / "final" / "model.safetensors").read_bytes() == a, "final weights differ"
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The worker of `rank` among torchrun's children (read from /proc)."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        kids = []
+        for task in os.listdir(f"/proc/{launcher.pid}/task"):
+            with open(f"/proc/{launcher.pid}/task/{task}/children") as fh:
+                kids += [int(x) for x in fh.read().split()]
+        for pid in kids:
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank} under torchrun")
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, vllm_topk_cache, tiny_student):
+    """SIGTERM reaches rank 1 only: the ranks agree (an all-reduce at a logging step), both
+    checkpoint the same step and exit 75; resumed, the run ends as an uninterrupted one."""
+    args = _train_args(vllm_topk_cache, tiny_student, 24)
+    proc = run_torchrun(29521, *args, "--out", tmp_path / "full")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", "29522", *args, "--out", str(out)]
+    launcher = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    _wait_for_steps(out, 3, launcher)
+    os.kill(_rank_pid(launcher, 1), signal.SIGTERM)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("sparsekd: preempted")]
+    assert len(lines) == 2, err[-3000:]
+    assert {ln.split("after step ")[1].split()[0] for ln in lines} == {
+        d.name.removeprefix("step-") for d in (out / "checkpoints").iterdir()
+    }
+    assert any("(SIGTERM)" in ln for ln in lines) and any("another rank" in ln for ln in lines)
+    proc = run_torchrun(29523, *args, "--out", out, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = (tmp_path / "full" / "final" / "model.safetensors").read_bytes()
+    assert (out / "final" / "model.safetensors").read_bytes() == a, "final weights differ"
