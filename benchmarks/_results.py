@@ -9,7 +9,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+# SPARSEKD_RESULTS redirects every figure (benchmarks/gpu/run_all.sh writes to its own folder)
+RESULTS = Path(os.environ.get("SPARSEKD_RESULTS") or Path(__file__).parent / "results")
 
 
 def commit() -> str:
