@@ -56,7 +56,9 @@ USER_ERRNOS = {
 
 
 def _rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    from sparsekd.student_train.parallel import env_rank_world
+
+    return env_rank_world()[0] == 0
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

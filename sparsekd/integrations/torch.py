@@ -26,8 +26,6 @@ streams rotated by the number of batches already consumed.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -38,11 +36,9 @@ from sparsekd.student_train.reader import collate as collate_batch
 
 
 def _world() -> tuple[int, int]:
-    import torch.distributed as dist
+    from sparsekd.student_train.parallel import env_rank_world
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return env_rank_world()
 
 
 class _Example:

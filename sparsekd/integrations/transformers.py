@@ -44,7 +44,7 @@ import transformers
 from sparsekd.config import build
 from sparsekd.errors import StudentError
 from sparsekd.integrations.torch import CacheDataset
-from sparsekd.kernels import SparseKLConfig, sparse_kl_loss
+from sparsekd.kernels import sparse_kl_loss
 from sparsekd.student_train.config import LossConfig
 from sparsekd.student_train.model import check_compatible, check_head
 from sparsekd.student_train.schedules import ParamSchedule
@@ -127,16 +127,9 @@ class SparseKDMixin:
             },
             "SparseKDTrainer ",
         )  # fmt: skip
-        ls = self.loss_settings
-        self.sparse_kl = SparseKLConfig(
-            divergence=ls.divergence,
-            kd_weight=ls.effective_kd_weight,
-            ce_weight=1.0 - ls.effective_kd_weight,
-            temperature=temperature,
-            beta=ls.mix,
-            t=ls.start if ls.param == "t" else 1.0,
-            backend=backend,
-            validate=not isinstance(self.train_dataset, CacheDataset),  # the reader checked
+        # a CacheDataset's reader checked ids and labels; other data is checked per call
+        self.sparse_kl = self.loss_settings.kernel_config(
+            validate=not isinstance(self.train_dataset, CacheDataset)
         )
         self.param_schedule = None  # made on the model's device at the first loss
         self._kd_sum, self._kd_n = None, 0

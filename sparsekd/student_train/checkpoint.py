@@ -2,12 +2,15 @@
 
     out/train_config.json        the resolved config and identities of the run, and one
                                  entry per resume naming the safe settings it changed
-    out/checkpoints/step-N/      model.pt optim.pt sched.pt [loss_schedule.pt] (rank 0),
-                                 rank-R.pt (reader
-                                 position and RNG states of rank R), config.json, and DONE:
-                                 written last, listing every file's size and sha256
+    out/checkpoints/step-N/      state/ (model and optimizer, torch.distributed.checkpoint:
+                                 each rank writes its own part, nothing is gathered),
+                                 sched.pt [loss_schedule.pt] config.json (rank 0), rank-R.pt
+                                 (reader position and RNG states of rank R), and DONE:
+                                 written last, listing every file's size and sha256 (each
+                                 rank hashes the files it wrote)
 
-Every file is fsynced before DONE is written, and the folder is renamed into place. On
+Every file is fsynced before DONE is written, and the folder is renamed into place.
+Checkpoints of earlier versions (model.pt and optim.pt, gathered on rank 0) still load. On
 `--resume`, the newest checkpoint whose files match its DONE is used; a damaged one is
 reported and the one before it is taken. A run killed before its first checkpoint resumes
 from step 0. A resume whose data or math settings differ from the run's is refused, naming
@@ -39,7 +42,7 @@ from sparsekd.storage import (
     write_error,
 )
 from sparsekd.student_train.config import RESUME_SAFE, TrainConfig
-from sparsekd.student_train.parallel import Dist, full_state, load_full_state
+from sparsekd.student_train.parallel import Dist, load_full_state, load_sharded, save_sharded
 
 RUN_CONFIG = "train_config.json"
 CKPT_DIR = "checkpoints"
@@ -206,6 +209,16 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+STATE_DIR = "state"  # torch.distributed.checkpoint's folder inside a checkpoint
+
+
+def _hashes(root: Path, paths: list[Path]) -> dict:
+    return {
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in paths
+    }
+
+
 def _save(obj, path: Path) -> None:
     """Serialised in memory, then written by Python, so that a disk that refuses the write
     (full, a size limit) is named by its errno, not in torch's words."""
@@ -230,21 +243,33 @@ def save(out: Path, step: int, d: Dist, model, opt, sched, reader, run: dict, pa
         tmp.mkdir(parents=True)
     d.barrier()
     _save({"reader": reader.state_dict(), "rng": rng_state()}, tmp / f"rank-{d.rank}.pt")
-    model_sd, optim_sd = full_state(model, opt)  # collective under FSDP2
+    try:
+        save_sharded(tmp / STATE_DIR, model, opt)  # collective: each rank writes its part
+    except OSError as e:
+        why = write_error(e) or e.strerror
+        raise StorageError(f"cannot write the checkpoint {tmp / STATE_DIR}: {why}") from e
     if d.rank == 0:
-        _save(model_sd, tmp / "model.pt")
-        _save(optim_sd, tmp / "optim.pt")
         _save(sched.state_dict(), tmp / "sched.pt")
         if param is not None:  # the divergence parameter's schedule (the same on every rank)
             _save(param.state_dict(), tmp / PARAM_FILE)
         atomic_write_file(tmp / "config.json", json_bytes(run))
+    # each rank hashes what it wrote (its state files and its own rank file): the cost of
+    # the checksums is each rank's share too
+    mine = [tmp / f"rank-{d.rank}.pt", *sorted((tmp / STATE_DIR).glob(f"__{d.rank}_*"))]
+    if d.rank == 0:
+        mine += [tmp / "config.json", tmp / "sched.pt"]
+        mine += [tmp / PARAM_FILE] if param is not None else []
+        mine += [p for p in sorted((tmp / STATE_DIR).iterdir()) if not p.name.startswith("__")]
+    atomic_write_file(tmp / f"hashes-{d.rank}.json", json_bytes(_hashes(tmp, mine)))
     d.barrier()
     if d.rank == 0:
-        files = {
-            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(tmp.iterdir())
-        }
-        atomic_write_file(tmp / "DONE", json_bytes({"step": step, "files": files}))
+        files = {}
+        for r in range(d.world):
+            files.update(read_json_file(tmp / f"hashes-{r}.json", "checkpoint hashes"))
+            (tmp / f"hashes-{r}.json").unlink()  # merged into DONE
+        fsync_dir(tmp / STATE_DIR)
+        done = {"step": step, "files": dict(sorted(files.items()))}
+        atomic_write_file(tmp / "DONE", json_bytes(done))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)
@@ -295,9 +320,12 @@ def latest_intact(out: Path) -> Path | None:
 
 def load(ckpt: Path, d: Dist, model, opt, sched, reader, param=None) -> int:
     """Restore every piece of state; return the step to continue from."""
-    model_sd = torch.load(ckpt / "model.pt", map_location="cpu")
-    optim_sd = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=False)
-    load_full_state(model, opt, model_sd, optim_sd)
+    if (ckpt / STATE_DIR).is_dir():
+        load_sharded(ckpt / STATE_DIR, model, opt)  # collective
+    else:  # a checkpoint of an earlier version: full state dicts written by rank 0
+        model_sd = torch.load(ckpt / "model.pt", map_location="cpu")
+        optim_sd = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=False)
+        load_full_state(model, opt, model_sd, optim_sd)
     sched.load_state_dict(torch.load(ckpt / "sched.pt"))
     if param is not None and (ckpt / PARAM_FILE).exists():
         param.load_state_dict(torch.load(ckpt / PARAM_FILE, weights_only=False))

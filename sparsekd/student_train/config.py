@@ -193,6 +193,24 @@ class LossConfig:
             return self.schedule_end
         return 1.0 if self.schedule_kind == "taid" else self.start
 
+    def kernel_config(self, *, validate: bool):
+        """The loss's SparseKLConfig: (1 - A) CE + A KD, the parameter at its start value
+        (a schedule passes later values per call). The one place this rule is written."""
+        from sparsekd.kernels.sparse_kl import SparseKLConfig
+
+        kd = self.effective_kd_weight
+        return SparseKLConfig(
+            divergence=self.divergence,
+            kd_weight=kd,
+            ce_weight=1.0 - kd,
+            temperature=self.temperature,
+            beta=self.mix,
+            t=self.start if self.param == "t" else 1.0,
+            backend=self.backend,
+            chunk_rows=self.chunk_rows,
+            validate=validate,
+        )
+
     @property
     def mix(self) -> float:
         """beta as the loss uses it at the first step."""

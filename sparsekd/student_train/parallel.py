@@ -8,6 +8,7 @@ NCCL on GPU, gloo on CPU.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +36,18 @@ def _env_int(name: str, default: str) -> int:
         raise RunError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def env_rank_world() -> tuple[int, int]:
+    """(rank, world size): the process group's when one is up, else torchrun's environment
+    (RANK, WORLD_SIZE), else (0, 1). The one place these variables are read."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return _env_int("RANK", "0"), _env_int("WORLD_SIZE", "1")
+
+
 def init() -> Dist:
     """The process group (under torchrun: WORLD_SIZE > 1), or one process. A distributed
     environment left half set (WORLD_SIZE or RANK without MASTER_ADDR) is refused by name."""
-    world = _env_int("WORLD_SIZE", "1")
-    _env_int("RANK", "0")
+    _, world = env_rank_world()
     if world > 1 and not dist.is_initialized():
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if k not in os.environ]
         if missing:
@@ -109,3 +117,33 @@ def load_full_state(model, opt, model_sd, optim_sd) -> None:
     o = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_sd, options=o)
     set_optimizer_state_dict(model, opt, optim_sd, options=o)
+
+
+def _one() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def save_sharded(path, model, opt) -> None:
+    """Model and optimizer state with torch.distributed.checkpoint (a collective): each
+    rank writes its own part (its FSDP2 shards; replicated DDP state is spread over the
+    ranks), nothing is gathered. Loadable on another number of ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    with warnings.catch_warnings():  # one process: DCP says so in a warning
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path), no_dist=_one())
+
+
+def load_sharded(path, model, opt) -> None:
+    """The inverse of `save_sharded`, resharded to this run's layout (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=_one())
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])

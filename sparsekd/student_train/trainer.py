@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from sparsekd.errors import CacheError, Preempted, RunError
-from sparsekd.kernels import SparseKLConfig
 from sparsekd.schemas.cache import Cache, check_same_sequences, open_cache
 from sparsekd.student_train import checkpoint, parallel
 from sparsekd.student_train.config import TrainConfig
@@ -85,18 +84,7 @@ class Trainer:
         self.cfg, self.d, self.data = cfg, d, data
         torch.manual_seed(cfg.seed)
         model.to(d.device)
-        kd = cfg.loss.effective_kd_weight
-        loss = SparseKLConfig(
-            divergence=cfg.loss.divergence,
-            kd_weight=kd,
-            ce_weight=1.0 - kd,
-            temperature=cfg.loss.temperature,
-            beta=cfg.loss.mix,
-            t=cfg.loss.start if cfg.loss.param == "t" else 1.0,
-            backend=cfg.loss.backend,
-            chunk_rows=cfg.loss.chunk_rows,
-            validate=False,  # the reader checked ids and labels on the CPU
-        )
+        loss = cfg.loss.kernel_config(validate=False)  # the reader checked ids and labels
         self.param = None  # the divergence's parameter over training (schedules.py)
         if cfg.loss.param is not None:
             self.param = ParamSchedule(

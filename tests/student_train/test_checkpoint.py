@@ -7,9 +7,11 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from sparsekd.config import build
 from sparsekd.errors import ConfigError, RunError
+from sparsekd.storage import sha256_file
 from sparsekd.student_train import trainer as T
 from sparsekd.student_train.checkpoint import intact, latest_intact
 from sparsekd.student_train.config import TrainConfig
@@ -109,7 +111,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
 ):
     out = tmp_path / "run"
     T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6))
-    model = out / "checkpoints" / "step-4" / "model.pt"
+    model = out / "checkpoints" / "step-4" / "state" / "__0_0.distcp"
     model.write_bytes(model.read_bytes()[:100])  # truncated, DONE still there
     assert "does not match its checksum" in intact(out / "checkpoints" / "step-4")
     assert latest_intact(out).name == "step-2"
@@ -117,6 +119,45 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
     T.run(_cfg(hf_topk_cache, tiny_student, out, steps=8, **{"checkpoint.resume": True}))
     resumed = json.loads((out / "train_config.json").read_text())["resumes"]
     assert resumed[0]["step"] == 2 and resumed[0]["changed"] == [["steps", 6, 8]]
+
+
+def _checkpoint_state(ckpt, tmp_file):
+    """A checkpoint's model and optimizer state as one dict, read by DCP's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ckpt / "state", tmp_file)
+    return torch.load(tmp_file, weights_only=False)
+
+
+def test_sharded_checkpoints_and_the_earlier_full_ones_resume_alike(
+    tmp_path, hf_topk_cache, tiny_student
+):
+    """A checkpoint holds the model and optimizer in torch.distributed.checkpoint's format;
+    one of the earlier format (model.pt and optim.pt, full state dicts) still resumes, to
+    the same weights."""
+    full = tmp_path / "full"
+    T.run(_cfg(hf_topk_cache, tiny_student, full, steps=6))
+    out = tmp_path / "legacy"
+    T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6))
+    ckpt = out / "checkpoints" / "step-4"
+    state = _checkpoint_state(ckpt, tmp_path / "state.pt")
+    assert set(state) == {"model", "optim"} and state["optim"]["state"]
+    torch.save(state["model"], ckpt / "model.pt")
+    torch.save(state["optim"], ckpt / "optim.pt")
+    shutil.rmtree(ckpt / "state")
+    shutil.rmtree(out / "checkpoints" / "step-6", ignore_errors=True)
+    done = json.loads((ckpt / "DONE").read_text())
+    files = {k: v for k, v in done["files"].items() if not k.startswith("state/")}
+    for name in ("model.pt", "optim.pt"):
+        files[name] = {"bytes": (ckpt / name).stat().st_size, "sha256": sha256_file(ckpt / name)}
+    (ckpt / "DONE").write_text(json.dumps({**done, "files": files}))
+    shutil.rmtree(out / "final")
+    run = json.loads((out / "train_config.json").read_text())
+    run.pop("finished")
+    (out / "train_config.json").write_text(json.dumps(run))
+    T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6, **{"checkpoint.resume": True}))
+    a = (full / "final" / "model.safetensors").read_bytes()
+    assert (out / "final" / "model.safetensors").read_bytes() == a
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_zero(
@@ -277,10 +318,8 @@ def test_a_diverging_run_stops_in_one_line_and_saves_nothing(tmp_path, hf_topk_c
         assert "likely a learning rate too high" in line
         assert not (out / "final").exists()
         for ckpt in (out / "checkpoints").glob("step-*"):  # what was saved is finite
-            import torch
-
-            state = torch.load(ckpt / "model.pt")
-            assert all(torch.isfinite(v).all() for v in state.values())
+            state = _checkpoint_state(ckpt, tmp_path / "state.pt")["model"]
+            assert state and all(torch.isfinite(v).all() for v in state.values())
 
 
 def test_one_run_at_a_time_per_out_and_a_killed_one_leaves_no_lock(

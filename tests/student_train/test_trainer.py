@@ -324,15 +324,20 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under torchrun")
 
 
-def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, vllm_topk_cache, tiny_student):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(
+    tmp_path, vllm_topk_cache, tiny_student, fsdp
+):
     """SIGTERM reaches rank 1 only: the ranks agree (an all-reduce at a logging step), both
-    checkpoint the same step and exit 75; resumed, the run ends as an uninterrupted one."""
-    args = _train_args(vllm_topk_cache, tiny_student, 24)
-    proc = run_torchrun(29521, *args, "--out", tmp_path / "full")
+    checkpoint the same step (each rank its own shard of the state) and exit 75; resumed,
+    the run ends as an uninterrupted one."""
+    args = _train_args(vllm_topk_cache, tiny_student, 24, *(["--fsdp"] if fsdp else []))
+    port = 29521 + 3 * int(fsdp)
+    proc = run_torchrun(port, *args, "--out", tmp_path / "full")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "preempted"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", "29522", *args, "--out", str(out)]
+    cmd += ["--master-port", str(port + 1), *args, "--out", str(out)]
     launcher = subprocess.Popen(
         cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -346,7 +351,10 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, vllm_topk_ca
         d.name.removeprefix("step-") for d in (out / "checkpoints").iterdir()
     }
     assert any("(SIGTERM)" in ln for ln in lines) and any("another rank" in ln for ln in lines)
-    proc = run_torchrun(29523, *args, "--out", out, "--resume")
+    (step,) = (out / "checkpoints").iterdir()
+    shards = {p.name.split("_")[2] for p in (step / "state").glob("__*_*.distcp")}
+    assert shards == {"0", "1"}, sorted(shards)  # __<rank>_<n>.distcp: both ranks wrote
+    proc = run_torchrun(port + 2, *args, "--out", out, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = (tmp_path / "full" / "final" / "model.safetensors").read_bytes()
     assert (out / "final" / "model.safetensors").read_bytes() == a, "final weights differ"
