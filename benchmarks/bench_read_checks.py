@@ -4,7 +4,8 @@ Cost: read throughput (tokens/s) of a real SmolLM2 cache (hf engine; top-K 8 and
 N = 50) through `open_cache` with every check (page CRC32 verification, row-group content
 checksums, structure checks, footer against manifest) against the same decode with none
 (a plain ParquetFile, the same column conversion and Sequence objects), and through the
-training reader's batches (collate) with checks.
+training reader's batches (collate) with checks. The cost of opening a shard with its
+footer's digest compared against the index, and without that comparison.
 
 Detection: one bit flipped (x ^ 0x10) at each of many offsets of one shard (evenly spaced,
 plus every byte of the footer); each flip is read back through `open_cache`: detected (a
@@ -88,6 +89,26 @@ def _sweep(path: Path, shard: Path, offsets) -> dict:
     return out
 
 
+def _open_cost(path, repeats: int = 20) -> tuple[float, float]:
+    """Microseconds per shard opening (footer read, metadata checks), with the footer's
+    digest compared against the index (schema 3) and without that comparison (the open
+    before it), alternated in one run; best of `repeats`."""
+    from sparsekd import open_cache
+    from sparsekd.schemas.cache import ShardFile
+
+    cache = open_cache(path)
+    digests, n = cache.index.footer_crc, len(cache.index)
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(repeats):
+        for check in (True, False):
+            cache.index.footer_crc = digests if check else None
+            t0 = time.perf_counter()
+            for i in range(n):
+                ShardFile(cache, i)
+            best[check] = min(best[check], (time.perf_counter() - t0) / n * 1e6)
+    return best[True], best[False]
+
+
 def main():
     from sparsekd import open_cache
     from sparsekd.student_train.reader import CacheReader
@@ -108,8 +129,9 @@ def main():
                 next(r)
 
         batch_rate = _rate(batches, (len(cache) // 8) * 8 * a.seq_len)
-        shard = cache.shard_path(0)
+        shard = Path(cache.shard_path(0))
         size = shard.stat().st_size
+        open_with, open_without = _open_cost(out)
         footer = range(max(0, size - 4096), size)
         offsets = sorted(
             set(np.linspace(0, size - 1, a.offsets).astype(int).tolist()) | set(footer)
@@ -123,6 +145,8 @@ def main():
                 "read_checked_tok_s": round(checked),
                 "checked_over_unchecked": round(checked / unchecked, 3),
                 "batches_checked_tok_s": round(batch_rate),
+                "open_us_with_footer_digest": round(open_with, 1),
+                "open_us_without": round(open_without, 1),
                 "shard_bytes": size,
                 "flips": len(offsets),
                 **sweep,
