@@ -282,6 +282,35 @@ class EvalConfig:
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     fsdp: bool = setting(False, "Shard with FSDP2 under torchrun (default: DDP).", flag="--fsdp")
+    activation_checkpointing: bool = setting(
+        False,
+        "Keep only each decoder layer's input and recompute its activations in the backward "
+        "pass: activation memory of one layer instead of all, for about one more forward "
+        "pass of compute (the same gradients).",
+    )
+    compile: bool = setting(
+        False,
+        "torch.compile each decoder layer (a compilation at the first steps, then fused "
+        "kernels; on CPU the compilation rarely pays back).",
+    )
+    mixed_precision: str | None = setting(
+        None,
+        "bf16: FSDP2 keeps fp32 parameter shards and optimizer state, gathers and computes "
+        "in bf16 and reduces gradients in fp32 (half the all-gather traffic and parameter "
+        "memory of a layer in use); needs --fsdp and CUDA. Default: fp32 parameters (under "
+        "CUDA the step already runs in bf16 autocast).",
+    )
+
+    def __post_init__(self):
+        check(
+            self.mixed_precision in (None, "bf16"),
+            f"parallel.mixed_precision must be bf16 or unset, got {self.mixed_precision!r}",
+        )
+        check(
+            self.mixed_precision is None or self.fsdp,
+            "parallel.mixed_precision=bf16 needs --fsdp (DDP keeps fp32 parameters; the step "
+            "runs in bf16 autocast on CUDA already)",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,6 +354,8 @@ RESUME_SAFE = (
     "data.read_ahead",
     "loss.backend",
     "parallel.fsdp",
+    "parallel.activation_checkpointing",
+    "parallel.compile",
     "out",
     "student",
     "data.cache",

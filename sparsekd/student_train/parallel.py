@@ -65,17 +65,25 @@ def init() -> Dist:
     return Dist(rank, world, device)
 
 
-def wrap(module: torch.nn.Module, decoder_layers, d: Dist, fsdp: bool):
-    """The module the step calls: DDP, FSDP2 (each decoder layer a unit, the root last),
-    or the module itself on one process."""
+def wrap(module: torch.nn.Module, decoder_layers, d: Dist, fsdp: bool, bf16: bool = False):
+    """The module the step calls: DDP, FSDP2 (each decoder layer a unit, the root last;
+    `bf16`: parameters gathered and used in bf16, gradients reduced in fp32), or the module
+    itself on one process."""
+    if bf16 and (d.device.type != "cuda" or d.world == 1 or not fsdp):
+        raise RunError(
+            "parallel.mixed_precision=bf16 needs FSDP2 on CUDA under torchrun with more than "
+            f"one rank; this run: {d.world} rank(s) on {d.device.type}"
+        )
     if d.world == 1:
         return module
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw = {"mp_policy": mp} if bf16 else {}
         for layer in decoder_layers:
-            fully_shard(layer)
-        fully_shard(module)
+            fully_shard(layer, **kw)
+        fully_shard(module, **kw)
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -98,7 +98,14 @@ class Trainer:
                 world=d.world,
             )
         self.module = DistillModule(model, loss, self.param)
-        self.wrapped = parallel.wrap(self.module, model.get_decoder().layers, d, cfg.parallel.fsdp)
+        layers = model.get_decoder().layers
+        if cfg.parallel.activation_checkpointing:  # recompute each layer in the backward
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        if cfg.parallel.compile:  # each layer, before FSDP2 wraps it (as torchtitan does)
+            for layer in layers:
+                layer.compile()
+        bf16 = cfg.parallel.mixed_precision == "bf16"
+        self.wrapped = parallel.wrap(self.module, layers, d, cfg.parallel.fsdp, bf16)
         self.opt = build_optimizer(self.module, cfg.optim)
         self.sched = build_schedule(self.opt, cfg.optim, cfg.optim.decay_steps)
         cuda = d.device.type == "cuda"

@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from sparsekd import open_cache
 from sparsekd.config import build
+from sparsekd.errors import ConfigError, RunError
 from sparsekd.student_train import trainer as T
 from sparsekd.student_train.config import TrainConfig
 from sparsekd.student_train.evaluate import evaluate_model
@@ -87,6 +88,45 @@ def test_same_loss_curve_with_triton_and_torch(tmp_path, vllm_topk_cache, tiny_s
     torch.testing.assert_close(
         torch.tensor(curves["triton"]), torch.tensor(curves["torch"]), rtol=1e-4, atol=1e-5
     )
+
+
+def test_activation_checkpointing_and_compile_keep_the_run(tmp_path, vllm_topk_cache, tiny_student):
+    """Recomputing each layer in the backward gives the same weights bit for bit; compiled
+    layers give the same loss curve to float tolerance."""
+    runs = {
+        "plain": {},
+        "recompute": {"activation_checkpointing": True},
+        "compiled": {"compile": True},
+    }
+    curves, weights = {}, {}
+    for name, par in runs.items():
+        T.run(_cfg(vllm_topk_cache, tiny_student, tmp_path / name, steps=3, parallel=par))
+        curves[name] = torch.tensor([r["loss"] for r in _records(tmp_path / name)])
+        weights[name] = (tmp_path / name / "final" / "model.safetensors").read_bytes()
+    assert len(curves["plain"]) == 3 and curves["plain"][-1] < curves["plain"][0]
+    assert torch.equal(curves["recompute"], curves["plain"])
+    assert weights["recompute"] == weights["plain"]
+    torch.testing.assert_close(curves["compiled"], curves["plain"], rtol=1e-4, atol=1e-5)
+    cfg = json.loads((tmp_path / "compiled" / "train_config.json").read_text())
+    assert cfg["config"]["parallel"]["compile"] is True
+
+
+def test_bf16_mixed_precision_is_refused_where_it_cannot_apply(
+    tmp_path, vllm_topk_cache, tiny_student
+):
+    with pytest.raises(ConfigError, match="needs --fsdp"):
+        _cfg(vllm_topk_cache, tiny_student, tmp_path / "x", parallel={"mixed_precision": "bf16"})
+    with pytest.raises(ConfigError, match="bf16 or unset"):
+        _cfg(vllm_topk_cache, tiny_student, tmp_path / "x", parallel={"mixed_precision": "fp8"})
+    cfg = _cfg(
+        vllm_topk_cache,
+        tiny_student,
+        tmp_path / "x",
+        parallel={"mixed_precision": "bf16", "fsdp": True},
+    )
+    with pytest.raises(RunError, match="needs FSDP2 on CUDA under torchrun"):
+        T.run(cfg)
+    assert not (tmp_path / "x" / "final").exists()
 
 
 class NoHostSync(TorchFunctionMode):
