@@ -38,9 +38,22 @@ def append_csv(name: str, rows: list[dict]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / name
     rows = [{"commit": commit(), "machine": machine(), **r} for r in rows]
+    fields = list(rows[0])
+    if path.exists():
+        with open(path, newline="") as fh:
+            old = csv.DictReader(fh)
+            have = list(old.fieldnames or [])
+            earlier = list(old)
+        if have != fields:  # a benchmark gained or lost a column: one header for all rows
+            union = have + [f for f in fields if f not in have]
+            with open(path, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=union, restval="")
+                w.writeheader()
+                w.writerows(earlier)
+            fields = union
     new = not path.exists()
     with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=fields, restval="")
         if new:
             w.writeheader()
         w.writerows(rows)
