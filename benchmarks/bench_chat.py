@@ -120,17 +120,25 @@ def main():
         finally:
             engine.close()
     _results.append_csv("chat.csv", [{"row": json.dumps(r)} for r in ROWS])
-    (_results.RESULTS / "chat.md").write_text(markdown())
+    (_results.RESULTS / "chat.md").write_text(markdown(a.teacher))
 
 
-def markdown() -> str:
+def _teacher(path: str) -> str:
+    """The teacher in words: its folder's name and its shape (a tiny random teacher's
+    bytes per token say nothing about a real one's)."""
+    c = json.loads((Path(path) / "config.json").read_text())
+    n = c.get("num_hidden_layers"), c.get("hidden_size")
+    return f"teacher `{Path(path).name}` ({n[0]} layers, hidden {n[1]})"
+
+
+def markdown(teacher: str) -> str:
     cols = ["mode", "learn", "packing", "conversations", "rows", "tokens", "learnt",
             "padding_fraction", "bytes_per_token", "bytes_per_learnt_token", "wall_s", "tok_s",
             "conversations_per_s"]  # fmt: skip
     lines = [
         "# Chat data (benchmarks/bench_chat.py)",
         "",
-        f"Machine: {_results.machine()}; commit {_results.commit()}. SmolLM2-135M-Instruct "
+        f"Machine: {_results.machine()}; commit {_results.commit()}. {_teacher(teacher)} "
         f"through vLLM (CPU), seq_len {SEQ_LEN}, the built-in chat corpus.",
         "",
         "| " + " | ".join(cols) + " |",
