@@ -17,7 +17,8 @@ The kinds of store:
 - `LocalStore` (a path or `file://`): a `put` writes into this process's private staging
   folder `.tmp/<host>-<pid>-<random>/`, fsyncs the file, renames it into place and fsyncs
   the destination folder; `put_new` does the same with link(2), which fails when the name
-  exists. A staging folder untouched for an hour belongs to a dead process and is swept.
+  exists. A staging folder whose process is gone (same host, pid not running) or untouched
+  for an hour belongs to a dead writer and is swept by the next writer.
 - `S3Store` (`s3://bucket/prefix`): pyarrow's native S3 client for reads (ranged GETs),
   listings and large writes (multipart upload, parts sent in the background, retried with
   exponential backoff); objects below `SMALL_OBJECT` bytes are one PutObject through boto3,
@@ -62,6 +63,21 @@ S3_RETRY_ATTEMPTS = 10  # pyarrow's standard AWS retry strategy: exponential bac
 def process_tag() -> str:
     """A name no other process uses: host, pid and a random part."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _dead_here(tag: str) -> bool:
+    """Whether `tag` (a `process_tag`) names a process of this host that no longer runs.
+    A pid reused since reads as alive: the folder then waits for the time-based sweep."""
+    host, _, rest = tag.rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not rest.isdigit():
+        return False
+    try:
+        os.kill(int(rest), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def is_uri(path) -> bool:
@@ -354,12 +370,14 @@ class LocalStore(Store):
 
     @staticmethod
     def _sweep(parent: Path) -> None:
+        """Remove the staging folders of dead writers: one of this host whose process is
+        gone (a worker killed mid-write), or any untouched for `STALE_STAGING_S`."""
         if not parent.is_dir():
             return
         now = time.time()
         for d in parent.iterdir():
             try:
-                if now - d.stat().st_mtime > STALE_STAGING_S:
+                if _dead_here(d.name) or now - d.stat().st_mtime > STALE_STAGING_S:
                     shutil.rmtree(d, ignore_errors=True)
             except FileNotFoundError:  # another process swept it first
                 pass

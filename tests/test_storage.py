@@ -5,6 +5,7 @@ errors for a missing bucket and refused credentials that never show a key."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import uuid
 import pytest
 
 from sparsekd.errors import StorageError
-from sparsekd.storage import STALE_STAGING_S, LocalStore, open_store
+from sparsekd.storage import STAGING, STALE_STAGING_S, LocalStore, open_store
 from tests.helpers import error_line, run_cli
 from tests.s3 import DelayProxy, S3Server
 
@@ -92,8 +93,13 @@ def test_local_staging_is_private_and_only_stale_folders_are_swept(tmp_path):
     old = time.time() - STALE_STAGING_S - 10
     os.utime(b._staging, (old, old))
     live = a._staging
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    killed = tmp_path / STAGING / f"{socket.gethostname()}-{gone.stdout.strip()}-0123abcd"
+    killed.mkdir()  # a worker of this host killed mid-write, a moment ago
+    (killed / "half-written").write_bytes(b"z")
     LocalStore(tmp_path).put("x/three", b"3")  # a new writer sweeps what is stale, only that
-    assert not b._staging.exists() and live.exists()
+    assert not b._staging.exists() and not killed.exists() and live.exists()
     assert LocalStore(tmp_path).list("") == {"x/one": 1, "x/three": 1, "x/two": 1}
     a.close()
     assert not live.exists()
@@ -180,7 +186,7 @@ def test_writers_on_a_disk_that_refuses_them_are_one_line_and_leave_nothing_half
     train = ["train-student", "--cache", hf_topk_cache, "--student", tiny_student,
              "--steps", 2, "--batch-size", 2, "--quiet"]  # fmt: skip
     out = tmp_path / "ckpt"
-    one_line(_limited(256, *train, "--out", out, "--save-every", 1), "checkpoint file")
+    one_line(_limited(256, *train, "--out", out, "--save-every", 1), "the checkpoint")
     assert not list((out / "checkpoints").glob("step-*"))  # only a hidden, undone folder
     out = tmp_path / "final"
     one_line(_limited(256, *train, "--out", out), f"{out / 'final'}")
