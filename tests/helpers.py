@@ -39,9 +39,11 @@ def run_cli(*args, check: bool = False, timeout: int = 600, **kw) -> subprocess.
     return proc
 
 
-def run_torchrun(port: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Two local ranks (gloo on CPU) of `args` under torchrun, one thread each."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+def run_torchrun(
+    port: int, *args, timeout: int = 600, nproc: int = 2
+) -> subprocess.CompletedProcess:
+    """`nproc` local ranks (gloo on CPU) of `args` under torchrun, one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     cmd += ["--master-port", str(port), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -15,10 +15,16 @@ Checkpoints of earlier versions (model.pt and optim.pt, gathered on rank 0) stil
 reported and the one before it is taken. A run killed before its first checkpoint resumes
 from step 0. A resume whose data or math settings differ from the run's is refused, naming
 them; `RESUME_SAFE` settings may change and the change is recorded.
+
+A run may resume on another number of ranks: the model and optimizer state reshard on load
+(torch.distributed.checkpoint), the data position is every saved rank's together (a carry
+pass reads what they had left of their epochs, `reader.CacheReader.load_state_dicts`), and
+the global batch is kept, by gradient accumulation when needed (`_keep_global_batch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -42,7 +48,13 @@ from sparsekd.storage import (
     write_error,
 )
 from sparsekd.student_train.config import RESUME_SAFE, TrainConfig
-from sparsekd.student_train.parallel import Dist, load_full_state, load_sharded, save_sharded
+from sparsekd.student_train.parallel import (
+    Dist,
+    load_full_state,
+    load_sharded,
+    save_sharded,
+    wait_sharded,
+)
 
 RUN_CONFIG = "train_config.json"
 CKPT_DIR = "checkpoints"
@@ -141,10 +153,16 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
         raise RunError(f"--out {out} already holds a run; pass --resume to continue it")
     old = run["config"]
     cfg = _fix_horizons(cfg, old)
+    old_world = run["identities"].get("world_size", identities["world_size"])
+    cfg = _keep_global_batch(cfg, old, old_world, identities["world_size"])
     new_flat, old_flat = _flat(to_dict(cfg)), _flat(old)
     changed = sorted(k for k in set(new_flat) | set(old_flat) if new_flat.get(k) != old_flat.get(k))
-    refused = [k for k in changed if k not in RESUME_SAFE]
-    refused += [f"{k} (identity)" for k, v in identities.items() if run["identities"].get(k) != v]
+    refused = [k for k in changed if k not in RESUME_SAFE + PER_RANK_BATCH]
+    refused += [
+        f"{k} (identity)"
+        for k, v in identities.items()
+        if k != "world_size" and run["identities"].get(k) != v
+    ]
     if refused:
         shown = ", ".join(refused[:6])
         raise RunError(
@@ -160,7 +178,34 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
             f"{finished} to train further"
         )
     changes = [[k, old_flat.get(k), new_flat.get(k)] for k in changed if k != "checkpoint.resume"]
+    if old_world != identities["world_size"]:  # against the run's first, as every change
+        changes.append(["world_size", old_world, identities["world_size"]])
     return cfg, run, changes
+
+
+PER_RANK_BATCH = ("data.batch_size", "optim.grad_accum")  # free when the global batch stays
+
+
+def _keep_global_batch(cfg: TrainConfig, old: dict, old_world: int, world: int) -> TrainConfig:
+    """A resumed run keeps its global batch (sequences per optimizer step) on any number
+    of ranks: the per-rank split (`PER_RANK_BATCH`) is free, and when the one given does
+    not keep it, the gradient accumulation is set to (the resume prints so). A global batch
+    no accumulation can keep is refused: it would change the optimisation under way."""
+    per = old["data"]["batch_size"] * old["optim"]["grad_accum"]
+    glob = per * old_world
+    if cfg.data.batch_size * cfg.optim.grad_accum * world == glob:
+        return cfg
+    accum, left = divmod(glob, cfg.data.batch_size * world)
+    if left or not accum:
+        raise RunError(
+            f"--resume on {world} ranks: the run's global batch is {glob} sequences "
+            f"({old_world} ranks x {per}), which --batch-size {cfg.data.batch_size} cannot "
+            f"keep on {world} ranks; pass a --batch-size that divides {glob // world}"
+            if glob % world == 0
+            else f"--resume on {world} ranks: the run's global batch of {glob} sequences "
+            f"({old_world} ranks x {per}) does not divide over {world} ranks"
+        )
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum=accum))
 
 
 def _fix_horizons(cfg: TrainConfig, given: dict) -> TrainConfig:
@@ -234,46 +279,89 @@ def _save(obj, path: Path) -> None:
         raise StorageError(f"cannot write the checkpoint file {path}: {why}") from e
 
 
-def save(out: Path, step: int, d: Dist, model, opt, sched, reader, run: dict, param=None) -> None:
-    """A checkpoint of every rank's state (a collective: call on all ranks)."""
+def save(
+    out: Path, step: int, d: Dist, model, opt, sched, reader, run: dict, param=None,
+    background: bool = False,
+) -> PendingSave | None:  # fmt: skip
+    """A checkpoint of every rank's state (a collective: call on all ranks).
+
+    `background`: model and optimizer state are copied to host memory and written by a
+    thread while training goes on; the returned `PendingSave` is published (DONE) later,
+    by `publish()` on every rank. Until then the checkpoint does not exist for a resume."""
     root = out / CKPT_DIR
-    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    tmp = root / f".step-{step}.tmp"
     if d.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     d.barrier()
     _save({"reader": reader.state_dict(), "rng": rng_state()}, tmp / f"rank-{d.rank}.pt")
-    try:
-        save_sharded(tmp / STATE_DIR, model, opt)  # collective: each rank writes its part
-    except OSError as e:
-        why = write_error(e) or e.strerror
-        raise StorageError(f"cannot write the checkpoint {tmp / STATE_DIR}: {why}") from e
+    with _named(tmp / STATE_DIR):  # collective: each rank writes its part
+        future = save_sharded(tmp / STATE_DIR, model, opt, background=background)
     if d.rank == 0:
         _save(sched.state_dict(), tmp / "sched.pt")
         if param is not None:  # the divergence parameter's schedule (the same on every rank)
             _save(param.state_dict(), tmp / PARAM_FILE)
         atomic_write_file(tmp / "config.json", json_bytes(run))
-    # each rank hashes what it wrote (its state files and its own rank file): the cost of
-    # the checksums is each rank's share too
-    mine = [tmp / f"rank-{d.rank}.pt", *sorted((tmp / STATE_DIR).glob(f"__{d.rank}_*"))]
-    if d.rank == 0:
-        mine += [tmp / "config.json", tmp / "sched.pt"]
-        mine += [tmp / PARAM_FILE] if param is not None else []
-        mine += [p for p in sorted((tmp / STATE_DIR).iterdir()) if not p.name.startswith("__")]
-    atomic_write_file(tmp / f"hashes-{d.rank}.json", json_bytes(_hashes(tmp, mine)))
-    d.barrier()
-    if d.rank == 0:
-        files = {}
-        for r in range(d.world):
-            files.update(read_json_file(tmp / f"hashes-{r}.json", "checkpoint hashes"))
-            (tmp / f"hashes-{r}.json").unlink()  # merged into DONE
-        fsync_dir(tmp / STATE_DIR)
-        done = {"step": step, "files": dict(sorted(files.items()))}
-        atomic_write_file(tmp / "DONE", json_bytes(done))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(root)
-    d.barrier()
+    pending = PendingSave(step, root, tmp, d, param is not None, future)
+    if future is None:
+        pending.publish()
+        return None
+    return pending
+
+
+@contextlib.contextmanager
+def _named(path: Path):
+    try:
+        yield
+    except OSError as e:
+        why = write_error(e) or e.strerror
+        raise StorageError(f"cannot write the checkpoint {path}: {why}") from e
+
+
+@dataclasses.dataclass
+class PendingSave:
+    """A checkpoint folder being written (`.step-N.tmp`); `publish` makes it `step-N`."""
+
+    step: int
+    root: Path
+    tmp: Path
+    d: Dist
+    has_param: bool
+    future: object | None  # the background write of state/, None once it has ended
+
+    def written_here(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def publish(self) -> None:
+        """Wait for this rank's write, hash what it wrote, and (rank 0, once every rank
+        has) write DONE and rename the folder into place. A collective."""
+        d, tmp, root = self.d, self.tmp, self.root
+        if self.future is not None:
+            with _named(tmp / STATE_DIR):
+                wait_sharded(self.future)
+            self.future = None
+        # each rank hashes what it wrote (its state files and its own rank file): the cost
+        # of the checksums is each rank's share too
+        mine = [tmp / f"rank-{d.rank}.pt", *sorted((tmp / STATE_DIR).glob(f"__{d.rank}_*"))]
+        if d.rank == 0:
+            mine += [tmp / "config.json", tmp / "sched.pt"]
+            mine += [tmp / PARAM_FILE] if self.has_param else []
+            mine += [p for p in sorted((tmp / STATE_DIR).iterdir()) if not p.name.startswith("__")]
+        atomic_write_file(tmp / f"hashes-{d.rank}.json", json_bytes(_hashes(tmp, mine)))
+        d.barrier()
+        if d.rank == 0:
+            files = {}
+            for r in range(d.world):
+                files.update(read_json_file(tmp / f"hashes-{r}.json", "checkpoint hashes"))
+                (tmp / f"hashes-{r}.json").unlink()  # merged into DONE
+            fsync_dir(tmp / STATE_DIR)
+            done = {"step": self.step, "files": dict(sorted(files.items()))}
+            atomic_write_file(tmp / "DONE", json_bytes(done))
+            final = root / f"step-{self.step}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(root)
+        d.barrier()
 
 
 def intact(ckpt: Path) -> str | None:
@@ -331,7 +419,13 @@ def load(ckpt: Path, d: Dist, model, opt, sched, reader, param=None) -> int:
         param.load_state_dict(torch.load(ckpt / PARAM_FILE, weights_only=False))
     elif param is not None and param.kind != "constant":  # saved before schedules existed
         raise RunError(f"checkpoint {ckpt} holds no state of loss.schedule {param.kind}")
-    rs = torch.load(ckpt / f"rank-{d.rank}.pt", weights_only=False)
-    reader.load_state_dict(rs["reader"])
-    set_rng_state(rs["rng"])
+    saved = len(list(ckpt.glob("rank-*.pt")))  # the number of ranks that wrote it
+    ranks = range(saved) if saved != d.world else [d.rank]
+    states = {r: torch.load(ckpt / f"rank-{r}.pt", weights_only=False) for r in ranks}
+    if saved == d.world:
+        reader.load_state_dict(states[d.rank]["reader"])
+    else:  # resharded: the data position is the saved ranks' together (reader.py)
+        reader.load_state_dicts([states[r]["reader"] for r in ranks])
+    if d.rank in states:  # a rank the saved run did not have keeps its seeded state
+        set_rng_state(states[d.rank]["rng"])
     return int(ckpt.name.removeprefix("step-"))

@@ -251,6 +251,13 @@ class CheckpointConfig:
         "exits with checkpoint.preempt_exit_code (docs/training.md); empty: none.",
     )
     preempt_exit_code: int = setting(75, "Exit status after a preemption (75: try again).")
+    background: bool = setting(
+        False,
+        "Write each checkpoint's model and optimizer state in a background thread: the step "
+        "waits only for a copy of the state in host memory (one more copy of each rank's "
+        "share); the checkpoint counts (DONE) from the next logging step at which every rank "
+        "has finished writing it, and a run killed before then resumes from the one before.",
+    )
 
     def __post_init__(self):
         check(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
@@ -347,6 +354,7 @@ RESUME_SAFE = (
     "checkpoint.resume",
     "checkpoint.preempt_signals",
     "checkpoint.preempt_exit_code",
+    "checkpoint.background",
     "eval.cache",
     "eval.every",
     "eval.sequences",

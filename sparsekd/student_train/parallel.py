@@ -7,6 +7,7 @@ NCCL on GPU, gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -131,17 +132,104 @@ def _one() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-def save_sharded(path, model, opt) -> None:
+def save_sharded(path, model, opt, background: bool = False):
     """Model and optimizer state with torch.distributed.checkpoint (a collective): each
     rank writes its own part (its FSDP2 shards; replicated DDP state is spread over the
-    ranks), nothing is gathered. Loadable on another number of ranks."""
+    ranks), nothing is gathered. Loadable on another number of ranks.
+
+    `background`: the state is first copied to host memory (the caller may then change
+    the model), and written by a thread, whose collectives use a process group of their
+    own; returns the write's Future (`wait_sharded` takes its result). Else None."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, opt)
-    with warnings.catch_warnings():  # one process: DCP says so in a warning
-        warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path), no_dist=_one())
+    state = {"model": msd, "optim": osd}
+    with _named_write_errors(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process
+        if not background:
+            dcp.save(state, storage_writer=_writer(path), no_dist=_one())
+            return None
+        # the writer stages: a fresh host copy of every tensor, made before this returns
+        return dcp.async_save(
+            state, storage_writer=_writer(path), process_group=_checkpoint_group(), no_dist=_one()
+        )
+
+
+def wait_sharded(future) -> None:
+    """The end of a background write (its errors raised as `save_sharded` raises them)."""
+    with _named_write_errors():
+        future.result()
+
+
+_GROUP = None
+
+
+def _checkpoint_group():
+    """A gloo group for background checkpoint writes, created once (a collective: every
+    rank creates it at the same save): its collectives never meet the training's."""
+    global _GROUP
+    if _one():
+        return None
+    if _GROUP is None:
+        _GROUP = dist.new_group(backend="gloo")
+    return _GROUP
+
+
+@contextlib.contextmanager
+def _named_write_errors():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:  # a BaseException: every rank gets every rank's failure
+        refused = [f for f, *_ in e.failures.values() if isinstance(f, OSError)]
+        if refused:  # a disk that refused a rank's writes: named by its errno on every rank
+            raise refused[0] from e
+        raise
+
+
+def _writer(path):
+    """DCP's file writer, whose failed writes report the OSError the file raised: torch's
+    zip writer turns it into "unexpected pos ..." otherwise."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class Stream:
+        def __init__(self, raw, refused: list):
+            self._raw, self._refused = raw, refused
+
+        def write(self, data):
+            try:
+                return self._raw.write(data)
+            except OSError as e:
+                self._refused.append(e)
+                raise
+
+        def __getattr__(self, name):
+            return getattr(self._raw, name)
+
+    class Recording(FileSystem):
+        def __init__(self):
+            self.refused: list[OSError] = []
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            with super().create_stream(path, mode) as raw:
+                yield Stream(raw, self.refused) if "r" not in mode else raw
+
+    class Writer(FileSystemWriter):
+        def write_data(self, plan, planner):
+            try:
+                return super().write_data(plan, planner)
+            except Exception:
+                if self.fs.refused:
+                    raise self.fs.refused[0] from None
+                raise
+
+    w = Writer(str(path))
+    w.fs = Recording()
+    return w
 
 
 def load_sharded(path, model, opt) -> None:

@@ -108,6 +108,8 @@ class SequenceStream:
         shuffle: bool = True,
         keep: np.ndarray | None = None,
         read_ahead: int | None = None,
+        allow_empty: bool = False,
+        whole: bool = False,
     ):
         if not 0 <= stream < streams:
             raise ValueError(f"stream {stream} is outside 0..{streams - 1}")
@@ -115,16 +117,20 @@ class SequenceStream:
         self.seed, self.shuffle, self.keep = seed, shuffle, keep
         self.read_ahead = read_ahead  # row groups in flight (None: the cache's default)
         shard, group, rows = cache.row_groups()
-        if keep is not None:  # only groups holding a kept sequence (ids are consecutive)
-            first = cache.index.first_seq[shard] + group * cache.row_group_size
+        first = cache.index.first_seq[shard] + group * cache.row_group_size  # ids consecutive
+        kept = rows
+        if keep is not None:  # only groups holding a kept sequence
             lo = np.searchsorted(keep, first)
             hi = np.searchsorted(keep, first + rows)
             has = hi > lo
-            shard, group, rows = shard[has], group[has], (hi - lo)[has]
-        mine = _cut(len(shard), streams, stream)
-        self.shard, self.group = shard[mine], group[mine]
-        self.sequences = int(rows[mine].sum())  # in one epoch of this stream
-        if not len(self.shard):
+            shard, group, rows, first, kept = (
+                shard[has], group[has], rows[has], first[has], (hi - lo)[has]
+            )  # fmt: skip
+        mine = slice(None) if whole else _cut(len(shard), streams, stream)  # whole: `keep`
+        self.shard, self.group = shard[mine], group[mine]  # is already this stream's own
+        self._first, self._rows = first[mine], rows[mine]  # each group's seq_ids, from the index
+        self.sequences = int(kept[mine].sum())  # in one epoch of this stream
+        if not len(self.shard) and not allow_empty:
             raise CacheError(
                 f"stream {stream} of {streams} gets no data: the cache has {len(shard)} row "
                 "groups"
@@ -164,6 +170,31 @@ class SequenceStream:
         if self.shuffle:
             seqs = [seqs[i] for i in self._rng(epoch, w).permutation(len(seqs))]
         return seqs
+
+    def _group_ids(self, gis) -> np.ndarray:
+        """The seq_ids of this stream's groups `gis` (positions in its lists), in order,
+        from the index alone; without the `keep` filter."""
+        gis = np.asarray(gis, dtype=np.int64)
+        n = self._rows[gis]
+        starts = np.repeat(self._first[gis], n)
+        return starts + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+
+    def _kept(self, ids: np.ndarray) -> np.ndarray:
+        return ids if self.keep is None else ids[in_sorted(ids, self.keep)]
+
+    def unread(self, state: dict) -> np.ndarray:
+        """The seq_ids this stream has yet to yield in the epoch of `state` (sorted), from
+        the index alone: what a run resumed on another number of ranks must still read."""
+        epoch, w, offset = state["epoch"], state["window"], state["offset"]
+        if w >= self.num_windows:
+            return np.zeros(0, dtype=np.int64)
+        order = self._group_order(epoch)
+        wg = self.window_groups
+        window = self._kept(self._group_ids(order[w * wg : (w + 1) * wg]))
+        if self.shuffle:  # the order `_window_sequences` yields them in
+            window = window[self._rng(epoch, w).permutation(len(window))]
+        later = self._kept(self._group_ids(order[(w + 1) * wg :]))
+        return np.sort(np.concatenate([window[offset:], later]))
 
     def window(self, epoch: int, w: int) -> list[Sequence]:
         """The sequences of window w of an epoch, in the order the stream yields them."""
@@ -244,13 +275,23 @@ class CacheReader:
             )
         self.batch_size, self.prefetch, self.pin = batch_size, prefetch, pin_memory
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self._args = {"seed": seed, "shuffle_buffer": shuffle_buffer, "read_ahead": read_ahead}
+        self.cache, self.keep = cache, keep
+        self.carry, self.carry_stream = None, None  # see `load_state_dicts`
         self.state = {"epoch": 0, "window": 0, "offset": 0}
         self.wait_s = 0.0
         self._start(self.state)
 
+    def _sequences(self, state: dict):
+        c = self.carry
+        if c is not None and state["epoch"] < c["next_epoch"]:  # the carry pass first
+            yield from self.carry_stream.iterate(state, epochs=c["next_epoch"])
+            state = {"epoch": c["next_epoch"], "window": 0, "offset": 0}
+        yield from self.stream.iterate(state)
+
     def _batches(self, state: dict) -> Iterator[tuple[dict, dict]]:
         seqs: list[Sequence] = []
-        for seq, after in self.stream.iterate(state):
+        for seq, after in self._sequences(state):
             seqs.append(seq)
             if len(seqs) == self.batch_size:
                 yield collate(seqs).tensors(self.pin), after
@@ -315,14 +356,93 @@ class CacheReader:
         self._stop()
 
     def state_dict(self) -> dict:
-        return {**self.state, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
+        out = {**self.state, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
+        return out if self.carry is None else {**out, "carry": self.carry}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from this rank's own saved position (same seed, rank and world size)."""
         for key in ("seed", "rank", "world_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"reader state was saved with {key}={state[key]}, this run has "
                     f"{getattr(self, key)}"
                 )
+        self._set_carry(state.get("carry"))
         self.state = {k: state[k] for k in ("epoch", "window", "offset")}
         self._start(self.state)
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Continue from the positions of every rank of the run saved (`states[r]` is rank
+        r's), on this run's number of ranks, which may differ.
+
+        Same number: each rank continues its own stream. Another number: first a *carry
+        pass*, in which this run's ranks share out the sequences that the saved ranks had
+        yet to read in their epochs (each read once, in a seeded order); then epochs
+        continue as usual, cut for this run's ranks. The pass is a pure function of the
+        saved positions, which the state carries, so a run resumed again (on any number of
+        ranks, even during the pass) continues it exactly."""
+        if len(states) == self.world_size:
+            self.load_state_dict(states[self.rank])
+            return
+        if {st["seed"] for st in states} != {self.seed}:
+            raise ValueError(f"reader states were saved with another seed than {self.seed}")
+        prev = states[0].get("carry")
+        inside = [prev is not None and st["epoch"] < prev["next_epoch"] for st in states]
+        carry = {
+            "world": len(states),
+            "positions": [{k: st[k] for k in ("epoch", "window", "offset")} for st in states],
+            "carry": prev if any(inside) else None,  # a pass under way when resized again
+            "next_epoch": max(
+                prev["next_epoch"] if i else st["epoch"] + 1 for st, i in zip(states, inside)
+            ),
+        }
+        self._set_carry(carry)
+        self.state = {"epoch": carry["next_epoch"] - 1, "window": 0, "offset": 0}
+        self._start(self.state)
+
+    def _set_carry(self, carry: dict | None) -> None:
+        self.carry, self.carry_stream = carry, None
+        if carry is not None:
+            a = self._args
+            keep = carry_sequences(
+                self.cache, self.keep, carry, seed=a["seed"], shuffle_buffer=a["shuffle_buffer"]
+            )
+            self.carry_stream = _carry_stream(
+                self.cache, keep, self.rank, self.world_size, **self._args
+            )
+
+
+def carry_sequences(
+    cache: Cache, keep, carry: dict, *, seed: int, shuffle_buffer: int
+) -> np.ndarray:
+    """The seq_ids a carry pass reads (sorted): those the saved ranks of `carry` had yet to
+    read in their epochs, found from the cache's index (no shard is opened)."""
+    prev = carry["carry"]
+    base = None
+    parts = []
+    for i, pos in enumerate(carry["positions"]):
+        inside = prev is not None and pos["epoch"] < prev["next_epoch"]
+        if inside and base is None:
+            base = carry_sequences(cache, keep, prev, seed=seed, shuffle_buffer=shuffle_buffer)
+        if inside:  # a rank of the earlier carry pass
+            stream = _carry_stream(cache, base, i, carry["world"], seed, shuffle_buffer)
+        else:
+            stream = SequenceStream(
+                cache, stream=i, streams=carry["world"], seed=seed,
+                shuffle_buffer=shuffle_buffer, keep=keep,
+            )  # fmt: skip
+        parts.append(stream.unread(pos))
+    return np.unique(np.concatenate(parts))
+
+
+def _carry_stream(
+    cache: Cache, sequences: np.ndarray, rank: int, world: int, seed: int, shuffle_buffer: int,
+    read_ahead=None,
+) -> SequenceStream:  # fmt: skip
+    """Rank `rank`'s part of a carry pass over `sequences`: an equal share of them (cut by
+    count, not by row group, so that every rank's pass ends at about the same step)."""
+    mine = sequences[_cut(len(sequences), world, rank)]
+    return SequenceStream(
+        cache, stream=rank, streams=world, seed=seed, shuffle_buffer=shuffle_buffer,
+        keep=mine, read_ahead=read_ahead, allow_empty=True, whole=True,
+    )  # fmt: skip

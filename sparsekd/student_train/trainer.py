@@ -124,6 +124,7 @@ class Trainer:
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
         )
+        self.pending = None  # a checkpoint written in the background, not yet published
 
     def _no_sync(self, last: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
@@ -180,6 +181,7 @@ class Trainer:
         bar = _bar(self.cfg, start, self.d.rank)
         with StopSignals(self.cfg.checkpoint.preempt_signals) as stop:
             record = self._loop(start, run, log, data_log, bar, stop)
+            self.publish_pending()
         if bar is not None:
             bar.close()
         return record
@@ -219,7 +221,7 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
                     )
-            t0 += self._after_step(step + 1, run, log)  # not training time
+            t0 += self._after_step(step + 1, run, log, logged)  # not training time
             if step + 1 < cfg.steps and stop.agreed(self.d, logged):
                 if bar is not None:
                     bar.close()
@@ -231,6 +233,7 @@ class Trainer:
         with the status the scheduler requeues on."""
         cfg, out = self.cfg, Path(self.cfg.out)
         saved = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+        self.publish_pending()  # this step's own save, when it was one, or an earlier one
         if not saved:
             self.check_finite(step)
             mod = self.module.model
@@ -244,19 +247,41 @@ class Trainer:
             cfg.checkpoint.preempt_exit_code,
         )
 
-    def _after_step(self, step: int, run: dict, log: MetricsLog) -> float:
-        """Evaluate and checkpoint when due; return the seconds it took."""
+    def _after_step(self, step: int, run: dict, log: MetricsLog, logged: bool) -> float:
+        """Evaluate and checkpoint when due, publish a background checkpoint whose writes
+        have ended on every rank (agreed at logging steps); return the seconds it took."""
         cfg, t = self.cfg, time.perf_counter()
         if self.data.eval_cache is not None and cfg.eval.every and step % cfg.eval.every == 0:
             log.write({"step": step, "eval": self.evaluate()})
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.steps:
+        if self.pending is not None and self._written_everywhere(logged):
+            self.publish_pending()
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:  # the last step too:
+            # a run resumed with more --steps goes on from its end, not from an earlier save
             self.check_finite(step)
+            self.publish_pending()  # one background save at a time
             mod = self.module.model
-            checkpoint.save(
+            self.pending = checkpoint.save(
                 Path(cfg.out), step, self.d, mod, self.opt, self.sched, self.reader, run,
-                self.param,
+                self.param, background=cfg.checkpoint.background,
             )  # fmt: skip
         return time.perf_counter() - t
+
+    def _written_everywhere(self, sync_point: bool) -> bool:
+        """Whether every rank's background write has ended (agreed by one all-reduce, at
+        logging steps only, where the loop synchronises anyway)."""
+        if not sync_point:
+            return False
+        if self.d.world == 1:
+            return self.pending.written_here()
+        flag = torch.tensor([1.0 if self.pending.written_here() else 0.0], device=self.d.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def publish_pending(self) -> None:
+        """Wait for the background checkpoint's writes and publish it (a collective)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.publish()
 
     def check_finite(self, step: int) -> None:
         """Refuse to save non-finite weights (a host sync: only where a save happens)."""
@@ -318,6 +343,10 @@ def _run(cfg: TrainConfig, d, out: Path, data: TrainingData, model, tok, identit
         )  # fmt: skip
     if d.rank == 0:
         run_record = checkpoint.write_run_record(out, run_record, start, changes)
+        _say_resized(changes, start, cfg, d.world)
+        for extra in (out / "data").glob("rank-*.txt"):  # ranks the resumed run lacks
+            if int(extra.stem.removeprefix("rank-")) >= d.world:
+                DataLog(out, int(extra.stem.removeprefix("rank-")), start).close()
     d.barrier()
     log = MetricsLog(out, d.rank, start, cfg.tensorboard)
     data_log = DataLog(out, d.rank, start)
@@ -331,6 +360,19 @@ def _run(cfg: TrainConfig, d, out: Path, data: TrainingData, model, tok, identit
         log.close()
         data_log.close()
     return record
+
+
+def _say_resized(changes: list, start: int, cfg: TrainConfig, world: int) -> None:
+    """One line when a resume changed the number of ranks or the per-rank batch split."""
+    got = {k: (a, b) for k, a, b in changes if k in ("world_size", *checkpoint.PER_RANK_BATCH)}
+    if got:
+        shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in got.items())
+        glob = cfg.data.batch_size * cfg.optim.grad_accum * world
+        print(
+            f"sparsekd: resumed at step {start} with {shown}; the global batch stays "
+            f"{glob} sequences",
+            file=sys.stderr,
+        )
 
 
 def _likely_cause(cfg: TrainConfig) -> str:

@@ -50,7 +50,6 @@ def finished(tmp_path_factory, hf_topk_cache, tiny_student):
     [
         ({"loss.kind": "ce"}, "loss.kind"),
         ({"loss.kd_weight": 0.5}, "loss.kd_weight"),
-        ({"data.batch_size": 3}, "data.batch_size"),
         ({"optim.lr": 1e-2}, "optim.lr"),
         ({"seed": 1}, "seed"),
     ],
@@ -101,9 +100,33 @@ def test_safe_changes_are_allowed_and_recorded(tmp_path, finished, hf_topk_cache
     run = json.loads((out / "train_config.json").read_text())
     assert run["config"]["steps"] == 4 and run["config"]["optim"]["decay_steps"] == 4
     changed = {k for k, _, _ in run["resumes"][0]["changed"]}
-    assert run["resumes"][0]["step"] == 2 and {"steps", "log_every", "student"} <= changed
+    assert run["resumes"][0]["step"] == 4 and {"steps", "log_every", "student"} <= changed
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 4, 6]  # resumed at 2 (the last checkpoint before 4), logged every 2
+    assert steps == [1, 2, 3, 4, 6]  # resumed at 4 (the run's last step), then logged every 2
+
+
+def test_the_per_rank_batch_may_change_the_global_batch_may_not(
+    tmp_path, finished, hf_topk_cache, tiny_student
+):
+    """The global batch (batch x accumulation x ranks) is part of the run: another per-rank
+    batch is taken with the accumulation that keeps it, one that cannot is refused."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    record = (out / "train_config.json").read_text()
+
+    def resume(batch):
+        over = {"checkpoint.resume": True, "data.batch_size": batch}
+        return T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6, **over))
+
+    with pytest.raises(RunError, match="global batch is 2 sequences .*--batch-size 3 cannot"):
+        resume(3)
+    assert (out / "train_config.json").read_text() == record
+    resume(1)
+    run = json.loads((out / "train_config.json").read_text())
+    changed = {k: (a, b) for k, a, b in run["resumes"][0]["changed"]}
+    assert changed["data.batch_size"] == (2, 1) and changed["optim.grad_accum"] == (1, 2)
+    lines = (out / "data" / "rank-0.txt").read_text().splitlines()
+    assert [len(ln.split()) - 1 for ln in lines] == [2] * 6  # 2 sequences a step throughout
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(

@@ -91,3 +91,55 @@ def test_collate_matches_targets(big):
     assert b.ids[L + p].tolist() == ids[off[p] : off[p + 1]].tolist()
     np.testing.assert_array_equal(b.probs[L + p], probs[off[p] : off[p + 1]])
     assert b.labels[L - 1] == seqs[0].next_token
+
+
+def _readers(cache, world, **kw):
+    return [CacheReader(cache, batch_size=1, rank=r, world_size=world, seed=3,
+                        shuffle_buffer=32, prefetch=0, **kw) for r in range(world)]  # fmt: skip
+
+
+def _take(readers, n):
+    """n steps of batch 1 on every rank: the seq_ids read, and each rank's state after."""
+    ids = [i for _ in range(n) for r in readers for i in _ids(next(r))]
+    return ids, [r.state_dict() for r in readers]
+
+
+@pytest.mark.parametrize("keep_every", [None, 3])
+@pytest.mark.parametrize("worlds", [(2, 1), (2, 3), (3, 2, 5), (2, 3, 1, 2)])
+def test_resized_runs_read_every_sequence_of_the_epoch_once(big, worlds, keep_every):
+    """Saved on W ranks, resumed on W' (and again, even during the carry pass): across the
+    changes every sequence of the epoch is read exactly once, then the next epoch starts
+    whole; the same resize twice gives the same order (a pure function of the positions)."""
+    first = int(big.index.first_seq[0])
+    everything = first + np.arange(200)
+    keep = None if keep_every is None else everything[::keep_every].copy()
+    epoch = set((everything if keep is None else keep).tolist())
+    readers = _readers(big, worlds[0], keep=keep)
+    seen, states = _take(readers, 7)
+    for w in worlds[1:]:
+        readers = _readers(big, w, keep=keep)
+        twin = _readers(big, w, keep=keep)
+        for r, t in zip(readers, twin):
+            r.load_state_dicts(states)
+            t.load_state_dicts(states)
+        got, states = _take(readers, 5)
+        assert _take(twin, 5)[0] == got
+        seen += got
+    # finish the epoch: each rank reads its carry pass to the end, then stops
+    for r in readers:
+        for _ in range(len(r.carry_stream.unread(r.state))):
+            seen += _ids(next(r))
+    dup = sorted(i for i in set(seen) if seen.count(i) > 1)
+    assert not dup and set(seen) == epoch, (dup[:5], sorted(epoch - set(seen))[:5])
+    nxt = set()
+    for r in readers:  # the next epoch: every rank reads its ordinary stream, whole
+        assert r.state["epoch"] == r.carry["next_epoch"] - 1
+        nxt |= {i for _ in range(r.stream.sequences) for i in _ids(next(r))}
+    assert nxt == epoch
+
+
+def test_a_resize_is_refused_with_another_seed(big):
+    _, states = _take(_readers(big, 2), 3)
+    other = CacheReader(big, batch_size=1, seed=4, shuffle_buffer=32, prefetch=0)
+    with pytest.raises(ValueError, match="another seed"):
+        other.load_state_dicts(states)

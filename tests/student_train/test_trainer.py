@@ -17,6 +17,7 @@ from sparsekd import open_cache
 from sparsekd.config import build
 from sparsekd.errors import ConfigError, RunError
 from sparsekd.student_train import trainer as T
+from sparsekd.student_train.checkpoint import intact, latest_intact
 from sparsekd.student_train.config import TrainConfig
 from sparsekd.student_train.evaluate import evaluate_model
 from sparsekd.student_train.model import load_student
@@ -256,6 +257,36 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, vllm_topk_cache, 
     ).read_text()
 
 
+def test_a_kill_during_a_background_save_falls_back_to_the_one_before(
+    tmp_path, vllm_topk_cache, tiny_student
+):
+    """checkpoint.background: the state is written while training goes on and published
+    at the next logging step (here every 6) or save; a kill -9 while step 6's is still
+    being written leaves it unpublished, and the resume takes step 3's, ending bitwise as
+    an uninterrupted run."""
+    args = _train_args(vllm_topk_cache, tiny_student, 16, "--save-every", "3",
+                       "--set", "log_every=6", "--set", "checkpoint.background=true")  # fmt: skip
+    run_cli(*args[2:], "--out", tmp_path / "full", check=True)
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"step-{n}" for n in (12, 15, 3, 6, 9)]
+    assert all(intact(p) is None for p in ckpts.iterdir())
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *args, "--out", str(out)], start_new_session=True)
+    log, pending = out / "data" / "rank-0.txt", out / "checkpoints" / ".step-6.tmp"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if pending.exists() and log.exists() and len(log.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert pending.exists() and not (out / "checkpoints" / "step-6").exists()
+    assert latest_intact(out).name == "step-3"
+    run_cli(*args[2:], "--out", out, "--resume", check=True)
+    a = (tmp_path / "full" / "final" / "model.safetensors").read_bytes()
+    assert (out / "final" / "model.safetensors").read_bytes() == a, "final weights differ"
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
     tmp_path, vllm_topk_cache, tiny_student, fsdp
@@ -398,3 +429,44 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = (tmp_path / "full" / "final" / "model.safetensors").read_bytes()
     assert (out / "final" / "model.safetensors").read_bytes() == a, "final weights differ"
+
+
+def _reads(out) -> list[int]:
+    """Every seq_id the run's ranks trained on, from data/rank-R.txt."""
+    return [int(x) for p in sorted((out / "data").glob("rank-*.txt"))
+            for ln in p.read_text().splitlines() for x in ln.split()[1:]]  # fmt: skip
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_resumed_on_another_number_of_ranks_every_sequence_is_read_once(
+    tmp_path, vllm_topk_cache, tiny_student, fsdp
+):
+    """Saved on 2 ranks, resumed on 3, then on 1 (FSDP2: 2 -> 1 -> 3): the state reshards,
+    the global batch of 6 stays (3 x 2, then 2 x 3, then 3 x 1 x 2 accumulated), and over
+    the 8 steps of the 48-sequence epoch every sequence is trained on exactly once."""
+    port = 29531 + 3 * int(fsdp)
+    out = tmp_path / "run"
+    args = _train_args(vllm_topk_cache, tiny_student, 2, "--out", out, "--save-every", "2")
+    args[args.index("--batch-size") + 1] = "3"
+    args += ["--set", "log_every=1", *(["--fsdp"] if fsdp else [])]
+    worlds = [(3, ["--batch-size", "2"]), (1, [])]
+    worlds = worlds[::-1] if fsdp else worlds
+    proc = run_torchrun(port, *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = [r["loss"] for r in _records(out) if "loss" in r]
+    for (world, extra), steps in zip(worlds, (4, 8)):
+        args[args.index("--steps") + 1] = str(steps)
+        proc = run_torchrun(port + world, *args, *extra, "--resume", nproc=world)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        note = [ln for ln in proc.stderr.splitlines() if ln.startswith("sparsekd: resumed")]
+        assert len(note) == 1 and "the global batch stays 6 sequences" in note[0], note
+    reads = _reads(out)
+    everything = {s.seq_id for s in open_cache(vllm_topk_cache)}
+    assert len(reads) == 48 and set(reads) == everything and len(everything) == 48
+    run = json.loads((out / "train_config.json").read_text())
+    sizes = [[c for c in r["changed"] if c[0] == "world_size"][0][1:] for r in run["resumes"]]
+    assert sizes == [[2, worlds[0][0]], [2, worlds[1][0]]]  # each against the run's first
+    losses = [r["loss"] for r in _records(out) if "loss" in r]
+    assert losses[:2] == first and len(losses) == 8
+    # the model went on from its checkpoints: later steps lower than the first, none back
+    assert max(losses[2:]) < first[0] and losses[-1] < losses[0] - 0.3, losses
