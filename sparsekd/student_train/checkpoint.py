@@ -153,8 +153,9 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
         raise RunError(f"--out {out} already holds a run; pass --resume to continue it")
     old = run["config"]
     cfg = _fix_horizons(cfg, old)
-    old_world = run["identities"].get("world_size", identities["world_size"])
-    cfg = _keep_global_batch(cfg, old, old_world, identities["world_size"])
+    world = identities.get("world_size", 1)
+    old_world = run["identities"].get("world_size", world)
+    cfg = _keep_global_batch(cfg, old, old_world, world)
     new_flat, old_flat = _flat(to_dict(cfg)), _flat(old)
     changed = sorted(k for k in set(new_flat) | set(old_flat) if new_flat.get(k) != old_flat.get(k))
     refused = [k for k in changed if k not in RESUME_SAFE + PER_RANK_BATCH]
@@ -178,8 +179,8 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
             f"{finished} to train further"
         )
     changes = [[k, old_flat.get(k), new_flat.get(k)] for k in changed if k != "checkpoint.resume"]
-    if old_world != identities["world_size"]:  # against the run's first, as every change
-        changes.append(["world_size", old_world, identities["world_size"]])
+    if old_world != world:  # against the run's first, as every change
+        changes.append(["world_size", old_world, world])
     return cfg, run, changes
 
 

@@ -134,14 +134,14 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
 ):
     out = tmp_path / "run"
     T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6))
-    model = out / "checkpoints" / "step-4" / "state" / "__0_0.distcp"
+    model = out / "checkpoints" / "step-6" / "state" / "__0_0.distcp"
     model.write_bytes(model.read_bytes()[:100])  # truncated, DONE still there
-    assert "does not match its checksum" in intact(out / "checkpoints" / "step-4")
-    assert latest_intact(out).name == "step-2"
+    assert "does not match its checksum" in intact(out / "checkpoints" / "step-6")
+    assert latest_intact(out).name == "step-4"
     assert "checkpoint" in capsys.readouterr().err
     T.run(_cfg(hf_topk_cache, tiny_student, out, steps=8, **{"checkpoint.resume": True}))
     resumed = json.loads((out / "train_config.json").read_text())["resumes"]
-    assert resumed[0]["step"] == 2 and resumed[0]["changed"] == [["steps", 6, 8]]
+    assert resumed[0]["step"] == 4 and resumed[0]["changed"] == [["steps", 6, 8]]
 
 
 def _checkpoint_state(ckpt, tmp_file):
