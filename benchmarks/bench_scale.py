@@ -338,11 +338,11 @@ def bench_resume(tmp: Path):
         r = CacheReader(cache, batch_size=B, prefetch=0)
         for _ in range(n_batches):  # the uninterrupted run up to the checkpoint (not timed)
             next(r)
-        state, want = r.state_dict(), next(r)["seq_ids"].tolist()
+        state, want = r.state_dict(), next(r)["seq_id"].tolist()
         t0 = time.perf_counter()
         r2 = CacheReader(open_cache(path), batch_size=B, prefetch=0)
         r2.load_state_dict(state)
-        got = next(r2)["seq_ids"].tolist()
+        got = next(r2)["seq_id"].tolist()
         new = time.perf_counter() - t0
         assert got == want
         t0 = time.perf_counter()  # replay: decode the consumed sequences, then the batch
@@ -351,7 +351,7 @@ def bench_resume(tmp: Path):
             next(it)
         old_batch = collate([next(it)[0] for _ in range(B)])
         old = time.perf_counter() - t0
-        assert old_batch.seq_ids.tolist() == want
+        assert old_batch.seq_id.tolist() == want
         emit(
             "resume", consumed_tokens=consumed, first_batch_s=round(new, 3), replay_s=round(old, 3)
         )

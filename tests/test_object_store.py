@@ -61,16 +61,16 @@ def test_reader_resumes_on_s3_exactly_as_on_the_local_disk(s3_server, tmp_path):
     a = CacheReader(open_cache(local), batch_size=7, seed=7, shuffle_buffer=40, prefetch=0)
     batches, states = [], []
     for _ in range(40):  # into the third epoch
-        batches.append(a.__next__()["seq_ids"].tolist())
+        batches.append(a.__next__()["seq_id"].tolist())
         states.append(a.state_dict())
     a.close()
     for k in (0, 16, 33):
         b = CacheReader(open_cache(remote), batch_size=7, seed=7, shuffle_buffer=40)
         b.load_state_dict(states[k])
-        assert [next(b)["seq_ids"].tolist() for _ in range(40 - k - 1)] == batches[k + 1 :], k
+        assert [next(b)["seq_id"].tolist() for _ in range(40 - k - 1)] == batches[k + 1 :], k
         b.close()
     r = CacheReader(open_cache(remote), batch_size=7, seed=7, shuffle_buffer=40, read_ahead=0)
-    assert [next(r)["seq_ids"].tolist() for _ in range(10)] == batches[:10]
+    assert [next(r)["seq_id"].tolist() for _ in range(10)] == batches[:10]
     r.close()
 
 

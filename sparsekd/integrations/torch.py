@@ -151,7 +151,6 @@ def collate(examples: list) -> dict:
     `sparse_kl_loss` once flattened to rows; `seq_id` [B]; `positions` [B, 5] (stream,
     epoch, window, offset after the row, workers) for `CacheDataset.observe`."""
     b = collate_batch([e.seq for e in examples])
-    B, L = b.input_ids.shape
     info = torch.utils.data.get_worker_info()
     workers = info.num_workers if info is not None else 1
     positions = np.array(
@@ -161,11 +160,4 @@ def collate(examples: list) -> dict:
         ],
         dtype=np.int64,
     )
-    return {
-        "input_ids": torch.from_numpy(b.input_ids),
-        "labels": torch.from_numpy(b.labels.reshape(B, L)),
-        "teacher_ids": torch.from_numpy(b.ids.reshape(B, L, -1)),
-        "teacher_probs": torch.from_numpy(b.probs.reshape(B, L, -1)),
-        "seq_id": torch.from_numpy(b.seq_ids),
-        "positions": torch.from_numpy(positions),
-    }
+    return {**b.tensors(), "positions": torch.from_numpy(positions)}

@@ -144,12 +144,14 @@ def evaluate(
         logits_BLV = logits_fn(torch.from_numpy(b.input_ids).to(device)).float()
         if not mine:
             continue
-        learnt = torch.from_numpy(b.labels >= 0).to(device)  # the positions the student learns
+        labels = b.labels.reshape(-1)
+        learnt = torch.from_numpy(labels >= 0).to(device)  # the positions the student learns
+        rows = len(labels)
         sums.add(
-            torch.log_softmax(logits_BLV, -1).reshape(-1, logits_BLV.shape[-1])[learnt],
-            torch.from_numpy(b.labels).to(device)[learnt],
-            torch.from_numpy(b.ids).to(device)[learnt],
-            torch.from_numpy(b.probs).to(device)[learnt],
+            torch.log_softmax(logits_BLV, -1).reshape(rows, -1)[learnt],
+            torch.from_numpy(labels).to(device)[learnt],
+            torch.from_numpy(b.teacher_ids.reshape(rows, -1)).to(device)[learnt],
+            torch.from_numpy(b.teacher_probs.reshape(rows, -1)).to(device)[learnt],
         )
     if world_size > 1:
         sums.all_reduce()

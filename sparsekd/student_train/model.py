@@ -206,12 +206,19 @@ class DistillModule(torch.nn.Module):
         self.loss = loss
         self.schedule = param  # a ParamSchedule whose device value the loss reads, or None
 
-    def forward(self, input_ids, labels=None, ids=None, probs=None, *, logits_only=False):
+    def forward(
+        self, input_ids, labels=None, teacher_ids=None, teacher_probs=None, *, logits_only=False
+    ):
+        """A batch's tensors ([B, L], [B, L], [B, L, S], [B, L, S]: reader.Batch) -> the
+        loss and its parts; or, with logits_only, the logits of input_ids."""
         if logits_only:
             return self.model(input_ids=input_ids).logits
         hidden_BLD = self.model.get_decoder()(input_ids=input_ids).last_hidden_state
         head = self.model.get_output_embeddings()
         hidden_ND = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])
+        N = hidden_ND.shape[0]
+        labels = labels.reshape(N)
+        ids, probs = teacher_ids.reshape(N, -1), teacher_probs.reshape(N, -1)
         if self.loss.kd_weight == 0.0:  # plain CE: no support to visit
             ids = torch.full((hidden_ND.shape[0], 1), -1, dtype=torch.long, device=ids.device)
             probs = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)

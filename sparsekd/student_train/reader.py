@@ -46,15 +46,21 @@ from sparsekd.schemas.cache import Cache, Sequence, in_sorted
 IGNORE = -100  # the label of a position the student does not learn (transformers' value)
 
 
+BATCH_KEYS = ("seq_id", "input_ids", "labels", "teacher_ids", "teacher_probs")
+
+
 @dataclass
 class Batch:
-    """B sequences of L tokens, flattened to rows for the loss. S = widest support."""
+    """B sequences of L tokens; S = the widest support. The one batch layout: the trainer,
+    evaluation and the public `integrations.torch.collate` all hand these keys on
+    (`BATCH_KEYS`); the loss takes `labels`, `teacher_ids` and `teacher_probs` flattened to
+    B * L rows."""
 
-    seq_ids: np.ndarray  # int64 [B]
+    seq_id: np.ndarray  # int64 [B]
     input_ids: np.ndarray  # int64 [B, L]
-    labels: np.ndarray  # int64 [B * L], IGNORE where the student learns nothing
-    ids: np.ndarray  # int64 [B * L, S], -1 = padding
-    probs: np.ndarray  # float32 [B * L, S], 0 on padding
+    labels: np.ndarray  # int64 [B, L]: the token each position predicts, IGNORE = not learnt
+    teacher_ids: np.ndarray  # int64 [B, L, S], -1 = padding
+    teacher_probs: np.ndarray  # float32 [B, L, S], 0 on padding
 
     def tensors(self, pin: bool = False) -> dict:
         import torch
@@ -80,13 +86,11 @@ def collate(seqs: list[Sequence]) -> Batch:
         ids[b * L + pos, col] = sid
         probs[b * L + pos, col] = sp
     return Batch(
-        seq_ids=np.array([s.seq_id for s in seqs], dtype=np.int64),
+        seq_id=np.array([s.seq_id for s in seqs], dtype=np.int64),
         input_ids=np.stack([s.input_ids for s in seqs]).astype(np.int64),
-        labels=np.concatenate([np.where(s.loss_mask, s.labels, IGNORE) for s in seqs]).astype(
-            np.int64
-        ),
-        ids=ids,
-        probs=probs,
+        labels=np.stack([np.where(s.loss_mask, s.labels, IGNORE) for s in seqs]).astype(np.int64),
+        teacher_ids=ids.reshape(len(seqs), L, S),
+        teacher_probs=probs.reshape(len(seqs), L, S),
     )
 
 

@@ -44,7 +44,7 @@ from sparsekd.student_train.metrics import DataLog, MetricsLog
 from sparsekd.student_train.model import DistillModule, check_compatible, load_student, save_final
 from sparsekd.student_train.optim import build_optimizer, build_schedule
 from sparsekd.student_train.preemption import StopSignals
-from sparsekd.student_train.reader import CacheReader
+from sparsekd.student_train.reader import BATCH_KEYS, CacheReader
 from sparsekd.student_train.schedules import ParamSchedule
 
 
@@ -142,7 +142,7 @@ class Trainer:
         for i, b in enumerate(batches):
             x = [
                 b[k].to(self.d.device, non_blocking=True)
-                for k in ("input_ids", "labels", "ids", "probs")
+                for k in BATCH_KEYS[1:]  # all but seq_id
             ]
             with self._no_sync(i == n - 1), self.autocast:
                 loss, kd, ce = self.wrapped(*x)
@@ -199,7 +199,7 @@ class Trainer:
             lr = self.opt.param_groups[0]["lr"]  # the rate this step uses
             batches = [next(self.reader) for _ in range(cfg.optim.grad_accum)]
             out = self.train_step(batches)
-            seq_ids = np.concatenate([b["seq_ids"].numpy() for b in batches])
+            seq_ids = np.concatenate([b["seq_id"].numpy() for b in batches])
             data_log.write(step + 1, seq_ids.tolist())
             acc = out if acc is None else {k: acc[k] + v for k, v in out.items()}
             since += 1

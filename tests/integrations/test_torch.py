@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from sparsekd import open_cache
 from sparsekd.integrations.torch import CacheDataset, collate
 from sparsekd.kernels import sparse_kl_loss
+from sparsekd.student_train.reader import BATCH_KEYS, CacheReader
 from tests.helpers import run_torchrun, synthetic_cache
 
 
@@ -46,6 +47,11 @@ def test_every_sequence_once_per_epoch_with_workers(cache, workers):
 def test_collate_is_ready_for_sparse_kl_loss(cache):
     b = next(iter(DataLoader(CacheDataset(cache, shuffle=False), batch_size=2, collate_fn=collate)))
     B, L = b["input_ids"].shape
+    # the trainer's own reader hands on the same keys, dtypes and layout
+    own = next(CacheReader(open_cache(cache), batch_size=2, prefetch=0))
+    assert set(b) == set(own) | {"positions"} and set(own) == set(BATCH_KEYS)
+    for k in BATCH_KEYS:
+        assert b[k].dtype == own[k].dtype and b[k].shape[:2] == own[k].shape[:2], k
     assert b["labels"].shape == (B, L) and b["teacher_ids"].shape[:2] == (B, L)
     assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])  # already shifted
     V, D = 1000, 8

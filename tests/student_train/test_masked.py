@@ -39,20 +39,21 @@ def test_the_loss_counts_only_learnt_positions(chat_cache, tiny_student):
     reader = CacheReader(cache, batch_size=4, prefetch=0)
     batch = next(reader)
     reader.close()
-    mask = batch["labels"] != IGNORE
+    mask = batch["labels"].flatten() != IGNORE  # the loss's rows: B * L
     assert 0 < int(mask.sum()) < mask.numel()  # a chat cache: some positions learnt
     model, _ = load_student(tiny_student)
     cfg = SparseKLConfig(divergence="fkl", kd_weight=0.9, ce_weight=0.1, backend="torch")
     loss, kd, ce = DistillModule(model, cfg)(
-        batch["input_ids"], batch["labels"], batch["ids"], batch["probs"]
+        batch["input_ids"], batch["labels"], batch["teacher_ids"], batch["teacher_probs"]
     )
     # by hand, in float64: CE and forward KL on the stored support, each a mean over the
     # learnt positions only
     with torch.no_grad():
         logq = torch.log_softmax(model(input_ids=batch["input_ids"]).logits.double(), -1)
         logq = logq.reshape(-1, logq.shape[-1])[mask]
-        ce_ref = -logq.gather(1, batch["labels"][mask][:, None]).mean()
-        ids, p = batch["ids"][mask], batch["probs"][mask].double()
+        ce_ref = -logq.gather(1, batch["labels"].flatten()[mask][:, None]).mean()
+        ids = batch["teacher_ids"].flatten(0, 1)[mask]
+        p = batch["teacher_probs"].flatten(0, 1)[mask].double()
         kl = torch.where(
             ids >= 0, p * (torch.log(p.clamp_min(1e-30)) - logq.gather(1, ids.clamp_min(0))), 0.0
         )

@@ -18,7 +18,7 @@ def big(tmp_path_factory):
 
 
 def _ids(batch):
-    return batch["seq_ids"].tolist()
+    return batch["seq_id"].tolist()
 
 
 @pytest.mark.parametrize("streams", [1, 3, 8])
@@ -85,12 +85,13 @@ def test_collate_matches_targets(big):
     seqs = list(big)[:2]
     b = collate(seqs)
     L = len(seqs[0].input_ids)
-    assert b.input_ids.shape == (2, L) and b.labels.shape == (2 * L,) and b.ids.shape == (2 * L, 3)
+    assert b.input_ids.shape == b.labels.shape == (2, L) and b.teacher_ids.shape == (2, L, 3)
+    assert b.teacher_probs.shape == (2, L, 3) and b.seq_id.tolist() == [s.seq_id for s in seqs]
     off, ids, probs = seqs[1].targets()
     p = 2
-    assert b.ids[L + p].tolist() == ids[off[p] : off[p + 1]].tolist()
-    np.testing.assert_array_equal(b.probs[L + p], probs[off[p] : off[p + 1]])
-    assert b.labels[L - 1] == seqs[0].next_token
+    assert b.teacher_ids[1, p].tolist() == ids[off[p] : off[p + 1]].tolist()
+    np.testing.assert_array_equal(b.teacher_probs[1, p], probs[off[p] : off[p + 1]])
+    assert b.labels[0, L - 1] == seqs[0].next_token
 
 
 def _readers(cache, world, **kw):
