@@ -27,8 +27,9 @@ from functools import partial
 
 from sparsekd.cache_builder.config import BuildConfig
 from sparsekd.cache_builder.corpus import ChatItem, Domain, DomainReader, ZstStreams
-from sparsekd.cache_builder.encoder import teacher_view
-from sparsekd.cache_builder.engines import make_engine
+from sparsekd.cache_builder.encoder import TeacherView, empty, from_topk, teacher_view
+from sparsekd.cache_builder.engines import VllmEngine, make_engine
+from sparsekd.cache_builder.generate import GenerateStats, Generator
 from sparsekd.cache_builder.ledger import Ledger, domain_record, try_finalize
 from sparsekd.cache_builder.packing import ChatStats, Unit, pack, pack_chat
 from sparsekd.cache_builder.packing import units as units_of
@@ -61,12 +62,19 @@ class Teacher:
     def __init__(self, plan: BuildPlan, ledger: Ledger, stats: BuildStats, engine=None):
         self.plan, self.ledger, self.stats = plan, ledger, stats
         self.engine, self.own = engine, engine is None
+        self.gen_engine = None  # --generate when the view's engine cannot generate
         if engine is not None and engine.name != plan.cfg.teacher.engine:
             raise ValueError(
                 f"engine {engine.name!r} given for a {plan.cfg.teacher.engine!r} build"
             )
+        self.generator = Generator(plan, self._generating) if plan.cfg.generate.enabled else None
 
-    def view(self, unit: Unit):
+    def _first_call(self) -> None:
+        if self.stats.first_teacher_call_s is None:
+            self.ledger.check_teacher(self.plan.weights_sha256())  # joins the background hash
+            self.stats.first_teacher_call_s = time.perf_counter() - self.stats.started
+
+    def _started(self):
         cfg = self.plan.cfg
         if self.engine is None:
             self.engine = make_engine(
@@ -76,9 +84,29 @@ class Teacher:
                 seed=cfg.seed,
                 path=cfg.encoder.resolved_path,
             )
-        if self.stats.first_teacher_call_s is None:
-            self.ledger.check_teacher(self.plan.weights_sha256())  # joins the background hash
-            self.stats.first_teacher_call_s = time.perf_counter() - self.stats.started
+        self._first_call()
+        return self.engine
+
+    def _generating(self):
+        """The engine that writes the answers: the view's own when it is vLLM's log-prob
+        engine (one engine, one pass), else one of its own."""
+        cfg = self.plan.cfg
+        if self.engine is not None and isinstance(self.engine, VllmEngine):
+            return self._started()
+        if cfg.encoder.resolved_path == "logprob" and self.engine is None:
+            return self._started()
+        if self.gen_engine is None:
+            self._first_call()
+            self.gen_engine = VllmEngine(
+                cfg.teacher, k=max(1, cfg.encoder.top_k), seq_len=cfg.corpus.seq_len, seed=cfg.seed
+            )
+        return self.gen_engine
+
+    def view(self, unit: Unit):
+        if unit.targets is not None:  # captured during generation
+            return _generated_view(self.plan.cfg.encoder.mode, unit.targets)
+        self._started()
+        cfg = self.plan.cfg
         t0 = time.perf_counter()
         v = teacher_view(
             self.engine,
@@ -95,6 +123,16 @@ class Teacher:
     def close(self) -> None:
         if self.engine is not None and self.own:
             self.engine.close()
+        if self.gen_engine is not None:
+            self.gen_engine.close()
+
+
+def _generated_view(mode: str, targets: list[tuple]) -> TeacherView:
+    """The unit's view from the targets its answers were generated with."""
+    supports = [
+        from_topk(ids, lp) if mode == "topk" else empty(len(tok)) for ids, lp, tok in targets
+    ]
+    return TeacherView([tok for _, _, tok in targets], supports)
 
 
 @dataclass
@@ -110,7 +148,7 @@ class DomainEnd:
     units: dict[int, dict]  # part -> unit record
 
 
-def own_work(plan: BuildPlan, ledger: Ledger, stats: BuildStats):
+def own_work(plan: BuildPlan, ledger: Ledger, stats: BuildStats, teacher: Teacher | None = None):
     """What this worker must compute, in corpus order: `(unit, units)` for each unit to
     write (`units`: its domain's unit records so far) and a `DomainEnd` after each owned
     domain's units. A domain owned by another worker is read only under --max-sequences
@@ -130,7 +168,7 @@ def own_work(plan: BuildPlan, ledger: Ledger, stats: BuildStats):
         if not owned:
             before += sum(1 for _ in _sequences(plan, d, limit, stats, zst)[1])
             continue
-        reader, seqs = _sequences(plan, d, limit, stats, zst)
+        reader, seqs = _sequences(plan, d, limit, stats, zst, teacher)
         done, units, n, learnt = ledger.unit_records(d.index), {}, 0, 0
         for unit in units_of(d.index, seqs, plan.shard_sequences):
             n += len(unit.seq_ids)
@@ -143,7 +181,7 @@ def own_work(plan: BuildPlan, ledger: Ledger, stats: BuildStats):
         before += n
 
 
-def _sequences(plan: BuildPlan, d: Domain, limit: int | None, stats: BuildStats, zst):
+def _sequences(plan: BuildPlan, d: Domain, limit, stats: BuildStats, zst, teacher=None):
     corpus = plan.cfg.corpus
     reader = DomainReader(
         d,
@@ -152,9 +190,28 @@ def _sequences(plan: BuildPlan, d: Domain, limit: int | None, stats: BuildStats,
         zst,
         kind=corpus.kind,
         messages_field=corpus.messages_field,
+        prompts=plan.cfg.generate.enabled,
     )
     stats.domains_read += limit != 0
+    if plan.cfg.generate.enabled:
+        return reader, _generated(plan, reader, teacher)
     return reader, _pack(plan, reader, limit)
+
+
+def _generated(plan: BuildPlan, reader: DomainReader, teacher: Teacher):
+    """--generate: the domain's prompts, answered by the teacher, packed whole."""
+    corpus = plan.cfg.corpus
+    reader.chat, reader.generate = ChatStats(), GenerateStats()
+    answers = teacher.generator.answers(reader.domain.index, iter(reader), reader.generate)
+    yield from pack_chat(
+        answers,
+        lambda rendered: rendered,
+        corpus.seq_len,
+        plan.pad_id,
+        long=corpus.long_conversations,
+        packing=corpus.chat_packing,
+        stats=reader.chat,
+    )
 
 
 def _pack(plan: BuildPlan, reader: DomainReader, limit: int | None):
@@ -270,7 +327,7 @@ def _build(plan: BuildPlan, ledger: Ledger, stats: BuildStats, engine) -> float:
     bar = _progress(plan.cfg)
     try:
         with writer:
-            for item in own_work(plan, ledger, stats):
+            for item in own_work(plan, ledger, stats, teacher):
                 if isinstance(item, DomainEnd):
                     stats.bad_lines += item.reader.stats.bad_lines
                     writer.put(partial(_write_domain, plan, ledger, item))
@@ -279,6 +336,8 @@ def _build(plan: BuildPlan, ledger: Ledger, stats: BuildStats, engine) -> float:
                     view = teacher.view(unit)
                     writer.put(partial(_write_unit, plan, ledger, stats, bar, unit, units, view))
     finally:
+        if teacher.generator is not None:
+            stats.teacher_s += teacher.generator.seconds
         teacher.close()
         if bar is not None:
             bar.close()

@@ -73,6 +73,7 @@ class Rendered:
     ids: np.ndarray  # int32 [T]
     learnt: np.ndarray  # bool [T]: the student learns this token
     turns: list[int]  # token indices where a user turn begins (0 always): where to cut
+    targets: tuple | None = None  # a generated answer's targets at its learnt tokens
 
 
 def _content(msg, where: str) -> str | None:

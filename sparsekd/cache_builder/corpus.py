@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from sparsekd.cache_builder.chat import KINDS, LEARN, Conversation, parse_row
+from sparsekd.cache_builder.generate import prompt_of
 from sparsekd.config import check, setting
 from sparsekd.errors import CorpusError, SparsekdError
 from sparsekd.storage import is_uri, join, open_store
@@ -405,14 +406,17 @@ class DomainReader:
         *,
         kind: str = "auto",
         messages_field: str = "messages",
+        prompts: bool = False,
     ):
         self.domain = domain
         self.text_field = text_field
         self.skip_bad_lines = skip_bad_lines
         self.kind, self.messages_field = kind, messages_field
+        self.prompts = prompts  # --generate: each row is a prompt (generate.prompt_of)
         self.stats = DomainStats()
         self.seen: str | None = None  # the domain's kind, from its first row: text or chat
         self.chat = None  # packing.ChatStats, when the domain holds conversations
+        self.generate = None  # generate.GenerateStats, under --generate
         self._hash = hashlib.sha256()
         self._zst = zst or ZstStreams()
 
@@ -449,11 +453,17 @@ class DomainReader:
         conv = None
         if self.kind != "text":
             try:
-                conv = parse_row(obj, self.messages_field)
+                if self.prompts:
+                    conv = prompt_of(obj, self.messages_field)
+                else:
+                    conv = parse_row(obj, self.messages_field)
             except ValueError as e:
-                self._bad(where(), f"not a conversation: {e}")
+                self._bad(where(), f"not a {'prompt' if self.prompts else 'conversation'}: {e}")
                 return None
         got = "text" if conv is None else "chat"
+        if got == "text" and self.prompts:
+            self._bad(where(), f"no prompt ({self.messages_field!r}, 'conversations' or 'prompt')")
+            return None
         if got == "text" and self.kind == "chat":
             self._bad(where(), f"no conversation ({self.messages_field!r}, 'conversations', or "
                                "'prompt' and 'completion')")  # fmt: skip

@@ -36,6 +36,16 @@ class TeacherBatch:
     token_logprobs: list[np.ndarray]  # B x [L] float32: log p(actual next token)
 
 
+@dataclass
+class Generated:
+    """One generated answer (VllmEngine.generate)."""
+
+    token_ids: np.ndarray  # int32 [n]: the answer, through the token that ended it
+    cut: bool  # it reached its most new tokens
+    token_logprobs: np.ndarray  # float32 [n]: the teacher's raw log-prob of each token
+    targets: tuple | None  # (ids [n, K] int32 sorted, logprobs [n, K] float32, token lp [n])
+
+
 def _sort_by_id(ids_LK: np.ndarray, lp_LK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(ids_LK, axis=1, kind="stable")
     return (
@@ -166,6 +176,57 @@ class VllmEngine:
             batch.topk_logprobs.append(lp_LK)
             batch.token_logprobs.append(lp[:, 0].copy())
         return batch
+
+    def generate(self, prompts, seeds, budgets, gen, *, k: int, targets: bool) -> list[Generated]:
+        """Sample one answer per prompt (`gen`: generate.GenerateConfig; `seeds`, `budgets`:
+        each answer's seed and most new tokens). With `targets`, each answer token's top-K
+        (raw log-softmax, sorted by id) and log-prob come back from the same pass."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        K = k if targets else 0
+        if K > self.k:
+            raise ValueError(f"K = {K} is above this engine's max_logprobs ({self.k})")
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=gen.temperature,
+                top_p=gen.top_p,
+                max_tokens=budget,
+                stop=list(gen.stop) or None,
+                seed=seed,
+                logprobs=K,
+                flat_logprobs=True,
+                detokenize=bool(gen.stop),  # stop strings are matched on text
+            )
+            for seed, budget in zip(seeds, budgets)
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=ids.tolist()) for ids in prompts]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        got = []
+        for out in outs:
+            o = out.outputs[0]
+            n = len(o.token_ids)
+            flat = o.logprobs
+            # each answer token: K + 1 entries, [sampled token, top-1, ..., top-K]
+            tok = np.asarray(flat.token_ids, dtype=np.int64)
+            lp = np.asarray(flat.logprobs, dtype=np.float32)
+            if tok.size != n * (K + 1):
+                raise RuntimeError(
+                    f"vLLM returned {tok.size} log-prob entries for {n} generated tokens, "
+                    f"expected {n * (K + 1)}"
+                )
+            tok, lp = tok.reshape(n, K + 1), lp.reshape(n, K + 1)
+            top = _sort_by_id(tok[:, 1:], lp[:, 1:]) if targets else None
+            got.append(
+                Generated(
+                    token_ids=np.asarray(o.token_ids, dtype=np.int32),
+                    cut=o.finish_reason == "length",
+                    token_logprobs=lp[:, 0].copy(),
+                    targets=None if top is None else (*top, lp[:, 0].copy()),
+                )
+            )
+        return got
 
     def close(self) -> None:
         if self.llm is not None:

@@ -248,6 +248,7 @@ def domain_record(d, sequences: int, learnt: int, reader, units: list[dict]) -> 
         "bad_examples": reader.stats.bad_examples,
         "learnt": learnt,
         "chat": dataclasses.asdict(reader.chat) if reader.chat is not None else None,
+        **({} if reader.generate is None else {"generate": dataclasses.asdict(reader.generate)}),
         "source_probe": source_probe(d.source),
         "shards": [_entry(u) for u in units],
     }
@@ -298,6 +299,7 @@ def try_finalize(store: Store, plan) -> dict | None:
             "bad_lines": sum(r["bad_lines"] for r in domains),
             "num_learnt": sum(r["learnt"] for r in domains),
             "chat": chat_totals(domains),
+            **({"generate": chat_totals(domains, "generate")} if plan.cfg.generate.enabled else {}),
             "versions": [json.loads(v) for v in versions],
         },
     )
@@ -319,10 +321,10 @@ def _check_probes(domains: list[dict]) -> None:
             )
 
 
-def chat_totals(domains: list[dict]) -> dict | None:
-    """What packing did to the cache's conversations, summed over its domains (None: no
-    conversations)."""
-    chats = [r["chat"] for r in domains if r.get("chat")]
+def chat_totals(domains: list[dict], key: str = "chat") -> dict | None:
+    """What packing did to the cache's conversations (or, key "generate", what generation
+    did), summed over its domains (None: nothing of the kind)."""
+    chats = [r[key] for r in domains if r.get(key)]
     if not chats:
         return None
     return {k: sum(c[k] for c in chats) for k in chats[0]}

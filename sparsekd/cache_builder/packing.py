@@ -41,6 +41,9 @@ class Unit:
     input_ids: list[np.ndarray]  # n x int32 [L]
     next_tokens: list[int]
     loss_masks: list[np.ndarray]  # n x bool [L]
+    # --generate with targets captured during generation: per row, (ids [n, K], logprobs
+    # [n, K], token log-probs [n]) at its n learnt positions (generate.py); else None
+    targets: list[tuple] | None = None
 
     def tokens_sha256(self) -> str:
         """Hash of the unit's tokens and masks: a re-run compares it with the recorded one
@@ -97,7 +100,7 @@ def pack(
 def _pieces(r, C: int, long: str, stats: ChatStats) -> list[tuple[np.ndarray, np.ndarray]]:
     """A rendered conversation as pieces of at most C tokens (module docstring)."""
     if len(r.ids) <= C:
-        return [(r.ids, r.learnt)]
+        return [(r.ids, r.learnt, r.targets)]
     if long == "drop":
         stats.dropped += 1
         return []
@@ -115,7 +118,7 @@ def _pieces(r, C: int, long: str, stats: ChatStats) -> list[tuple[np.ndarray, np
             start = a
     if len(r.ids) > start:
         pieces.append((start, len(r.ids)))
-    return [(r.ids[a:b], r.learnt[a:b]) for a, b in pieces]
+    return [(r.ids[a:b], r.learnt[a:b], None) for a, b in pieces]
 
 
 class _Rows:
@@ -146,15 +149,24 @@ class _Rows:
         rows, self.open = [self.row(r) for r in self.open], []
         return rows
 
-    def row(self, open_row) -> tuple[np.ndarray, int, np.ndarray]:
+    def row(self, open_row) -> tuple:
         ids = np.full(self.C, self.pad_id, dtype=np.int32)
         learnt = np.zeros(self.C, dtype=bool)
-        at = 0
-        for p_ids, p_learnt in open_row[1]:
+        at, targets = 0, []
+        for p_ids, p_learnt, p_targets in open_row[1]:
             ids[at : at + len(p_ids)], learnt[at : at + len(p_ids)] = p_ids, p_learnt
             at += len(p_ids)
+            targets.append(p_targets)
         x, nxt = F.row_of(ids)
-        return x, nxt, learnt[1:].copy(), at  # position p is learnt when token p + 1 is
+        mask = learnt[1:].copy()  # position p is learnt when token p + 1 is
+        if not any(t is not None for t in targets):
+            return x, nxt, mask, at, None
+        # a generated answer's targets are those of its learnt tokens, in order; a row's
+        # first token is a prompt's, so they are the row's learnt positions, in order
+        joined = tuple(np.concatenate(parts) for parts in zip(*targets))
+        if learnt[0] or len(joined[2]) != int(mask.sum()):
+            raise AssertionError("generated targets do not match the row's learnt positions")
+        return x, nxt, mask, at, joined
 
 
 def pack_chat(
@@ -181,31 +193,33 @@ def pack_chat(
                 yield from rows.add(piece)
         yield from rows.flush()
 
-    for x, nxt, mask, used in closed():
+    for x, nxt, mask, used, targets in closed():
         if limit is not None and done >= limit:
             return
         done += 1
         stats.rows += 1
         stats.tokens += used
         stats.learnt += int(mask.sum())
-        yield x, nxt, mask
+        yield (x, nxt, mask) if targets is None else (x, nxt, mask, targets)
 
 
-def units(domain: int, sequences: Iterable[tuple[np.ndarray, int, np.ndarray]], S: int):
-    """Group a domain's sequences into work units of S."""
-    part, ids, nxt, masks = 0, [], [], []
-    for x, t, m in sequences:
+def units(domain: int, sequences: Iterable[tuple], S: int):
+    """Group a domain's sequences (input_ids, next_token, loss_mask[, targets]) into work
+    units of S."""
+    part, ids, nxt, masks, targets = 0, [], [], [], []
+    for x, t, m, *tg in sequences:
         ids.append(x)
         nxt.append(t)
         masks.append(m)
+        targets.append(tg[0] if tg else None)
         if len(ids) == S:
-            yield _unit(domain, part, ids, nxt, masks, S)
-            part, ids, nxt, masks = part + 1, [], [], []
+            yield _unit(domain, part, ids, nxt, masks, S, targets)
+            part, ids, nxt, masks, targets = part + 1, [], [], [], []
     if ids:
-        yield _unit(domain, part, ids, nxt, masks, S)
+        yield _unit(domain, part, ids, nxt, masks, S, targets)
 
 
-def _unit(domain: int, part: int, ids, nxt, masks, S: int) -> Unit:
+def _unit(domain: int, part: int, ids, nxt, masks, S: int, targets=None) -> Unit:
     first = part * S
     if first + len(ids) > F.MAX_DOMAIN_SEQUENCES:
         raise CorpusError(
@@ -213,4 +227,12 @@ def _unit(domain: int, part: int, ids, nxt, masks, S: int) -> Unit:
             "its file, or lower --set corpus.domain_bytes"
         )
     seq_ids = F.make_seq_id(domain, np.arange(first, first + len(ids), dtype=np.int64))
-    return Unit(domain, part, seq_ids, ids, nxt, masks)
+    if targets is not None and all(t is None for t in targets):
+        targets = None
+    elif targets is not None:  # a row of padding alone (no answer) has empty targets
+        targets = [_no_targets(t) if t is None else t for t in targets]
+    return Unit(domain, part, seq_ids, ids, nxt, masks, targets)
+
+
+def _no_targets(_) -> tuple:
+    return (np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32), np.zeros(0, np.float32))

@@ -146,6 +146,10 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
         "engine": cfg.teacher.engine,
         "seed": cfg.seed,
     }
+    if cfg.generate.enabled:  # absent otherwise: other caches keep their identity, bytes
+        gen = cfg.generate
+        capture = gen.resolved_capture(enc.mode, corpus.learn)
+        identity["generate"] = {**gen.identity(), "capture": capture}
     return BuildPlan(
         cfg=cfg,
         worker=worker,
