@@ -71,7 +71,7 @@ def main():
     gen = GenerateConfig(enabled=True, max_new_tokens=a.max_new_tokens)
     seeds = [answer_seed(0, 0, i, 0) for i in range(len(ps))]
     budgets = [min(a.max_new_tokens, SEQ_LEN + 1 - len(p)) for p in ps]
-    engine = VllmEngine(TeacherConfig(path=a.teacher), k=K, seq_len=SEQ_LEN)
+    engine = VllmEngine(TeacherConfig(path=a.teacher), k=K, seq_len=SEQ_LEN, generating=True)
 
     def alone():
         params = [

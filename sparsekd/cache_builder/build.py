@@ -83,6 +83,7 @@ class Teacher:
                 seq_len=cfg.corpus.seq_len,
                 seed=cfg.seed,
                 path=cfg.encoder.resolved_path,
+                generating=cfg.generate.enabled,
             )
         self._first_call()
         return self.engine
@@ -98,7 +99,11 @@ class Teacher:
         if self.gen_engine is None:
             self._first_call()
             self.gen_engine = VllmEngine(
-                cfg.teacher, k=max(1, cfg.encoder.top_k), seq_len=cfg.corpus.seq_len, seed=cfg.seed
+                cfg.teacher,
+                k=max(1, cfg.encoder.top_k),
+                seq_len=cfg.corpus.seq_len,
+                seed=cfg.seed,
+                generating=True,
             )
         return self.gen_engine
 
@@ -211,6 +216,7 @@ def _generated(plan: BuildPlan, reader: DomainReader, teacher: Teacher):
         long=corpus.long_conversations,
         packing=corpus.chat_packing,
         stats=reader.chat,
+        cut_rows=reader.generate.cut_rows,
     )
 
 

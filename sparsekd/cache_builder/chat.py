@@ -74,6 +74,7 @@ class Rendered:
     learnt: np.ndarray  # bool [T]: the student learns this token
     turns: list[int]  # token indices where a user turn begins (0 always): where to cut
     targets: tuple | None = None  # a generated answer's targets at its learnt tokens
+    cut: bool = False  # a generated answer cut at max_new_tokens
 
 
 def _content(msg, where: str) -> str | None:

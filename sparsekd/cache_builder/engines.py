@@ -86,7 +86,6 @@ def _vllm(cfg: TeacherConfig, *, max_model_len: int, seed: int, memory: float | 
         # Every packed sequence is unique, so a prefix cache only costs memory; it would also
         # drop prompt log-probs of cached blocks.
         enable_prefix_caching=False,
-        **extra,
     )
     if cpu:
         kwargs["enforce_eager"] = True  # torch.compile warm-up costs more than it saves
@@ -95,6 +94,7 @@ def _vllm(cfg: TeacherConfig, *, max_model_len: int, seed: int, memory: float | 
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization or memory
     if cfg.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+    kwargs.update(extra)  # the caller's own (they win over the settings above)
     return LLM(**kwargs)
 
 
@@ -108,9 +108,20 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0):
+    def __init__(
+        self, cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0, generating: bool = False
+    ):
         from vllm import SamplingParams
 
+        extra = {}
+        if generating and not _on_cuda():
+            # vLLM rewinds a seeded request's generator after a partial (chunked) prefill,
+            # and a CPU generator cannot rewind ("CPU Generator does not use offset"): on
+            # CPU, answers with a seed each need whole prefills
+            extra["enable_chunked_prefill"] = False
+            budget = cfg.max_num_batched_tokens or 4096
+            extra["max_num_batched_tokens"] = max(budget, seq_len + EXTRA_POSITIONS["logprob"])
+        self.generating = generating
         self.llm = _vllm(
             cfg,
             max_model_len=seq_len + EXTRA_POSITIONS["logprob"],  # + next_token + one generated
@@ -118,6 +129,7 @@ class VllmEngine:
             memory=None,
             max_logprobs=max(k, 1),
             logprobs_mode="raw_logprobs",
+            **extra,
         )
         self.k = k  # the largest K this engine serves (vLLM's max_logprobs)
         self._params = {}
@@ -184,6 +196,8 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if not (self.generating or _on_cuda()):
+            raise RuntimeError("this engine was not started for generation (generating=True)")
         K = k if targets else 0
         if K > self.k:
             raise ValueError(f"K = {K} is above this engine's max_logprobs ({self.k})")
@@ -347,10 +361,20 @@ class HfEngine:
         self.model = None
 
 
-def make_engine(cfg: TeacherConfig, *, k: int, seq_len: int, seed: int = 0, path: str = "logprob"):
+def make_engine(
+    cfg: TeacherConfig,
+    *,
+    k: int,
+    seq_len: int,
+    seed: int = 0,
+    path: str = "logprob",
+    generating: bool = False,
+):
     """`path`: "logprob" (vLLM prompt log-probs) or "hidden" (hidden states + our head).
-    The hf engine serves both."""
+    The hf engine serves both. `generating`: the log-prob engine also writes answers
+    (--generate)."""
     if cfg.engine == "hf":
         return HfEngine(cfg, k=k, seq_len=seq_len, seed=seed)
-    cls = VllmHiddenEngine if path == "hidden" else VllmEngine
-    return cls(cfg, k=k, seq_len=seq_len, seed=seed)
+    if path == "hidden":
+        return VllmHiddenEngine(cfg, k=k, seq_len=seq_len, seed=seed)
+    return VllmEngine(cfg, k=k, seq_len=seq_len, seed=seed, generating=generating)

@@ -31,12 +31,13 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from sparsekd.cache_builder.chat import Conversation, Rendered, _messages
 from sparsekd.config import check, setting
+from sparsekd.schemas import format as F
 
 CAPTURES = ("auto", "during", "second_pass")
 GENERATE_CHUNK = 64  # prompts per engine call: a fixed count, so batches match on any split
@@ -122,6 +123,7 @@ class GenerateStats:
     answers: int = 0
     answer_tokens: int = 0
     cut: int = 0  # answers that reached max_new_tokens (or the row's end)
+    cut_rows: list[int] = field(default_factory=list)  # rows of the domain holding one
     too_long: int = 0  # prompts with no room left for an answer in a row: skipped
     logprob_sum: float = 0.0  # the teacher's log-prob of its own answer tokens, summed
 
@@ -190,10 +192,14 @@ class Generator:
             stats.answers += 1
             stats.answer_tokens += len(answer)
             stats.cut += bool(out.cut)
-            stats.logprob_sum += float(np.sum(out.token_logprobs, dtype=np.float64))
+            # summed as stored (fixed point): the record depends only on what the shards hold,
+            # not on the last float bits of a step, which vLLM on a loaded CPU can vary
+            q = F.quantize_logprobs(out.token_logprobs).astype(np.int64)
+            stats.logprob_sum -= int(q.sum()) / F.LOGPROB_SCALE
             yield Rendered(
                 np.concatenate([ids, answer]),
                 np.arange(len(ids) + len(answer)) >= len(ids),
                 [0],  # never split: it fits a row by construction
                 out.targets,
+                bool(out.cut),
             )

@@ -45,12 +45,19 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 
 from sparsekd.cache_builder.corpus import source_probe
 from sparsekd.errors import CacheError, CorpusError, TeacherError
 from sparsekd.schemas import format as F
-from sparsekd.schemas.manifest import DOMAIN_INDEX_SCHEMA, INDEX_DIR, MANIFEST, ShardIndex
+from sparsekd.schemas.manifest import (
+    DOMAIN_INDEX_SCHEMA,
+    INDEX_DIR,
+    KEPT_SCHEMA,
+    MANIFEST,
+    ShardIndex,
+)
 from sparsekd.schemas.manifest import write_manifest as _write_manifest
 from sparsekd.storage import STAGING, Store, json_bytes, parse_json, process_tag
 
@@ -286,6 +293,12 @@ def try_finalize(store: Store, plan) -> dict | None:
         {name: [r[name] for r in domains] for name in DOMAIN_INDEX_SCHEMA.names},
         schema=DOMAIN_INDEX_SCHEMA,
     )
+    tables = {"domains": table}
+    if plan.cfg.generate.enabled:  # the rows holding an answer cut at max_new_tokens
+        cut = [F.make_seq_id(r["domain"], np.asarray(r["generate"]["cut_rows"], np.int64))
+               for r in domains]  # fmt: skip
+        cut = np.concatenate(cut) if cut else np.zeros(0, np.int64)
+        tables["cut"] = pa.table({"seq_id": np.sort(cut)}, schema=KEPT_SCHEMA)
     versions = sorted({json.dumps(h.get("versions", {}), sort_keys=True) for h in headers})
     content = hashlib.sha256("".join(r["content_sha256"] for r in domains).encode()).hexdigest()
     return _write_manifest(
@@ -293,7 +306,7 @@ def try_finalize(store: Store, plan) -> dict | None:
         meta={**plan.meta, "teacher_weights_sha256": weights.pop()},
         fingerprint=plan.fingerprint,
         shards=ShardIndex.from_entries(entries),
-        tables={"domains": table},
+        tables=tables,
         extra={
             "corpus_content_sha256": content,
             "bad_lines": sum(r["bad_lines"] for r in domains),
@@ -327,4 +340,5 @@ def chat_totals(domains: list[dict], key: str = "chat") -> dict | None:
     chats = [r[key] for r in domains if r.get(key)]
     if not chats:
         return None
-    return {k: sum(c[k] for c in chats) for k in chats[0]}
+    count = lambda v: len(v) if isinstance(v, list) else v  # noqa: E731 (lists: how many)
+    return {k: sum(count(c[k]) for c in chats) for k in chats[0]}

@@ -100,7 +100,7 @@ def pack(
 def _pieces(r, C: int, long: str, stats: ChatStats) -> list[tuple[np.ndarray, np.ndarray]]:
     """A rendered conversation as pieces of at most C tokens (module docstring)."""
     if len(r.ids) <= C:
-        return [(r.ids, r.learnt, r.targets)]
+        return [(r.ids, r.learnt, r.targets, r.cut)]
     if long == "drop":
         stats.dropped += 1
         return []
@@ -118,7 +118,7 @@ def _pieces(r, C: int, long: str, stats: ChatStats) -> list[tuple[np.ndarray, np
             start = a
     if len(r.ids) > start:
         pieces.append((start, len(r.ids)))
-    return [(r.ids[a:b], r.learnt[a:b], None) for a, b in pieces]
+    return [(r.ids[a:b], r.learnt[a:b], None, False) for a, b in pieces]
 
 
 class _Rows:
@@ -152,21 +152,22 @@ class _Rows:
     def row(self, open_row) -> tuple:
         ids = np.full(self.C, self.pad_id, dtype=np.int32)
         learnt = np.zeros(self.C, dtype=bool)
-        at, targets = 0, []
-        for p_ids, p_learnt, p_targets in open_row[1]:
+        at, targets, cut = 0, [], False
+        for p_ids, p_learnt, p_targets, p_cut in open_row[1]:
             ids[at : at + len(p_ids)], learnt[at : at + len(p_ids)] = p_ids, p_learnt
             at += len(p_ids)
             targets.append(p_targets)
+            cut |= p_cut
         x, nxt = F.row_of(ids)
         mask = learnt[1:].copy()  # position p is learnt when token p + 1 is
         if not any(t is not None for t in targets):
-            return x, nxt, mask, at, None
+            return x, nxt, mask, at, None, cut
         # a generated answer's targets are those of its learnt tokens, in order; a row's
         # first token is a prompt's, so they are the row's learnt positions, in order
         joined = tuple(np.concatenate(parts) for parts in zip(*targets))
         if learnt[0] or len(joined[2]) != int(mask.sum()):
             raise AssertionError("generated targets do not match the row's learnt positions")
-        return x, nxt, mask, at, joined
+        return x, nxt, mask, at, joined, cut
 
 
 def pack_chat(
@@ -179,9 +180,12 @@ def pack_chat(
     packing: str = "best_fit",
     limit: int | None = None,
     stats: ChatStats | None = None,
-) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
-    """Rows of whole conversations: `(input_ids int32 [L], next_token, loss_mask bool [L])`,
-    at most `limit`. `render(item)` gives a chat.Rendered."""
+    cut_rows: list[int] | None = None,
+) -> Iterator[tuple]:
+    """Rows of whole conversations: `(input_ids int32 [L], next_token, loss_mask bool [L])`
+    (and the targets of generated answers, when they have them), at most `limit`.
+    `render(item)` gives a chat.Rendered; `cut_rows` collects the indices of the rows that
+    hold a generated answer cut at its most new tokens."""
     stats = stats if stats is not None else ChatStats()
     rows = _Rows(L + 1, pad_id, OPEN_ROWS if packing == "best_fit" else 1, stats)
     done = 0
@@ -193,9 +197,11 @@ def pack_chat(
                 yield from rows.add(piece)
         yield from rows.flush()
 
-    for x, nxt, mask, used, targets in closed():
+    for x, nxt, mask, used, targets, cut in closed():
         if limit is not None and done >= limit:
             return
+        if cut and cut_rows is not None:
+            cut_rows.append(done)
         done += 1
         stats.rows += 1
         stats.tokens += used

@@ -306,6 +306,15 @@ class Cache:
             raise CacheError(f"{self.path} is not a refined set")
         return read_kept(self.store, self.manifest["index"]["kept"])
 
+    def cut_seq_ids(self) -> np.ndarray:
+        """A generated cache's rows that hold an answer cut at max_new_tokens (sorted int64
+        seq_ids), from its index (no shard opened)."""
+        from sparsekd.schemas.manifest import read_kept
+
+        if "generate" not in self.meta:
+            raise CacheError(f"{self.path} is not a generated cache (--generate)")
+        return read_kept(self.store, self.manifest["index"]["cut"])
+
     def _sequences(self, cols: dict, n: int) -> list[Sequence]:
         meta, L = self.meta, int(self.meta["seq_len"])
         input_ids = cols[F.COL_INPUT_IDS][1].reshape(n, L)

@@ -86,7 +86,7 @@ def tok(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def engine(smollm2_dir):
-    e = VllmEngine(TeacherConfig(path=str(smollm2_dir)), k=K, seq_len=L, seed=0)
+    e = VllmEngine(TeacherConfig(path=str(smollm2_dir)), k=K, seq_len=L, seed=0, generating=True)
     yield e
     e.close()
 
@@ -138,7 +138,7 @@ def test_each_prompt_gets_n_answers_learnt_on_the_answer_only(generated, tok):
     seqs = list(open_cache(generated))
     assert len(seqs) == N * len(rows) and len({s.seq_id for s in seqs}) == len(seqs)
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    cut = 0
+    cut = []
     for i, seq in enumerate(seqs):  # rows in prompt order, its N answers one after another
         prompt, answer = _answers(
             seq, tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
@@ -153,11 +153,13 @@ def test_each_prompt_gets_n_answers_learnt_on_the_answer_only(generated, tok):
             )
             assert whole.startswith(tok.decode(np.concatenate([prompt, answer])))
         else:
-            cut += 1
+            cut.append(seq.seq_id)
             assert len(answer) == NEW
     stats = cache_stats(open_cache(generated))
     g = stats["generate"]
-    assert g["prompts"] == len(rows) and g["answers"] == N * len(rows) and g["cut"] == cut
+    assert g["prompts"] == len(rows) and g["answers"] == N * len(rows) and g["cut"] == len(cut)
+    assert open_cache(generated).cut_seq_ids().tolist() == cut == sorted(cut)  # flagged rows
+    assert g["cut_rows"] == len(cut)
     assert g["answers_per_prompt"] == N and g["settings"]["temperature"] == 0.8
     # the teacher's mean log-prob of its answers is the cache's own token log-probs'
     assert g["mean_answer_logprob"] == pytest.approx(-stats["teacher_nll"], abs=1e-3)
@@ -262,3 +264,20 @@ def test_sample_mode_takes_the_second_pass_and_text_rows_are_not_prompts(
                    tmp_path / "t", "--generate", "--quiet")  # fmt: skip
     assert proc.returncode != 0
     assert "no prompt" in error_line(proc) and error_line(proc).startswith("sparsekd: error:")
+
+
+def test_an_answer_does_not_depend_on_the_batch_it_was_generated_in(engine):
+    """64 prompts of 80 tokens: more than the engine's 4,096-token step budget, so on CPU
+    they need whole (unchunked) prefills (a seeded request's chunked prefill fails there);
+    an answer generated in that batch equals the same prompt's answer generated alone."""
+    from sparsekd.cache_builder.generate import GenerateConfig, answer_seed
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, 40_000, size=80).astype(np.int32) for _ in range(64)]
+    seeds = [answer_seed(0, 0, i, 0) for i in range(64)]
+    gen = GenerateConfig(enabled=True, max_new_tokens=4)
+    many = engine.generate(prompts, seeds, [4] * 64, gen, k=K, targets=True)
+    alone = engine.generate(prompts[5:6], seeds[5:6], [4], gen, k=K, targets=True)
+    assert many[5].token_ids.tolist() == alone[0].token_ids.tolist()
+    np.testing.assert_allclose(many[5].targets[1], alone[0].targets[1], atol=1e-4)
+    assert len({tuple(o.token_ids.tolist()) for o in many}) > 1
