@@ -208,7 +208,9 @@ def _verify_shard(cache: Cache, i: int, full: bool) -> tuple[list[str], int | No
                 0,
             )
         meta = cache.meta
-        expected = F.arrow_schema(meta["mode"], cache.weighted, "refined" in meta, cache.version)
+        expected = F.arrow_schema(
+            meta["mode"], cache.weighted, "refined" in meta, cache.version, "generate" in meta
+        )
         if not sf.schema.remove_metadata().equals(expected):
             return [f"{name}: schema differs from the {meta['mode']} shard schema"], None, 0
         groups = [cache.read_group_table(i, g) for g in range(sf.num_row_groups)]

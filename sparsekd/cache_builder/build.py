@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
+
 from sparsekd.cache_builder.config import BuildConfig
 from sparsekd.cache_builder.corpus import ChatItem, Domain, DomainReader, ZstStreams
 from sparsekd.cache_builder.encoder import TeacherView, empty, from_topk, teacher_view
@@ -130,6 +132,20 @@ class Teacher:
             self.engine.close()
         if self.gen_engine is not None:
             self.gen_engine.close()
+
+
+def row_texts(plan: BuildPlan, unit: Unit) -> list[str]:
+    """A generated cache's rows as text: each row's L + 1 tokens decoded, special tokens
+    kept, the padding after its last answer left out (every piece of such a row ends with
+    its answer, so the row's text ends with its last learnt token: position p learnt means
+    token p + 1 is)."""
+    out = []
+    for ids, nxt, mask in zip(unit.input_ids, unit.next_tokens, unit.loss_masks):
+        tokens = np.append(ids, np.int32(nxt))
+        learnt = np.flatnonzero(mask)
+        end = int(learnt[-1]) + 2 if len(learnt) else 0
+        out.append(plan.tokenizer.decode(tokens[:end].tolist(), skip_special_tokens=False))
+    return out
 
 
 def _generated_view(mode: str, targets: list[tuple]) -> TeacherView:
@@ -277,6 +293,7 @@ def _write_unit(plan: BuildPlan, ledger: Ledger, stats, bar, unit: Unit, units: 
         view.token_logprobs,
         view.supports,
         weighted=enc.weighted,
+        texts=unit.texts,
     )
     meta = {**plan.meta, "teacher_weights_sha256": plan.weights_sha256()}
     entry = write_shard(ledger.store, unit.domain, unit.part, table, meta)
@@ -339,6 +356,8 @@ def _build(plan: BuildPlan, ledger: Ledger, stats: BuildStats, engine) -> float:
                     writer.put(partial(_write_domain, plan, ledger, item))
                 else:
                     unit, units = item
+                    if plan.cfg.generate.enabled:  # in this thread: one user of the tokenizer
+                        unit.texts = row_texts(plan, unit)
                     view = teacher.view(unit)
                     writer.put(partial(_write_unit, plan, ledger, stats, bar, unit, units, view))
     finally:

@@ -44,6 +44,7 @@ class Unit:
     # --generate with targets captured during generation: per row, (ids [n, K], logprobs
     # [n, K], token log-probs [n]) at its n learnt positions (generate.py); else None
     targets: list[tuple] | None = None
+    texts: list[str] | None = None  # --generate: each row's text (its tokens decoded)
 
     def tokens_sha256(self) -> str:
         """Hash of the unit's tokens and masks: a re-run compares it with the recorded one

@@ -258,6 +258,8 @@ def _write_refined(store: Store, teacher: Cache, kept, kept_scores, tok, meta, S
         if not len(rows):
             continue
         table = table.take(pa.array(rows)).replace_schema_metadata(None)
+        if F.COL_TEXT in table.column_names:  # a generated cache's: the refined set's own next
+            table = table.drop_columns([F.COL_TEXT])
         score = kept_scores[np.searchsorted(kept, table.column(F.COL_SEQ_ID).to_numpy())]
         text = tok.batch_decode(table.column(F.COL_INPUT_IDS).to_pylist())
         table = table.append_column(

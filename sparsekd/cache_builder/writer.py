@@ -103,9 +103,11 @@ def encode_table(
     token_logprobs: list[np.ndarray],
     supports: list[Support],
     weighted: bool = False,
+    texts: list[str] | None = None,
 ) -> pa.Table:
     """Rows of a shard: per sequence its tokens [L], loss mask [L], and at its learnt
-    positions only the token log-probs and the sparse support."""
+    positions only the token log-probs and the sparse support (and, for a generated cache,
+    each row's text)."""
     L = len(input_ids[0])
     n = len(seq_ids)
     learnt = [int(m.sum()) for m in loss_masks]
@@ -127,10 +129,12 @@ def encode_table(
             np.concatenate([s.ids for s in supports]).astype(np.int32), per_row, pa.int32()
         ),
     }
-    schema = F.arrow_schema(mode, weighted)
+    schema = F.arrow_schema(mode, weighted, generated=texts is not None)
     for col in get_mode(mode).columns(weighted):
         typ = schema.field(col).type.value_type
         cols[col] = _list_array(np.concatenate([s.values[col] for s in supports]), per_row, typ)
+    if texts is not None:
+        cols[F.COL_TEXT] = pa.array(texts, pa.string())
     return pa.Table.from_pydict(cols, schema=schema)
 
 

@@ -153,7 +153,9 @@ class ShardFile:
                     f"{str(want)[:24]!r} (a shard of another cache, or a damaged file)"
                 )
         m = cache.meta
-        expected = F.arrow_schema(m["mode"], cache.weighted, "refined" in m, cache.version)
+        expected = F.arrow_schema(
+            m["mode"], cache.weighted, "refined" in m, cache.version, "generate" in m
+        )
         if not pf.schema_arrow.remove_metadata().equals(expected):
             raise CacheError(f"shard {name}: its columns are not the {m['mode']} shard schema")
         self.checksums = meta.get("checksums")

@@ -72,7 +72,7 @@ COL_COUNTS = "counts"
 COL_WEIGHTS = "weights"
 # A refined set (`sparsekd refine`) adds two columns to its teacher cache's rows:
 COL_SCORE = "score"  # float32: MiniPLM difference score of the sequence
-COL_TEXT = "text"  # string: the decoded input_ids
+COL_TEXT = "text"  # string: the decoded input_ids (also a --generate cache's rows)
 
 # Key-value metadata stored in every shard's footer under this key (one JSON document).
 META_KEY = b"sparsekd"
@@ -136,10 +136,15 @@ def per_learnt(version: int) -> tuple[str, ...]:
 
 
 def arrow_schema(
-    mode: str, weighted: bool = False, refined: bool = False, version: int = SCHEMA_VERSION
+    mode: str,
+    weighted: bool = False,
+    refined: bool = False,
+    version: int = SCHEMA_VERSION,
+    generated: bool = False,
 ) -> pa.Schema:
     """The Arrow schema of a shard of the given mode (`weighted`: sample with tau != 1;
-    `refined`: a refined set's shard, with `score` and `text` after the cache columns)."""
+    `refined`: a refined set's shard, with `score` and `text` after the cache columns;
+    `generated`: a --generate cache's shard, with `text` after them)."""
     from sparsekd.schemas.modes import get_mode
 
     columns = get_mode(mode).columns(weighted)
@@ -160,6 +165,8 @@ def arrow_schema(
             pa.field(COL_SCORE, pa.float32(), nullable=False),
             pa.field(COL_TEXT, pa.string(), nullable=False),
         ]
+    elif generated:
+        fields.append(pa.field(COL_TEXT, pa.string(), nullable=False))
     return pa.schema(fields)
 
 

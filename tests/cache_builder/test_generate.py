@@ -10,6 +10,7 @@ import json
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,11 +139,10 @@ def test_each_prompt_gets_n_answers_learnt_on_the_answer_only(generated, tok):
     seqs = list(open_cache(generated))
     assert len(seqs) == N * len(rows) and len({s.seq_id for s in seqs}) == len(seqs)
     eot = tok.convert_tokens_to_ids("<|im_end|>")
+    pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
     cut = []
     for i, seq in enumerate(seqs):  # rows in prompt order, its N answers one after another
-        prompt, answer = _answers(
-            seq, tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
-        )
+        prompt, answer = _answers(seq, pad)
         messages = _messages(rows[i // N])
         assert tok.decode(prompt) == chatml(messages)  # the prompt, never learnt
         assert 1 <= len(answer) <= NEW
@@ -155,6 +155,13 @@ def test_each_prompt_gets_n_answers_learnt_on_the_answer_only(generated, tok):
         else:
             cut.append(seq.seq_id)
             assert len(answer) == NEW
+    # each row's text column is its prompt and answer, decoded (a user reads what was
+    # distilled without a tokenizer)
+    texts = pq.read_table(sorted(shard_files(generated)), columns=["seq_id", "text"]).to_pydict()
+    by_id = dict(zip(texts["seq_id"], texts["text"]))
+    for seq in seqs:
+        prompt, answer = _answers(seq, pad)
+        assert by_id[seq.seq_id] == tok.decode(np.concatenate([prompt, answer]))
     stats = cache_stats(open_cache(generated))
     g = stats["generate"]
     assert g["prompts"] == len(rows) and g["answers"] == N * len(rows) and g["cut"] == len(cut)
