@@ -111,7 +111,7 @@ def bench_corpus(teacher: str, tmp: Path):
     t0 = time.perf_counter()
     tokens = 0
     for d in plan.domains:
-        for ids, _, _ in pack(
+        for ids, *_ in pack(
             DomainReader(d, "text", False), plan.tokenizer, plan.tokenizer.eos_token_id, 2048
         ):
             tokens += len(ids)
@@ -161,7 +161,7 @@ def bench_corpus_zst(teacher: str, tmp: Path):
     tok = plan.tokenizer
     old_tokens = sum(
         len(ids)
-        for ids, _, _ in pack(DomainReader(Domain(0, src, 0, 0, None), "text", False), tok,
+        for ids, *_ in pack(DomainReader(Domain(0, src, 0, 0, None), "text", False), tok,
                            tok.eos_token_id, 2048)
     )  # fmt: skip
     old = time.perf_counter() - t0

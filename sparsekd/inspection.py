@@ -60,7 +60,10 @@ def cache_stats(cache: Cache) -> dict:
     nll_sum = mass_sum = support_sum = top1_sum = ent_sum = 0.0
     mode = get_mode(cache.meta["mode"])
     entropy = mode.draws and not cache.meta.get("weighted")
+    rows = documents = 0
     for seq, nll, mass, support, hit in _position_arrays(cache):
+        rows += 1
+        documents += len(seq.doc_starts)
         n += len(nll)
         nll_sum += float(nll.sum())
         mass_sum += float(mass.sum())
@@ -90,6 +93,8 @@ def cache_stats(cache: Cache) -> dict:
         "learnt_fraction": learnt / max(m["num_tokens"], 1),
         "bytes_per_learnt_token": m["bytes"] / n,
         "schema_version": cache.version,
+        "attention": F.attention_of(meta),
+        "documents_per_row": documents / max(rows, 1),
         "chat": chat_summary(m.get("chat"), int(meta["seq_len"])),
         "generate": generate_summary(m.get("generate"), meta.get("generate")),
         "samples": meta.get("samples"),
@@ -135,6 +140,19 @@ def generate_summary(totals: dict | None, settings: dict | None) -> dict | None:
     }
 
 
+def _attention_text(s: dict) -> str:
+    if s["attention"] == "row":
+        return "each row read as one sequence" + (
+            f" (schema version {s['schema_version']}: built before documents were kept apart)"
+            if s["schema_version"] < 4
+            else ""
+        )
+    return (
+        f"{s['documents_per_row']:.2f} documents per row, each read alone by the teacher and "
+        "the student"
+    )
+
+
 def format_stats(s: dict, path: str) -> str:
     what = get_mode(s["mode"]).describe(s)
     lines = [
@@ -143,6 +161,7 @@ def format_stats(s: dict, path: str) -> str:
         f"vocab {s['vocab_size']}, seq_len {s['seq_len']}",
         f"  {s['sequences']} sequences, {s['tokens']} tokens in {s['shards']} shards, "
         f"{s['bytes'] / 1e6:.2f} MB = {s['bytes_per_token']:.2f} bytes/token",
+        f"  attention {s['attention']}: {_attention_text(s)}",
         f"  learnt positions {s['learnt_positions']} ({100 * s['learnt_fraction']:.1f} % of the "
         f"tokens) = {s['bytes_per_learnt_token']:.2f} bytes per learnt token",
         f"  stored ids per learnt position {s['mean_support']:.2f}"

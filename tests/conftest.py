@@ -23,6 +23,30 @@ from tests.helpers import run_cli  # noqa: E402
 _BUCKETS = iter(range(10**6))
 
 
+def shared(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` once per test run, whichever xdist worker asks first; the others wait
+    for it (a file lock) and share the folder. Session artefacts (the converted teacher,
+    small caches, a student) are read-only to the tests that use them."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / "shared" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder.parent / f"{name}.done").exists():
+            if folder.exists():  # a worker that died while making it
+                import shutil
+
+                shutil.rmtree(folder)
+            folder.mkdir()
+            make(folder)
+            (folder.parent / f"{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (moto's server, its own process on 127.0.0.1) for this test
@@ -45,7 +69,7 @@ def s3_bucket(s3_server) -> str:
 def smollm2_dir(tmp_path_factory) -> Path:
     from sparsekd.cache_builder.gguf import convert_gguf
 
-    return convert_gguf(tmp_path_factory.mktemp("smollm2") / "teacher")
+    return shared(tmp_path_factory, "smollm2", lambda d: convert_gguf(d / "teacher")) / "teacher"
 
 
 def make_tiny_llama(out: Path, tok, *, vocab: int | None = None, tied: bool = False, **extra):
@@ -83,7 +107,8 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", tok)
+    make = lambda d: make_tiny_llama(d / "tiny-llama", tok)  # noqa: E731
+    return shared(tmp_path_factory, "tiny", make) / "tiny-llama"
 
 
 @pytest.fixture(scope="session")
@@ -93,62 +118,43 @@ def hf_topk_cache(tmp_path_factory, smollm2_dir) -> Path:
     from sparsekd.cache_builder.config import BuildConfig
     from sparsekd.config import build
 
-    out = tmp_path_factory.mktemp("caches") / "hf-topk"
-    cfg = {
-        "teacher": {"path": str(smollm2_dir), "engine": "hf"},
-        "corpus": {"seq_len": 64, "max_sequences": 10},
-        "encoder": {"mode": "topk", "k": 8},
-        "writer": {"out": str(out), "shard_sequences": 4},
-        "progress": False,
-    }
-    run(build(BuildConfig, cfg))
-    return out
+    def make(d: Path) -> None:
+        cfg = {
+            "teacher": {"path": str(smollm2_dir), "engine": "hf"},
+            "corpus": {"seq_len": 64, "max_sequences": 10},
+            "encoder": {"mode": "topk", "k": 8},
+            "writer": {"out": str(d / "hf-topk"), "shard_sequences": 4},
+            "progress": False,
+        }
+        run(build(BuildConfig, cfg))
+
+    return shared(tmp_path_factory, "hf-topk", make) / "hf-topk"
 
 
 @pytest.fixture(scope="session")
 def vllm_topk_cache(tmp_path_factory, smollm2_dir) -> Path:
-    """A SmolLM2 top-12 cache built by the real vLLM engine: 48 sequences x 64 tokens of the
-    built-in corpus."""
-    out = tmp_path_factory.mktemp("caches") / "vllm-topk"
-    run_cli(
-        "build-cache",
-        "--teacher",
-        smollm2_dir,
-        "--out",
-        out,
-        "--engine",
-        "vllm",
-        "--k",
-        "12",
-        "--seq-len",
-        "64",
-        "--max-sequences",
-        "48",
-        "--shard-sequences",
-        "16",
-        "--quiet",
-        check=True,
-    )
-    return out
+    """A SmolLM2 top-12 cache built by the real vLLM engine (the CLI, in its own process):
+    48 sequences x 64 tokens of the built-in corpus."""
+
+    def make(d: Path) -> None:
+        run_cli(
+            "build-cache", "--teacher", smollm2_dir, "--out", d / "vllm-topk", "--engine",
+            "vllm", "--k", "12", "--seq-len", "64", "--max-sequences", "48",
+            "--shard-sequences", "16", "--quiet", check=True,
+        )  # fmt: skip
+
+    return shared(tmp_path_factory, "vllm-topk", make) / "vllm-topk"
 
 
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory, smollm2_dir) -> Path:
-    out = tmp_path_factory.mktemp("students") / "tiny"
-    run_cli(
-        "init-student",
-        "--like",
-        smollm2_dir,
-        "--layers",
-        "2",
-        "--hidden",
-        "64",
-        "--heads",
-        "2",
-        "--intermediate",
-        "128",
-        "--out",
-        out,
-        check=True,
-    )
-    return out
+    """A 2-layer, 64-wide student with SmolLM2's tokenizer (init-student)."""
+    from sparsekd.config import build
+    from sparsekd.student_train.model import InitStudentConfig, init_student
+
+    def make(d: Path) -> None:
+        cfg = {"like": str(smollm2_dir), "layers": 2, "hidden": 64, "heads": 2,
+               "intermediate": 128, "out": str(d / "tiny")}  # fmt: skip
+        init_student(build(InitStudentConfig, cfg))
+
+    return shared(tmp_path_factory, "tiny-student", make) / "tiny"

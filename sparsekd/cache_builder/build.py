@@ -123,6 +123,7 @@ class Teacher:
             unit.input_ids,
             unit.next_tokens,
             unit.loss_masks,
+            unit.doc_starts,
         )
         self.stats.teacher_s += time.perf_counter() - t0
         return v
@@ -233,6 +234,7 @@ def _generated(plan: BuildPlan, reader: DomainReader, teacher: Teacher):
         packing=corpus.chat_packing,
         stats=reader.chat,
         cut_rows=reader.generate.cut_rows,
+        attention=corpus.attention,
     )
 
 
@@ -246,7 +248,9 @@ def _pack(plan: BuildPlan, reader: DomainReader, limit: int | None):
         return
     items = itertools.chain([first], items)
     if not isinstance(first, ChatItem):
-        yield from pack(items, tok, tok.eos_token_id, corpus.seq_len, limit)
+        yield from pack(
+            items, tok, tok.eos_token_id, corpus.seq_len, limit, attention=corpus.attention
+        )
         return
     reader.chat = ChatStats()
     yield from pack_chat(
@@ -258,6 +262,7 @@ def _pack(plan: BuildPlan, reader: DomainReader, limit: int | None):
         packing=corpus.chat_packing,
         limit=limit,
         stats=reader.chat,
+        attention=corpus.attention,
     )
 
 
@@ -292,6 +297,7 @@ def _write_unit(plan: BuildPlan, ledger: Ledger, stats, bar, unit: Unit, units: 
         unit.loss_masks,
         view.token_logprobs,
         view.supports,
+        doc_starts=unit.doc_starts,
         weighted=enc.weighted,
         texts=unit.texts,
     )

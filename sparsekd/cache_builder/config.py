@@ -75,3 +75,9 @@ class BuildConfig:
                 "generate.capture=during has targets for the answer only; corpus.learn=all "
                 "needs --set generate.capture=second_pass",
             )
+            check(
+                self.corpus.attention == "document",
+                "generate.capture=during takes each answer's targets from its own prompt; "
+                "corpus.attention=row would teach them under the other pieces of the row: "
+                "--set generate.capture=second_pass",
+            )

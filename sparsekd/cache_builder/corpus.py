@@ -51,6 +51,7 @@ from sparsekd.cache_builder.chat import KINDS, LEARN, Conversation, parse_row
 from sparsekd.cache_builder.generate import prompt_of
 from sparsekd.config import check, setting
 from sparsekd.errors import CorpusError, SparsekdError
+from sparsekd.schemas import format as F
 from sparsekd.storage import is_uri, join, open_store
 
 SUFFIXES = {
@@ -126,6 +127,13 @@ class CorpusConfig:
         "Rows of conversations: best_fit (several whole conversations per row, the rest "
         "padded) or one_per_row.",
         choices=CHAT_PACKINGS,
+    )
+    attention: str = setting(
+        "document",
+        "What a position's target is conditioned on: document (its own document only: the "
+        "teacher reads each document of a row alone, and the student sees the same "
+        "boundaries) or row (every earlier token of the row, as one sequence).",
+        choices=F.ATTENTIONS,
     )
     seq_len: int = setting(512, "Tokens per packed sequence.", flag=True)
     max_sequences: int | None = setting(

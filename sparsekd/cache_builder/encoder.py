@@ -1,9 +1,11 @@
 """Sparse encoder: one work unit -> the teacher's sparse view of every position.
 
-`teacher_view(engine, enc, seed, seq_ids, input_ids, next_tokens, loss_masks)` runs the
-teacher on the unit's sequences (every position: the prompt of a conversation is context)
-and returns, per sequence and at its learnt positions only, the token log-probs and the
-`Support`: `support_size` per learnt position, the concatenated `ids` (ascending within each
+`teacher_view(engine, enc, seed, seq_ids, input_ids, next_tokens, loss_masks, doc_starts)`
+runs the teacher on the unit's documents, each one alone (`documents`: a row's documents
+are the teacher's requests, so a target depends on its own document only and not on what
+packing put before it; the prompt of a conversation is context) and returns, per
+sequence and at its learnt positions only, the token log-probs and the `Support`:
+`support_size` per learnt position, the concatenated `ids` (ascending within each
 position) and the value arrays aligned with them, in their stored dtypes (schemas.modes).
 On the hidden-state path the head itself runs on the learnt positions only.
 
@@ -159,19 +161,80 @@ class TeacherView:
     supports: list[Support]  # per sequence, over its learnt positions
 
 
-def teacher_view(engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next_tokens, masks):
+@dataclass
+class Document:
+    """One teacher request: a document of a row, read alone (schemas.format, "Documents")."""
+
+    row: int  # the row it belongs to (index in the unit's lists)
+    start: int  # its first position in the row
+    tokens: np.ndarray  # int32 [m]: its tokens, through its last learnt position
+    next_token: int  # the target of its last position (the row's token after it)
+    learnt: np.ndarray  # bool [m]: the row's loss mask over these positions
+
+
+def documents(input_ids, next_tokens, masks, doc_starts) -> list[Document]:
+    """The documents of a unit's rows that hold a learnt position, in row and position
+    order (so their learnt positions, concatenated, are the rows' in order). A document
+    ends at its last learnt position: the teacher never computes positions nobody learns
+    after it (a conversation's closing newline, the padding)."""
+    docs = []
+    for r, (x, nxt, mask, starts) in enumerate(zip(input_ids, next_tokens, masks, doc_starts)):
+        L = len(x)
+        for a, b in F.doc_spans(starts, L):
+            learnt = np.flatnonzero(mask[a:b])
+            if not len(learnt):
+                continue
+            end = a + int(learnt[-1]) + 1
+            label = int(x[end]) if end < L else int(nxt)
+            docs.append(Document(r, a, x[a:end], label, mask[a:end]))
+    return docs
+
+
+def teacher_view(
+    engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next_tokens, masks, doc_starts
+):
     """Run the teacher on one unit's sequences (lists of equal-length arrays; `masks`:
-    bool [L] per sequence, the learnt positions)."""
+    bool [L] per sequence, the learnt positions; `doc_starts`: each row's documents, every
+    one read alone)."""
+    docs = documents(input_ids, next_tokens, masks, doc_starts)
     if enc.resolved_path == "logprob":
-        tb = engine.run(input_ids, next_tokens, k=enc.top_k)
-        supports = [
-            from_topk(i[m], lp[m]) for i, lp, m in zip(tb.topk_ids, tb.topk_logprobs, masks)
+        return _logprob_view(engine, enc, len(input_ids), docs)
+    return _hidden_view(engine, enc, seed, seq_ids, input_ids, next_tokens, masks, docs)
+
+
+def _per_row(n_rows: int, docs: list[Document], parts: list) -> list[list]:
+    """Each row's parts (one per document, in order)."""
+    rows = [[] for _ in range(n_rows)]
+    for d, part in zip(docs, parts):
+        rows[d.row].append(part)
+    return rows
+
+
+def _logprob_view(engine, enc: EncoderConfig, n_rows: int, docs: list[Document]) -> TeacherView:
+    if docs:
+        tb = engine.run([d.tokens for d in docs], [d.next_token for d in docs], k=enc.top_k)
+    parts = (
+        []
+        if not docs
+        else [
+            (i[d.learnt], lp[d.learnt], t[d.learnt])
+            for d, i, lp, t in zip(docs, tb.topk_ids, tb.topk_logprobs, tb.token_logprobs)
         ]
-        return TeacherView([t[m] for t, m in zip(tb.token_logprobs, masks)], supports)
-    return _hidden_view(engine, enc, seed, seq_ids, input_ids, next_tokens, masks)
+    )
+    view = TeacherView([], [])
+    K = enc.top_k
+    for row in _per_row(n_rows, docs, parts):
+        ids = np.concatenate([p[0] for p in row]) if row else np.zeros((0, K), np.int32)
+        lp = np.concatenate([p[1] for p in row]) if row else np.zeros((0, K), np.float32)
+        tok = np.concatenate([p[2] for p in row]) if row else np.zeros(0, np.float32)
+        view.supports.append(from_topk(ids, lp))
+        view.token_logprobs.append(tok)
+    return view
 
 
-def _hidden_view(engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next_tokens, masks):
+def _hidden_view(
+    engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next_tokens, masks, docs
+):
     import torch
 
     from sparsekd.kernels.teacher_head import default_chunk_rows, sampling_uniforms, teacher_head
@@ -183,14 +246,20 @@ def _hidden_view(engine, enc: EncoderConfig, seed: int, seq_ids, input_ids, next
     view = TeacherView([], [])
     for s0 in range(0, len(input_ids), per_call):
         ids, nxt = input_ids[s0 : s0 + per_call], next_tokens[s0 : s0 + per_call]
-        mask = np.concatenate(masks[s0 : s0 + per_call])
-        if not mask.any():  # nothing learnt here (a row of padding): nothing to compute
+        mine = [d for d in docs if s0 <= d.row < s0 + per_call]
+        if not mine:  # nothing learnt here (rows of padding): nothing to compute
             for _ in ids:
                 view.token_logprobs.append(np.zeros(0, np.float32))
                 view.supports.append(empty(0))
             continue
+        mask = np.concatenate(masks[s0 : s0 + per_call])
         rows = torch.from_numpy(np.flatnonzero(mask))
-        hidden = torch.cat(engine.hidden(ids, nxt))[rows].to(W.device, W.dtype)  # [n, D]
+        states = engine.hidden([d.tokens for d in mine], [d.next_token for d in mine])
+        # each document's learnt positions, in row and position order: the rows' learnt
+        # positions in order
+        hidden = torch.cat(
+            [h[torch.from_numpy(np.flatnonzero(d.learnt))] for d, h in zip(mine, states)]
+        ).to(W.device, W.dtype)  # [n, D]
         labels = torch.from_numpy(np.concatenate([F.labels_of(x, t) for x, t in zip(ids, nxt)]))
         targets = None
         if enc.mode == "sample":  # the draws of every position, kept at the learnt ones

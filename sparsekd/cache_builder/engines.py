@@ -12,6 +12,9 @@
 - `HfEngine` (oracle): a transformers forward with exact float32 logits; used by the
   tests and as a fallback for a model vLLM cannot run. Serves both paths.
 
+Every engine reads each sequence it is given alone, whatever their lengths: the encoder
+hands it a row's documents (encoder.documents), not the row.
+
 Shapes: B sequences, L tokens, K top-k size, V vocabulary, D hidden.
 """
 
@@ -319,8 +322,14 @@ class HfEngine:
         self.batch_size = cfg.batch_size
 
     def _batches(self, input_ids: list[np.ndarray]):
+        """Batches of sequences of any lengths, padded on the right: causal attention keeps
+        a position from seeing the padding after it, so each is read as if alone."""
         for b0 in range(0, len(input_ids), self.batch_size):
-            yield b0, self.torch.from_numpy(np.stack(input_ids[b0 : b0 + self.batch_size])).long()
+            seqs = input_ids[b0 : b0 + self.batch_size]
+            ids_BL = np.zeros((len(seqs), max(len(x) for x in seqs)), dtype=np.int64)
+            for i, x in enumerate(seqs):
+                ids_BL[i, : len(x)] = x
+            yield b0, self.torch.from_numpy(ids_BL), [len(x) for x in seqs]
 
     def run(
         self, input_ids: list[np.ndarray], next_tokens: list[int], k: int | None = None
@@ -328,28 +337,33 @@ class HfEngine:
         torch = self.torch
         K = k or self.k
         batch = TeacherBatch([], [], [])
-        for b0, ids_BL in self._batches(input_ids):
-            pairs = zip(input_ids[b0 : b0 + len(ids_BL)], next_tokens[b0 : b0 + len(ids_BL)])
-            labels_BL = torch.from_numpy(np.stack([F.labels_of(x, t) for x, t in pairs])).long()
+        for b0, ids_BL, lengths in self._batches(input_ids):
+            labels_BL = torch.zeros_like(ids_BL)
+            for i, (x, t) in enumerate(zip(input_ids[b0 : b0 + len(lengths)], next_tokens[b0:])):
+                labels_BL[i, : len(x)] = torch.from_numpy(F.labels_of(x, t).astype(np.int64))
             with torch.no_grad():
-                logits_BLV = self.model(ids_BL.to(self.device)).logits.float()
+                logits_BLV = self.model(ids_BL.to(self.device), use_cache=False).logits.float()
                 logp_BLV = torch.log_softmax(logits_BLV, dim=-1)
                 top_lp, top_ids = logp_BLV.topk(K, dim=-1)
                 tok_lp = logp_BLV.gather(-1, labels_BL.to(self.device)[..., None])[..., 0]
-            for i in range(ids_BL.shape[0]):
-                ids_LK, lp_LK = _sort_by_id(top_ids[i].cpu().numpy(), top_lp[i].cpu().numpy())
+            for i, n in enumerate(lengths):
+                ids_LK, lp_LK = _sort_by_id(
+                    top_ids[i, :n].cpu().numpy(), top_lp[i, :n].cpu().numpy()
+                )
                 batch.topk_ids.append(ids_LK)
                 batch.topk_logprobs.append(lp_LK)
-                batch.token_logprobs.append(tok_lp[i].cpu().numpy().astype(np.float32))
+                batch.token_logprobs.append(tok_lp[i, :n].cpu().numpy().astype(np.float32))
         return batch
 
     def hidden(self, input_ids: list[np.ndarray], next_tokens: list[int]) -> list:
         """Final (post-norm) hidden states, one float32 [L, D] tensor per sequence."""
         out = []
-        for _, ids_BL in self._batches(input_ids):
+        for _, ids_BL, lengths in self._batches(input_ids):
             with self.torch.no_grad():
-                h = self.model.get_decoder()(input_ids=ids_BL.to(self.device)).last_hidden_state
-            out.extend(h.float())
+                h = self.model.get_decoder()(
+                    input_ids=ids_BL.to(self.device), use_cache=False
+                ).last_hidden_state
+            out.extend(h[i, :n].float() for i, n in enumerate(lengths))
         return out
 
     def lm_head(self):

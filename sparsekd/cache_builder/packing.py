@@ -1,10 +1,19 @@
 """Packing: a domain's documents -> rows of L + 1 tokens and their loss masks -> work units.
 
+Every row records where its documents begin (`Row.doc_starts`, schemas.format): the
+teacher reads each document alone and the student sees the same boundaries.
+
 Text (`pack`). Every document is tokenised without special tokens and followed by EOS;
 the documents are concatenated; sequence i is `stream[i L : (i+1) L]` and its
 `next_token` is `stream[(i+1) L]` (so the last position of every sequence has a real
 target). Every position is learnt. The incomplete tail of each domain is dropped (L / 2
-tokens per domain on average: 0.01 % of a 32 MiB domain at L = 2048).
+tokens per domain on average: 0.01 % of a 32 MiB domain at L = 2048). With document
+attention, a document of the row begins at the EOS that ends the one before it (the EOS is
+the next document's first token, as a BOS would be): the last token of a document predicts
+its EOS from the document alone, and the EOS predicts the next document's first token from
+nothing before it. A row's first document may continue one begun in the row before (the
+stream is cut every L tokens), and is read from the row's start. With row attention
+(`corpus.attention = row`), a row is one document.
 
 Conversations (`pack_chat`). A row of L + 1 tokens holds whole conversations (rendered by
 chat.ChatRenderer), never a part of one: best fit (each conversation goes to the open row
@@ -24,6 +33,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,6 +41,16 @@ from sparsekd.errors import CorpusError
 from sparsekd.schemas import format as F
 
 OPEN_ROWS = 32  # best fit: rows open at once
+
+
+class Row(NamedTuple):
+    """One packed row: what the teacher reads and the student learns."""
+
+    input_ids: np.ndarray  # int32 [L]
+    next_token: int
+    loss_mask: np.ndarray  # bool [L]
+    doc_starts: np.ndarray  # int32 [documents]: 0, then each later document's first position
+    targets: tuple | None = None  # a generated answer's targets at the learnt positions
 
 
 @dataclass
@@ -41,6 +61,7 @@ class Unit:
     input_ids: list[np.ndarray]  # n x int32 [L]
     next_tokens: list[int]
     loss_masks: list[np.ndarray]  # n x bool [L]
+    doc_starts: list[np.ndarray]  # n x int32 [documents of the row]
     # --generate with targets captured during generation: per row, (ids [n, K], logprobs
     # [n, K], token log-probs [n]) at its n learnt positions (generate.py); else None
     targets: list[tuple] | None = None
@@ -55,6 +76,9 @@ class Unit:
         for mask in self.loss_masks:
             if not mask.all():  # all-learnt rows hash as they did before the mask
                 h.update(np.packbits(mask).tobytes())
+        for starts in self.doc_starts:
+            if len(starts) > 1:  # rows of one document hash as they did before v4
+                h.update(starts.tobytes())
         return h.hexdigest()
 
 
@@ -71,14 +95,22 @@ class ChatStats:
 
 
 def pack(
-    texts: Iterable[str], tokenizer, eos_id: int, L: int, limit: int | None = None, batch_docs=256
-) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
-    """Yield `(input_ids int32 [L], next_token, loss_mask bool [L])` in stream order, at most
-    `limit`; every position is learnt."""
+    texts: Iterable[str],
+    tokenizer,
+    eos_id: int,
+    L: int,
+    limit: int | None = None,
+    batch_docs=256,
+    attention: str = "document",
+) -> Iterator[Row]:
+    """Yield the rows of a stream of text documents in order, at most `limit`; every
+    position is learnt (module docstring)."""
     learnt = np.ones(L, dtype=bool)
     if limit == 0:
         return
     buf = np.empty(0, dtype=np.int32)
+    # stream positions (relative to buf) where a document begins: at each EOS after the first
+    begins = np.empty(0, dtype=np.int64)
     n = 0
     docs: list[str] = []
     it = iter(texts)
@@ -88,14 +120,21 @@ def pack(
             return
         enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
         eos = np.asarray([eos_id], dtype=np.int32)
+        ends = len(buf) + np.cumsum([len(ids) + 1 for ids in enc]) - 1  # each document's EOS
         buf = np.concatenate([buf, *(x for ids in enc for x in (np.asarray(ids, np.int32), eos))])
+        begins = np.concatenate([begins, ends])
         n_full = (len(buf) - 1) // L  # each sequence needs L tokens plus its next token
         for i in range(n_full):
-            yield buf[i * L : (i + 1) * L].copy(), int(buf[(i + 1) * L]), learnt
+            starts = F.ROW_START
+            if attention == "document":
+                inside = begins[(begins > i * L) & (begins < (i + 1) * L)] - i * L
+                starts = np.concatenate([F.ROW_START, inside.astype(np.int32)])
+            yield Row(buf[i * L : (i + 1) * L].copy(), int(buf[(i + 1) * L]), learnt, starts)
             n += 1
             if limit is not None and n >= limit:
                 return
         buf = buf[n_full * L :]
+        begins = begins[begins >= n_full * L] - n_full * L
 
 
 def _pieces(r, C: int, long: str, stats: ChatStats) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -125,8 +164,9 @@ def _pieces(r, C: int, long: str, stats: ChatStats) -> list[tuple[np.ndarray, np
 class _Rows:
     """Open rows of C tokens being filled with pieces (best fit, or one at a time)."""
 
-    def __init__(self, C: int, pad_id: int, most_open: int, stats: ChatStats):
+    def __init__(self, C: int, pad_id: int, most_open: int, stats: ChatStats, attention: str):
         self.C, self.pad_id, self.most_open, self.stats = C, pad_id, most_open, stats
+        self.attention = attention
         self.open: list[list] = []  # [free tokens, pieces], in the order they were opened
 
     def add(self, piece) -> list[tuple]:
@@ -153,22 +193,29 @@ class _Rows:
     def row(self, open_row) -> tuple:
         ids = np.full(self.C, self.pad_id, dtype=np.int32)
         learnt = np.zeros(self.C, dtype=bool)
-        at, targets, cut = 0, [], False
+        at, targets, cut, starts = 0, [], False, []
         for p_ids, p_learnt, p_targets, p_cut in open_row[1]:
+            starts.append(at)
             ids[at : at + len(p_ids)], learnt[at : at + len(p_ids)] = p_ids, p_learnt
             at += len(p_ids)
             targets.append(p_targets)
             cut |= p_cut
+        starts.append(at)  # the padding after the pieces is a document of its own
+        L = self.C - 1  # the row's last token is only a target: no document starts there
+        if self.attention == "row":
+            starts = F.ROW_START
+        else:
+            starts = np.asarray([s for s in starts if s < L], dtype=np.int32)
         x, nxt = F.row_of(ids)
         mask = learnt[1:].copy()  # position p is learnt when token p + 1 is
         if not any(t is not None for t in targets):
-            return x, nxt, mask, at, None, cut
+            return Row(x, nxt, mask, starts), at, cut
         # a generated answer's targets are those of its learnt tokens, in order; a row's
         # first token is a prompt's, so they are the row's learnt positions, in order
         joined = tuple(np.concatenate(parts) for parts in zip(*targets))
         if learnt[0] or len(joined[2]) != int(mask.sum()):
             raise AssertionError("generated targets do not match the row's learnt positions")
-        return x, nxt, mask, at, joined, cut
+        return Row(x, nxt, mask, starts, joined), at, cut
 
 
 def pack_chat(
@@ -182,13 +229,14 @@ def pack_chat(
     limit: int | None = None,
     stats: ChatStats | None = None,
     cut_rows: list[int] | None = None,
-) -> Iterator[tuple]:
-    """Rows of whole conversations: `(input_ids int32 [L], next_token, loss_mask bool [L])`
-    (and the targets of generated answers, when they have them), at most `limit`.
-    `render(item)` gives a chat.Rendered; `cut_rows` collects the indices of the rows that
-    hold a generated answer cut at its most new tokens."""
+    attention: str = "document",
+) -> Iterator[Row]:
+    """Rows of whole conversations (with the targets of generated answers, when they have
+    them), at most `limit`. `render(item)` gives a chat.Rendered; `cut_rows` collects the
+    indices of the rows that hold a generated answer cut at its most new tokens."""
     stats = stats if stats is not None else ChatStats()
-    rows = _Rows(L + 1, pad_id, OPEN_ROWS if packing == "best_fit" else 1, stats)
+    most_open = OPEN_ROWS if packing == "best_fit" else 1
+    rows = _Rows(L + 1, pad_id, most_open, stats, attention)
     done = 0
 
     def closed():  # rows closed by the items, then the rest
@@ -198,7 +246,7 @@ def pack_chat(
                 yield from rows.add(piece)
         yield from rows.flush()
 
-    for x, nxt, mask, used, targets, cut in closed():
+    for row, used, cut in closed():
         if limit is not None and done >= limit:
             return
         if cut and cut_rows is not None:
@@ -206,39 +254,45 @@ def pack_chat(
         done += 1
         stats.rows += 1
         stats.tokens += used
-        stats.learnt += int(mask.sum())
-        yield (x, nxt, mask) if targets is None else (x, nxt, mask, targets)
+        stats.learnt += int(row.loss_mask.sum())
+        yield row
 
 
-def units(domain: int, sequences: Iterable[tuple], S: int):
-    """Group a domain's sequences (input_ids, next_token, loss_mask[, targets]) into work
-    units of S."""
-    part, ids, nxt, masks, targets = 0, [], [], [], []
-    for x, t, m, *tg in sequences:
-        ids.append(x)
-        nxt.append(t)
-        masks.append(m)
-        targets.append(tg[0] if tg else None)
-        if len(ids) == S:
-            yield _unit(domain, part, ids, nxt, masks, S, targets)
-            part, ids, nxt, masks, targets = part + 1, [], [], [], []
-    if ids:
-        yield _unit(domain, part, ids, nxt, masks, S, targets)
+def units(domain: int, rows: Iterable[Row], S: int):
+    """Group a domain's rows into work units of S."""
+    part, chunk = 0, []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == S:
+            yield _unit(domain, part, chunk, S)
+            part, chunk = part + 1, []
+    if chunk:
+        yield _unit(domain, part, chunk, S)
 
 
-def _unit(domain: int, part: int, ids, nxt, masks, S: int, targets=None) -> Unit:
+def _unit(domain: int, part: int, rows: list[Row], S: int) -> Unit:
     first = part * S
-    if first + len(ids) > F.MAX_DOMAIN_SEQUENCES:
+    if first + len(rows) > F.MAX_DOMAIN_SEQUENCES:
         raise CorpusError(
             f"domain {domain} packs to more than {F.MAX_DOMAIN_SEQUENCES} sequences: split "
             "its file, or lower --set corpus.domain_bytes"
         )
-    seq_ids = F.make_seq_id(domain, np.arange(first, first + len(ids), dtype=np.int64))
-    if targets is not None and all(t is None for t in targets):
+    seq_ids = F.make_seq_id(domain, np.arange(first, first + len(rows), dtype=np.int64))
+    targets = [r.targets for r in rows]
+    if all(t is None for t in targets):
         targets = None
-    elif targets is not None:  # a row of padding alone (no answer) has empty targets
+    else:  # a row of padding alone (no answer) has empty targets
         targets = [_no_targets(t) if t is None else t for t in targets]
-    return Unit(domain, part, seq_ids, ids, nxt, masks, targets)
+    return Unit(
+        domain,
+        part,
+        seq_ids,
+        [r.input_ids for r in rows],
+        [r.next_token for r in rows],
+        [r.loss_mask for r in rows],
+        [np.asarray(r.doc_starts, dtype=np.int32) for r in rows],
+        targets,
+    )
 
 
 def _no_targets(_) -> tuple:

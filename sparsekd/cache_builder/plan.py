@@ -141,6 +141,7 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
         "vocab_size": teacher.vocab_size,
         "eos_id": int(tokenizer.eos_token_id),
         "seq_len": corpus.seq_len,
+        "attention": corpus.attention,
         "corpus": corpus_identity(corpus, sources, template_sha256(template)),
         "shard_sequences": S,
         "engine": cfg.teacher.engine,

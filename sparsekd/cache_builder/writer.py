@@ -102,21 +102,25 @@ def encode_table(
     loss_masks: list[np.ndarray],
     token_logprobs: list[np.ndarray],
     supports: list[Support],
+    doc_starts: list[np.ndarray] | None = None,
     weighted: bool = False,
     texts: list[str] | None = None,
 ) -> pa.Table:
-    """Rows of a shard: per sequence its tokens [L], loss mask [L], and at its learnt
-    positions only the token log-probs and the sparse support (and, for a generated cache,
-    each row's text)."""
+    """Rows of a shard: per sequence its tokens [L], loss mask [L], where its documents
+    begin (`doc_starts`; None: each row one document), and at its learnt positions only
+    the token log-probs and the sparse support (and, for a generated cache, each row's
+    text)."""
     L = len(input_ids[0])
     n = len(seq_ids)
     learnt = [int(m.sum()) for m in loss_masks]
     per_row = [len(s.ids) for s in supports]
+    starts = doc_starts if doc_starts is not None else [np.zeros(1, np.int32)] * n
     cols = {
         F.COL_SEQ_ID: pa.array(np.asarray(seq_ids, dtype=np.int64)),
         F.COL_INPUT_IDS: _list_array(np.concatenate(input_ids), [L] * n, pa.int32()),
         F.COL_NEXT_TOKEN: pa.array(next_tokens, type=pa.int32()),
         F.COL_LOSS_MASK: _list_array(np.concatenate(loss_masks), [L] * n, pa.bool_()),
+        F.COL_DOC_STARTS: _list_array(np.concatenate(starts), [len(x) for x in starts], pa.int32()),
         F.COL_TOKEN_LOGPROB: _list_array(
             F.quantize_logprobs(np.concatenate(token_logprobs)), learnt, pa.uint16()
         ),

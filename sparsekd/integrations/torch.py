@@ -4,6 +4,9 @@
     loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=collate)
     for batch in loader:
         ds.observe(batch)             # what was consumed: makes ds.state_dict() exact
+        hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                     position_ids=batch["position_ids"],  # documents apart
+                                     use_cache=False).last_hidden_state
         loss = sparse_kl_loss(hidden.flatten(0, 1), head.weight,
                               batch["teacher_ids"].flatten(0, 1),
                               batch["teacher_probs"].flatten(0, 1),
@@ -144,11 +147,15 @@ class CacheDataset(torch.utils.data.IterableDataset):
 
 
 def collate(examples: list) -> dict:
-    """Examples -> dict of tensors: `input_ids` [B, L], `labels` [B, L] (the token each
+    """Examples -> dict of tensors: `input_ids` [B, L], `position_ids` [B, L] (each
+    position's index in its document: pass them to the model, with no attention mask, and
+    transformers keeps the documents of a row apart as the teacher read them),
+    `labels` [B, L] (the token each
     position predicts: already shifted, the last one is the sequence's next token; -100
     where the student learns nothing, as transformers and TRL expect),
     `teacher_ids` [B, L, S] (-1 padded) and `teacher_probs` [B, L, S] (0 padded), ready for
-    `sparse_kl_loss` once flattened to rows; `seq_id` [B]; `positions` [B, 5] (stream,
+    `sparse_kl_loss` once flattened to rows; `teacher_label_logprob` [B, L] (the teacher's
+    log-prob of each label, 0 where not learnt); `seq_id` [B]; `positions` [B, 5] (stream,
     epoch, window, offset after the row, workers) for `CacheDataset.observe`."""
     b = collate_batch([e.seq for e in examples])
     info = torch.utils.data.get_worker_info()

@@ -178,7 +178,7 @@ class SparseKDMixin:
             and "positions" in inputs
         ):
             self.train_dataset.observe(inputs)
-        out = model(input_ids=inputs["input_ids"], output_hidden_states=True, logits_to_keep=1)
+        out = student_forward(model, inputs)
         hidden = out.hidden_states[-1]
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         N = hidden.shape[0] * hidden.shape[1]
@@ -218,6 +218,19 @@ class SparseKDMixin:
             elif ckpt is not None and ls.schedule_kind != "constant":
                 raise StudentError(f"{ckpt} holds no state of the loss schedule ({PARAM_STATE})")
         return self.param_schedule
+
+
+def student_forward(model, inputs: dict):
+    """The student's forward on a collated batch, final hidden states kept (the loss applies
+    the head itself). Position ids restart at each document of a row: with them, and no
+    attention mask, the model keeps the row's documents apart, as the teacher read them."""
+    return model(
+        input_ids=inputs["input_ids"],
+        position_ids=inputs.get("position_ids"),
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
 
 
 def _model_tokenizer(model):

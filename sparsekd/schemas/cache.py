@@ -32,7 +32,7 @@ import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +73,15 @@ class Sequence:
     ids: np.ndarray  # int32 [sum(support_size)], sorted within each position
     values: dict  # value column -> [sum(support_size)] array (see schemas.modes)
     meta: dict  # the cache's metadata (mode, samples, logprob_scale, ...)
+    doc_starts: np.ndarray = field(
+        default_factory=lambda: F.ROW_START
+    )  # int32 [documents]: where each document begins
+
+    @property
+    def position_ids(self) -> np.ndarray:
+        """int64 [L]: each position's index in its document: what the student's position
+        ids must be for it to see what the teacher saw (schemas.format, "Documents")."""
+        return F.position_ids_of(self.doc_starts, len(self.input_ids))
 
     @property
     def mode(self) -> str:
@@ -330,6 +339,10 @@ class Cache:
         ids = cols[F.COL_IDS][1]
         value_cols = {c: cols[c][1] for c in get_mode(meta["mode"]).columns(self.weighted)}
         seq_ids, nxt = cols[F.COL_SEQ_ID][1], cols[F.COL_NEXT_TOKEN][1]
+        starts = [F.ROW_START] * n
+        if F.COL_DOC_STARTS in cols:
+            lengths, values = cols[F.COL_DOC_STARTS]
+            starts = np.split(values, np.cumsum(lengths)[:-1])
         return [
             Sequence(
                 seq_id=int(seq_ids[r]),
@@ -341,6 +354,7 @@ class Cache:
                 ids=ids[id_off[r] : id_off[r + 1]],
                 values={c: v[id_off[r] : id_off[r + 1]] for c, v in value_cols.items()},
                 meta=meta,
+                doc_starts=starts[r],
             )
             for r in range(n)
         ]
@@ -382,6 +396,10 @@ def check_group(cols: dict, n: int, meta: dict, version: int) -> str:
     for c in F.per_position(version):
         if cols[c][0] is None or np.any(cols[c][0] != L):
             return f"{c} rows are not {L} long"
+    if F.COL_DOC_STARTS in cols:
+        bad = _check_doc_starts(*cols[F.COL_DOC_STARTS], L)
+        if bad:
+            return bad
     learnt = learnt_mask(cols, n, L).sum(1)
     for c in F.per_learnt(version):
         if not np.array_equal(cols[c][0].astype(np.int64), learnt):
@@ -409,6 +427,21 @@ def check_group(cols: dict, n: int, meta: dict, version: int) -> str:
         if np.any((np.diff(ids.astype(np.int64)) <= 0) & ~starts[1:]):
             return "ids are not ascending and distinct within a position"
         return mode.check(starts, values, meta)
+    return ""
+
+
+def _check_doc_starts(lengths: np.ndarray | None, starts: np.ndarray, L: int) -> str:
+    """Each row's documents begin at 0, then at ascending positions below L."""
+    if lengths is None or np.any(lengths < 1):
+        return f"{F.COL_DOC_STARTS} rows are empty (every row begins a document at 0)"
+    first = np.zeros(len(starts), bool)
+    first[np.cumsum(lengths)[:-1]] = True
+    first[0] = True
+    s = starts.astype(np.int64)
+    if np.any(s[first] != 0) or np.any(s >= L):
+        return f"{F.COL_DOC_STARTS} do not begin at 0 or reach past position {L - 1}"
+    if np.any((np.diff(s) <= 0) & ~first[1:]):
+        return f"{F.COL_DOC_STARTS} are not ascending within a row"
     return ""
 
 
@@ -473,8 +506,8 @@ def in_sorted(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 def check_same_sequences(a: Cache, b: Cache, what: str = "the two caches") -> None:
-    """Refuse two caches whose tokenizer, corpus or packing differ: only then does a seq_id
-    name the same tokens in both."""
+    """Refuse two caches whose tokenizer, corpus, packing or attention differ: only then
+    does a seq_id name the same tokens, read in the same contexts, in both."""
     from sparsekd.schemas.identity import fingerprint
 
     pairs = [
@@ -490,6 +523,7 @@ def check_same_sequences(a: Cache, b: Cache, what: str = "the two caches") -> No
             b.manifest.get("corpus_content_sha256"),
         ),
         ("packing (seq_len)", a.meta.get("seq_len"), b.meta.get("seq_len")),
+        ("attention (corpus.attention)", F.attention_of(a.meta), F.attention_of(b.meta)),
     ]
     for name, va, vb in pairs:
         if va != vb:

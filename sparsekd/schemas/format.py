@@ -12,6 +12,8 @@ number of its learnt positions:
     input_ids       list<int32>[L] the tokens the teacher saw
     next_token      int32          the token after the last one
     loss_mask       list<bool>[L]  does the student learn the target of position p? (v3)
+    doc_starts      list<int32>    where each document of the row begins: 0 first, ascending,
+                                   below L (v4); a row read as one sequence has [0]
     token_logprob   list<uint16>[n] q(-log p(target)) at each learnt position, in order
     support_size    list<uint16>[n] ids stored for each learnt position (CSR counts)
     ids             list<int32>    concatenated sorted ids of every learnt position
@@ -22,8 +24,16 @@ p < L - 1 and `next_token` for p = L - 1. The teacher reads every position (the 
 a conversation is context); the targets and token log-probs are stored only where the
 student learns. Mode logprob stores no support (support_size all 0, ids empty).
 
+**Documents.** A row holds one or more documents (text documents, conversations, prompt +
+answer pieces, a run of padding). Position p belongs to the document holding token p; the
+teacher computed its target from that document's tokens up to p alone, and the student must
+see the same (`doc_starts`, `position_ids_of`): position ids restart at each document and
+attention does not cross them. A cache whose identity says `attention: row` (every cache
+before version 4) read each row as one sequence: its rows have one document.
+
 Schema version 2 (before the loss mask) has no `loss_mask` column and one token_logprob
-and support_size per position: every position learnt. Readers take both.
+and support_size per position: every position learnt. Version 3 has no `doc_starts`.
+Readers take all three.
 
 Layout: shard (domain d, part j) is `shards/{d // 1000:05d}/{d:08d}-{j:05d}.parquet`, so no
 directory holds more than about a thousand domains' shards; `SHARD_GLOB` matches every
@@ -39,12 +49,16 @@ import pyarrow as pa
 
 # 2: seq_id = (domain << 32) | index, shards/ layout, row-group checksums
 # 3: the loss mask; targets and token log-probs only at learnt positions
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+# 4: document boundaries in a row (`doc_starts`) and the cache's `attention`
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 FORMAT_NAME = "sparsekd-cache"
 
 MODES = ("topk", "sample", "logprob")  # each defined in modes.py
 SAMPLERS = ("iid", "systematic")  # mode sample: how the N draws are placed (teacher_head.py)
+# What a position's target was conditioned on: its own document's tokens (document), or every
+# token of the row before it (row: one sequence per row; every cache before version 4).
+ATTENTIONS = ("document", "row")
 
 # Log-probs are stored as unsigned fixed point: q = round(-logprob * LOGPROB_SCALE), clamped
 # to the uint16 range. The absolute error in log p is at most 0.5 / LOGPROB_SCALE
@@ -64,6 +78,7 @@ COL_SEQ_ID = "seq_id"
 COL_INPUT_IDS = "input_ids"
 COL_NEXT_TOKEN = "next_token"
 COL_LOSS_MASK = "loss_mask"
+COL_DOC_STARTS = "doc_starts"
 COL_TOKEN_LOGPROB = "token_logprob"
 COL_SUPPORT_SIZE = "support_size"
 COL_IDS = "ids"
@@ -89,6 +104,28 @@ DOMAINS_PER_DIR = 1000
 def labels_of(input_ids: np.ndarray, next_token: int) -> np.ndarray:
     """int32 [L]: the token each position predicts (position p predicts token p + 1)."""
     return np.append(np.asarray(input_ids)[1:], np.int32(next_token)).astype(np.int32)
+
+
+ROW_START = np.zeros(1, dtype=np.int32)  # the doc_starts of a row read as one sequence
+
+
+def attention_of(meta: dict) -> str:
+    """A cache's attention (ATTENTIONS): recorded from version 4; every earlier cache was
+    built reading each row as one sequence."""
+    return meta.get("attention", "row")
+
+
+def position_ids_of(doc_starts: np.ndarray, L: int) -> np.ndarray:
+    """int64 [L]: each position's index within its document (restarting at every start)."""
+    starts = np.asarray(doc_starts, dtype=np.int64)
+    pos = np.arange(L, dtype=np.int64)
+    return pos - starts[np.searchsorted(starts, pos, side="right") - 1]
+
+
+def doc_spans(doc_starts: np.ndarray, L: int) -> list[tuple[int, int]]:
+    """The [start, end) of each document of a row of L positions."""
+    bounds = [int(s) for s in doc_starts] + [L]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def row_of(tokens: np.ndarray) -> tuple[np.ndarray, int]:
@@ -125,7 +162,7 @@ _VALUE_TYPES = {COL_LOGPROBS: pa.uint16(), COL_COUNTS: pa.uint16(), COL_WEIGHTS:
 
 def per_position(version: int) -> tuple[str, ...]:
     """The columns with one entry per position (L long)."""
-    if version >= 3:
+    if version >= 3:  # (doc_starts, v4, has one entry per document)
         return (COL_INPUT_IDS, COL_LOSS_MASK)
     return (COL_INPUT_IDS, COL_TOKEN_LOGPROB, COL_SUPPORT_SIZE)
 
@@ -155,6 +192,8 @@ def arrow_schema(
     ]
     if version >= 3:
         fields.append(pa.field(COL_LOSS_MASK, pa.list_(pa.bool_()), nullable=False))
+    if version >= 4:
+        fields.append(pa.field(COL_DOC_STARTS, pa.list_(pa.int32()), nullable=False))
     fields += [
         pa.field(COL_TOKEN_LOGPROB, pa.list_(pa.uint16()), nullable=False),
         pa.field(COL_SUPPORT_SIZE, pa.list_(pa.uint16()), nullable=False),

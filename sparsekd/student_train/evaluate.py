@@ -9,6 +9,11 @@ text cache; the assistant's tokens of a chat cache (its loss mask, docs/chat.md)
   next token, 15 equal-width confidence bins: sum_b |B_b| / n * |accuracy_b - confidence_b|;
 - `top1_agreement`: student argmax == teacher's most likely stored id, over positions with
   a support;
+- `logprob_gap`: mean |log q(actual next token) - the teacher's stored log p of it|, over
+  the learnt positions of any mode: how far the student's per-token likelihoods are from
+  the teacher's. A model evaluated on a cache of its own outputs gives the quantisation
+  floor (< 4.9e-4 per position) only if it saw every position in the teacher's context:
+  the check, for every kind of cache, that documents are kept apart as they were built;
 - `tokens`: positions evaluated (learnt positions).
 `kl` and `top1_agreement` are null for a cache without teacher targets (mode logprob).
 
@@ -47,18 +52,20 @@ class EvaluateConfig:
 class MetricSums:
     """Accumulates the sums behind the metrics across batches (and ranks)."""
 
-    FIELDS = ("n", "nll", "kl", "n_support", "agree")
+    FIELDS = ("n", "nll", "kl", "n_support", "agree", "gap")
 
     def __init__(self):
-        self.n = self.nll = self.kl = self.n_support = self.agree = 0.0
+        self.n = self.nll = self.kl = self.n_support = self.agree = self.gap = 0.0
         self.bin_count = np.zeros(ECE_BINS)
         self.bin_conf = np.zeros(ECE_BINS)
         self.bin_acc = np.zeros(ECE_BINS)
 
-    def add(self, logq_NV, labels_N, ids_NS, probs_NS) -> None:
+    def add(self, logq_NV, labels_N, ids_NS, probs_NS, teacher_lp_N) -> None:
         logq = logq_NV.double()
         self.n += logq.shape[0]
-        self.nll -= logq.gather(1, labels_N[:, None])[:, 0].sum().item()
+        label_lq = logq.gather(1, labels_N[:, None])[:, 0]
+        self.nll -= label_lq.sum().item()
+        self.gap += (label_lq - teacher_lp_N.double()).abs().sum().item()
         conf, pred = logq.max(-1)
         conf = conf.exp()
         correct = (pred == labels_N).double()
@@ -103,6 +110,7 @@ class MetricSums:
             "kl": self.kl / self.n_support if has_support else None,
             "ece": ece,
             "top1_agreement": self.agree / self.n_support if has_support else None,
+            "logprob_gap": self.gap / n,
             "tokens": int(self.n),
         }
 
@@ -126,8 +134,9 @@ def evaluate(
 ) -> dict:
     """Metrics over the first `max_sequences` sequences of `cache` (all by default).
 
-    `logits_fn(input_ids [B, L]) -> logits [B, L, V]`; under DDP/FSDP2 every rank calls
-    this with the same arguments except its rank.
+    `logits_fn(input_ids [B, L], position_ids [B, L]) -> logits [B, L, V]`, the position
+    ids restarting at each document of a row (reader.Batch); under DDP/FSDP2 every rank
+    calls this with the same arguments except its rank.
     """
     from sparsekd.student_train.reader import collate
 
@@ -141,7 +150,8 @@ def evaluate(
         group = seqs[g0 : g0 + step]
         mine = group[rank * batch_size : (rank + 1) * batch_size]
         b = collate(mine or group[:1])  # an empty share still joins the collective forward
-        logits_BLV = logits_fn(torch.from_numpy(b.input_ids).to(device)).float()
+        x, pos = (torch.from_numpy(a).to(device) for a in (b.input_ids, b.position_ids))
+        logits_BLV = logits_fn(x, pos).float()
         if not mine:
             continue
         labels = b.labels.reshape(-1)
@@ -152,6 +162,7 @@ def evaluate(
             torch.from_numpy(labels).to(device)[learnt],
             torch.from_numpy(b.teacher_ids.reshape(rows, -1)).to(device)[learnt],
             torch.from_numpy(b.teacher_probs.reshape(rows, -1)).to(device)[learnt],
+            torch.from_numpy(b.teacher_label_logprob.reshape(rows)).to(device)[learnt],
         )
     if world_size > 1:
         sums.all_reduce()
@@ -164,7 +175,12 @@ def evaluate_model(model, cache, **kwargs) -> dict:
     model.eval()
     try:
         device = next(model.parameters()).device
-        return evaluate(lambda x: model(input_ids=x).logits, cache, device=device, **kwargs)
+        return evaluate(
+            lambda x, pos: model(input_ids=x, position_ids=pos, use_cache=False).logits,
+            cache,
+            device=device,
+            **kwargs,
+        )
     finally:
         model.train(was)
 

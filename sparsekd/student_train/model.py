@@ -24,6 +24,7 @@ import torch
 from sparsekd.config import check, setting
 from sparsekd.errors import StudentError
 from sparsekd.kernels import SparseKLConfig, sparse_kl_loss
+from sparsekd.schemas import format as F
 from sparsekd.schemas.identity import template_sha256, tokenizer_hash
 from sparsekd.storage import publish_folder
 
@@ -137,6 +138,37 @@ def check_head(model) -> None:
         )
 
 
+@torch.no_grad()
+def check_documents(model) -> None:
+    """Refuse a model that does not keep the documents of a row apart when given position
+    ids that restart at each (and no attention mask): checked on a row of two short
+    documents against the second read alone. transformers' own attention masks do this for
+    the models built on its masking utilities (a block-diagonal causal mask, or variable-length
+    attention with flash attention); a model with its own mask code may not."""
+    head = model.get_output_embeddings()
+    V, device = head.weight.shape[0], head.weight.device
+    a = (torch.arange(5, device=device) * 7 + 3) % V
+    b = (torch.arange(4, device=device) * 11 + 5) % V
+    x = torch.cat([a, b])[None]
+    pos = torch.cat([torch.arange(5, device=device), torch.arange(4, device=device)])[None]
+    was = model.training
+    model.eval()
+    try:
+        packed = model(input_ids=x, position_ids=pos, use_cache=False).logits[0, 5:].float()
+        alone = model(input_ids=b[None], use_cache=False).logits[0].float()
+    finally:
+        model.train(was)
+    scale = float(alone.abs().max().clamp_min(1.0))
+    if not torch.allclose(packed, alone, atol=1e-4 * scale, rtol=1e-4):
+        impl = getattr(model.config, "_attn_implementation", None)
+        raise StudentError(
+            f"the student ({model.config.model_type}, attention {impl}) does not keep the "
+            "documents of a row apart through position_ids, and this cache's targets were "
+            "computed per document (attention: document); load it with "
+            "attn_implementation='sdpa' or 'eager'"
+        )
+
+
 def load_student(path: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,6 +218,8 @@ def check_compatible(model, tok, meta: dict, manifest: dict | None = None) -> No
             f"tokenizer mismatch: student tokenizer {h[:16]}, cache {meta['tokenizer_hash'][:16]} "
             "(another vocabulary, normaliser or special tokens)"
         )
+    if F.attention_of(meta) == "document":
+        check_documents(model)
     chat = (meta.get("corpus") or {}).get("chat")
     if manifest is not None and manifest.get("chat") and chat:
         mine, theirs = template_sha256(getattr(tok, "chat_template", None)), chat["template_sha256"]
@@ -206,14 +240,32 @@ class DistillModule(torch.nn.Module):
         self.loss = loss
         self.schedule = param  # a ParamSchedule whose device value the loss reads, or None
 
+    def hidden(self, input_ids, position_ids=None):
+        """[B, L, D]: the decoder's final hidden states, each document of a row apart."""
+        return self.model.get_decoder()(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
     def forward(
-        self, input_ids, labels=None, teacher_ids=None, teacher_probs=None, *, logits_only=False
+        self,
+        input_ids,
+        labels=None,
+        teacher_ids=None,
+        teacher_probs=None,
+        *,
+        position_ids=None,
+        logits_only=False,
     ):
-        """A batch's tensors ([B, L], [B, L], [B, L, S], [B, L, S]: reader.Batch) -> the
-        loss and its parts; or, with logits_only, the logits of input_ids."""
+        """A batch's tensors ([B, L] input and position ids, [B, L] labels, [B, L, S] teacher
+        ids and probabilities: reader.Batch) -> the loss and its parts; or, with
+        logits_only, the logits of input_ids. Position ids restart at each document of a
+        row, and with no attention mask transformers keeps the documents apart (the
+        student sees what the teacher saw: check_documents)."""
         if logits_only:
-            return self.model(input_ids=input_ids).logits
-        hidden_BLD = self.model.get_decoder()(input_ids=input_ids).last_hidden_state
+            return self.model(
+                input_ids=input_ids, position_ids=position_ids, use_cache=False
+            ).logits
+        hidden_BLD = self.hidden(input_ids, position_ids)
         head = self.model.get_output_embeddings()
         hidden_ND = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])
         N = hidden_ND.shape[0]

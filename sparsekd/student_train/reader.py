@@ -46,21 +46,35 @@ from sparsekd.schemas.cache import Cache, Sequence, in_sorted
 IGNORE = -100  # the label of a position the student does not learn (transformers' value)
 
 
-BATCH_KEYS = ("seq_id", "input_ids", "labels", "teacher_ids", "teacher_probs")
+BATCH_KEYS = (
+    "seq_id",
+    "input_ids",
+    "position_ids",
+    "labels",
+    "teacher_ids",
+    "teacher_probs",
+    "teacher_label_logprob",
+)
+# what the loss module takes (student_train.model.DistillModule.forward)
+LOSS_KEYS = ("input_ids", "position_ids", "labels", "teacher_ids", "teacher_probs")
 
 
 @dataclass
 class Batch:
     """B sequences of L tokens; S = the widest support. The one batch layout: the trainer,
     evaluation and the public `integrations.torch.collate` all hand these keys on
-    (`BATCH_KEYS`); the loss takes `labels`, `teacher_ids` and `teacher_probs` flattened to
+    (`BATCH_KEYS`); the model takes `input_ids` with `position_ids` (restarting at each
+    document of a row: with them, and no attention mask, transformers keeps the documents
+    apart), the loss takes `labels`, `teacher_ids` and `teacher_probs` flattened to
     B * L rows."""
 
     seq_id: np.ndarray  # int64 [B]
     input_ids: np.ndarray  # int64 [B, L]
+    position_ids: np.ndarray  # int64 [B, L]: index of each position in its document
     labels: np.ndarray  # int64 [B, L]: the token each position predicts, IGNORE = not learnt
     teacher_ids: np.ndarray  # int64 [B, L, S], -1 = padding
     teacher_probs: np.ndarray  # float32 [B, L, S], 0 on padding
+    teacher_label_logprob: np.ndarray  # float32 [B, L]: the teacher's log p(label), 0 unlearnt
 
     def tensors(self, pin: bool = False) -> dict:
         import torch
@@ -88,9 +102,13 @@ def collate(seqs: list[Sequence]) -> Batch:
     return Batch(
         seq_id=np.array([s.seq_id for s in seqs], dtype=np.int64),
         input_ids=np.stack([s.input_ids for s in seqs]).astype(np.int64),
+        position_ids=np.stack([s.position_ids for s in seqs]),
         labels=np.stack([np.where(s.loss_mask, s.labels, IGNORE) for s in seqs]).astype(np.int64),
         teacher_ids=ids.reshape(len(seqs), L, S),
         teacher_probs=probs.reshape(len(seqs), L, S),
+        teacher_label_logprob=np.stack(
+            [np.where(s.loss_mask, s.token_logprobs, 0.0) for s in seqs]
+        ).astype(np.float32),
     )
 
 

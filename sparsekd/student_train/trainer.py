@@ -44,7 +44,7 @@ from sparsekd.student_train.metrics import DataLog, MetricsLog
 from sparsekd.student_train.model import DistillModule, check_compatible, load_student, save_final
 from sparsekd.student_train.optim import build_optimizer, build_schedule
 from sparsekd.student_train.preemption import StopSignals
-from sparsekd.student_train.reader import BATCH_KEYS, CacheReader
+from sparsekd.student_train.reader import LOSS_KEYS, CacheReader
 from sparsekd.student_train.schedules import ParamSchedule
 
 
@@ -140,12 +140,9 @@ class Trainer:
         parts = torch.zeros(3, device=self.d.device)
         used = None if self.param is None else self.param.value.clone()
         for i, b in enumerate(batches):
-            x = [
-                b[k].to(self.d.device, non_blocking=True)
-                for k in BATCH_KEYS[1:]  # all but seq_id
-            ]
+            x = {k: b[k].to(self.d.device, non_blocking=True) for k in LOSS_KEYS}
             with self._no_sync(i == n - 1), self.autocast:
-                loss, kd, ce = self.wrapped(*x)
+                loss, kd, ce = self.wrapped(**x)
                 (loss / n).backward()
             parts += torch.stack([loss.detach(), kd, ce]).float() / n
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -164,7 +161,7 @@ class Trainer:
         self.module.eval()
         try:
             return evaluate(
-                lambda x: self.module(x, logits_only=True),
+                lambda x, pos: self.module(x, position_ids=pos, logits_only=True),
                 self.data.eval_cache,
                 device=self.d.device,
                 max_sequences=self.cfg.eval.sequences,

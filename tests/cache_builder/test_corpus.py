@@ -63,7 +63,7 @@ def test_each_file_is_a_domain_packed_on_its_own(tmp_path, tok):
             stream += tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
         seqs = list(pack(texts, tok, tok.eos_token_id, L))
         assert len(seqs) == (len(stream) - 1) // L  # the domain's tail is dropped
-        for i, (ids, nxt, mask) in enumerate(seqs):
+        for i, (ids, nxt, mask, *_) in enumerate(seqs):
             assert ids.dtype == np.int32 and ids.tolist() == stream[i * L : (i + 1) * L]
             assert nxt == stream[(i + 1) * L] and mask.all()  # text: every position learnt
         parts = list(units(d.index, seqs, S=2))

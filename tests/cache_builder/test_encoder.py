@@ -154,7 +154,16 @@ def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
         eng = cls(cfg, k=8, seq_len=48)
         try:
             enc = EncoderConfig(mode="topk", k=8, path=path)
-            views[path] = teacher_view(eng, enc, 0, sid, ids, nxt, [s[2] for s in seqs])
+            views[path] = teacher_view(
+                eng,
+                enc,
+                0,
+                sid,
+                ids,
+                nxt,
+                [s.loss_mask for s in seqs],
+                [s.doc_starts for s in seqs],
+            )
             if path == "hidden":  # SmolLM2's head is tied: the embedding, as the model uses it
                 _check_hidden_times_head(eng, smollm2_dir, tied=True)
         finally:

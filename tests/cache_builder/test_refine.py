@@ -135,10 +135,12 @@ def _direct_scores(m) -> np.ndarray:
     cache = open_cache(m["teacher_cache"])
     x = torch.tensor(np.stack([s.input_ids for s in cache]), dtype=torch.long)
     labels = torch.tensor(np.stack([s.labels for s in cache]), dtype=torch.long)
+    pos = torch.from_numpy(np.stack([s.position_ids for s in cache]))  # documents apart
     means = []
     for path in (m["teacher"], m["reference"]):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        lp = torch.log_softmax(model(input_ids=x).logits.double(), -1)
+        logits = model(input_ids=x, position_ids=pos, use_cache=False).logits
+        lp = torch.log_softmax(logits.double(), -1)
         means.append(lp.gather(-1, labels[..., None])[..., 0].mean(-1).numpy())
     return means[0] - means[1]
 

@@ -21,10 +21,17 @@ def test_metrics_on_a_hand_made_case():
     labels = torch.tensor([0, 1, 1, 0])
     ids = torch.tensor([[0, 1], [1, -1], [2, 0], [-1, -1]])
     p = torch.tensor([[0.6, 0.3], [0.9, 0.0], [0.5, 0.2], [0.0, 0.0]])
+    teacher_lp = torch.tensor([-0.5, -1.0, -0.2, -1.5])  # the teacher's log p of each label
     m = MetricSums()
-    m.add(q.log(), labels, ids, p)
+    m.add(q.log(), labels, ids, p, teacher_lp)
     r = m.result()
     nll = -(math.log(0.7) + math.log(0.25) + math.log(0.85) + math.log(0.3)) / 4
+    gap = (
+        abs(math.log(0.7) + 0.5)
+        + abs(math.log(0.25) + 1.0)
+        + abs(math.log(0.85) + 0.2)
+        + abs(math.log(0.3) + 1.5)
+    ) / 4
     kl = (
         0.6 * math.log(0.6 / 0.7)
         + 0.3 * math.log(0.3 / 0.2)
@@ -41,6 +48,7 @@ def test_metrics_on_a_hand_made_case():
     assert r["kl"] == pytest.approx(kl, abs=1e-6)
     assert r["ece"] == pytest.approx(ece, abs=1e-6)
     assert r["top1_agreement"] == pytest.approx(1 / 3)
+    assert r["logprob_gap"] == pytest.approx(gap, abs=1e-6)
 
 
 def test_ece_is_zero_when_calibrated():
@@ -48,7 +56,7 @@ def test_ece_is_zero_when_calibrated():
     q = torch.tensor([[0.8, 0.2]] * 10, dtype=torch.float64)
     labels = torch.tensor([0] * 8 + [1] * 2)
     m = MetricSums()
-    m.add(q.log(), labels, torch.full((10, 1), -1), torch.zeros(10, 1))
+    m.add(q.log(), labels, torch.full((10, 1), -1), torch.zeros(10, 1), torch.zeros(10))
     assert m.result()["ece"] == pytest.approx(0.0, abs=1e-12)
 
 
@@ -70,14 +78,14 @@ def test_evaluate_cli_json_has_exactly_the_keys(vllm_topk_cache, tiny_student):
         check=True,
     )
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert list(res) == ["lm_loss", "kl", "ece", "top1_agreement", "tokens"]
+    assert list(res) == ["lm_loss", "kl", "ece", "top1_agreement", "logprob_gap", "tokens"]
     assert res["tokens"] == 4 * 64 and res["lm_loss"] > 5  # an untrained student
 
 
 def test_a_cache_without_targets_reports_kl_and_agreement_as_absent():
     m = MetricSums()
     q = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]])
-    m.add(q.log(), torch.tensor([0, 1]), torch.full((2, 1), -1), torch.zeros(2, 1))
+    m.add(q.log(), torch.tensor([0, 1]), torch.full((2, 1), -1), torch.zeros(2, 1), torch.zeros(2))
     r = m.result()
     assert r["kl"] is None and r["top1_agreement"] is None and r["tokens"] == 2
 
