@@ -38,7 +38,7 @@ def append_csv(name: str, rows: list[dict]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / name
     rows = [{"commit": commit(), "machine": machine(), **r} for r in rows]
-    fields = list(rows[0])
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # rows of several sections
     if path.exists():
         with open(path, newline="") as fh:
             old = csv.DictReader(fh)

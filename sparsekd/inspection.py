@@ -19,7 +19,7 @@ from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
 from sparsekd.schemas.cache import Cache, learnt_mask, open_cache
 from sparsekd.schemas.manifest import read_domain_index
-from sparsekd.schemas.modes import get_mode
+from sparsekd.schemas.modes import arrow_schema, get_mode
 
 
 def _position_arrays(cache: Cache, max_positions: int | None = None):
@@ -227,8 +227,12 @@ def _verify_shard(cache: Cache, i: int, full: bool) -> tuple[list[str], int | No
                 0,
             )
         meta = cache.meta
-        expected = F.arrow_schema(
-            meta["mode"], cache.weighted, "refined" in meta, cache.version, "generate" in meta
+        expected = arrow_schema(
+            meta["mode"],
+            cache.weighted,
+            refined="refined" in meta,
+            version=cache.version,
+            generated="generate" in meta,
         )
         if not sf.schema.remove_metadata().equals(expected):
             return [f"{name}: schema differs from the {meta['mode']} shard schema"], None, 0

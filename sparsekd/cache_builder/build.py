@@ -29,7 +29,7 @@ import numpy as np
 
 from sparsekd.cache_builder.config import BuildConfig
 from sparsekd.cache_builder.corpus import ChatItem, Domain, DomainReader, ZstStreams
-from sparsekd.cache_builder.encoder import TeacherView, empty, from_topk, teacher_view
+from sparsekd.cache_builder.encoder import TeacherView, teacher_view
 from sparsekd.cache_builder.engines import VllmEngine, make_engine
 from sparsekd.cache_builder.generate import GenerateStats, Generator
 from sparsekd.cache_builder.ledger import Ledger, domain_record, try_finalize
@@ -39,6 +39,7 @@ from sparsekd.cache_builder.plan import BuildPlan, plan_build
 from sparsekd.cache_builder.writer import ShardWriter, encode_table, write_shard
 from sparsekd.errors import CorpusError
 from sparsekd.schemas.manifest import MANIFEST
+from sparsekd.schemas.modes import get_mode
 from sparsekd.storage import open_store
 
 
@@ -151,9 +152,8 @@ def row_texts(plan: BuildPlan, unit: Unit) -> list[str]:
 
 def _generated_view(mode: str, targets: list[tuple]) -> TeacherView:
     """The unit's view from the targets its answers were generated with."""
-    supports = [
-        from_topk(ids, lp) if mode == "topk" else empty(len(tok)) for ids, lp, tok in targets
-    ]
+    spec = get_mode(mode)
+    supports = [spec.from_logprobs(ids, lp, tok) for ids, lp, tok in targets]
     return TeacherView([tok for _, _, tok in targets], supports)
 
 

@@ -60,7 +60,7 @@ class BuildConfig:
         capture = gen.resolved_capture(enc.mode, self.corpus.learn)
         if capture == "during":
             check(
-                enc.mode in ("topk", "logprob"),
+                enc.spec.from_logprobs is not None,
                 f"--mode {enc.mode} cannot be captured during generation (vLLM returns the "
                 "top-K log-probs of a generated token, not draws from its full distribution): "
                 "--set generate.capture=second_pass",

@@ -22,7 +22,17 @@ import numpy as np
 
 from sparsekd.config import check, setting
 from sparsekd.schemas import format as F
-from sparsekd.schemas.modes import MODES
+from sparsekd.schemas.modes import (  # noqa: F401 (the builders, importable from here too)
+    MODE_SETTINGS,
+    MODES,
+    NAMES,
+    Mode,
+    Support,
+    empty,
+    from_samples,
+    from_topk,
+    get_mode,
+)
 
 PATHS = ("auto", "logprob", "hidden")
 # The top-K sizes accepted. vLLM would go to V, but its cost grows with K and nothing beyond
@@ -35,10 +45,9 @@ MAX_SAMPLES = 65535  # counts are uint16
 class EncoderConfig:
     mode: str = setting(
         "topk",
-        "topk: the K most likely ids; sample: N draws from the full distribution (RS-KD); "
-        "logprob: only each token's log-prob.",
+        "; ".join(f"{m.name}: {m.summary}" for m in MODES.values()) + ".",
         flag=True,
-        choices=F.MODES,
+        choices=NAMES,
     )
     k: int | None = setting(None, "Top-K size (mode topk; default 8).", flag=True)
     samples: int | None = setting(
@@ -71,88 +80,63 @@ class EncoderConfig:
                     f"encoder.{name} (--{name.replace('_', '-')}) applies to --mode "
                     f"{mode.name} only, not --mode {self.mode}",
                 )
-        check(1 <= self.top_k <= MAX_TOPK, f"encoder.k must be in 1..{MAX_TOPK}, got {self.k}")
         check(
-            1 <= self.num_samples <= MAX_SAMPLES,
+            "k" not in self.spec.settings or 1 <= self.top_k <= MAX_TOPK,
+            f"encoder.k must be in 1..{MAX_TOPK}, got {self.k}",
+        )
+        check(
+            not self.spec.draws or 1 <= self.num_samples <= MAX_SAMPLES,
             f"encoder.samples must be in 1..{MAX_SAMPLES}, got {self.samples}",
         )
         check(self.tau > 0, "encoder.proposal_temperature must be > 0")
         check(
-            not (self.path == "logprob" and self.mode != "topk"),
+            self.path == "auto" or self.path in self.spec.paths,
             f"mode {self.mode} needs the hidden-state path (vLLM's log-prob API cannot sample "
             "the full distribution); drop --path logprob",
         )
 
     @property
+    def spec(self) -> Mode:
+        """The mode's entry in the mode table (schemas.modes)."""
+        return get_mode(self.mode)
+
+    def effective(self, name: str):
+        """A mode setting's value (given, or the mode's default); None if not this mode's."""
+        return self.spec.effective(name, getattr(self, name))
+
+    @property
     def top_k(self) -> int:
-        return 8 if self.k is None else self.k
+        """The K the teacher head computes: 0 for a mode that stores no top-K."""
+        return self.effective("k") or 0
 
     @property
     def num_samples(self) -> int:
-        return 50 if self.samples is None else self.samples
+        return self.effective("samples") or 0
 
     @property
     def tau(self) -> float:
-        return 1.0 if self.proposal_temperature is None else self.proposal_temperature
+        return self.effective("proposal_temperature") or 1.0
 
     @property
-    def draw(self) -> str:
-        return self.sampler or "iid"
+    def draw(self) -> str | None:
+        return self.effective("sampler")
 
     @property
     def resolved_path(self) -> str:
-        if self.path != "auto":
-            return self.path
-        return "logprob" if self.mode == "topk" else "hidden"
+        return self.spec.default_path if self.path == "auto" else self.path
 
     @property
     def weighted(self) -> bool:
-        return self.mode == "sample" and self.tau != 1.0
+        return self.spec.weighted({n: self.effective(n) for n in self.spec.settings})
 
     def identity(self) -> dict:
         """The settings a cache's content depends on (effective values, None where unused)."""
-        sample = self.mode == "sample"
         return {
             "mode": self.mode,
-            "k": self.top_k if self.mode == "topk" else None,
-            "samples": self.num_samples if sample else None,
-            "sampler": self.draw if sample else None,
-            "proposal_temperature": self.tau if sample else None,
+            **{name: self.effective(name) for name in MODE_SETTINGS},
             "weighted": self.weighted,
             "path": self.resolved_path,
         }
-
-
-@dataclass
-class Support:
-    support_size: np.ndarray  # uint16 [L]
-    ids: np.ndarray  # int32 [n]
-    values: dict  # column name -> [n] array
-
-
-def from_topk(ids_LK: np.ndarray, logprobs_LK: np.ndarray) -> Support:
-    """L here is the number of positions given (the learnt ones)."""
-    L, K = ids_LK.shape
-    return Support(
-        np.full(L, K, dtype=np.uint16),
-        ids_LK.reshape(-1).astype(np.int32),
-        {F.COL_LOGPROBS: F.quantize_logprobs(logprobs_LK.reshape(-1))},
-    )
-
-
-def from_samples(
-    ids_LN: np.ndarray, counts_LN: np.ndarray, weights_LN: np.ndarray | None = None
-) -> Support:
-    """Distinct sampled ids (-1 padded) with counts and optional importance weights."""
-    valid = ids_LN >= 0
-    values = {F.COL_COUNTS: counts_LN[valid].astype(np.uint16)}
-    if weights_LN is not None:
-        values[F.COL_WEIGHTS] = weights_LN[valid].astype(np.float32)
-    return Support(valid.sum(1).astype(np.uint16), ids_LN[valid].astype(np.int32), values)
-
-
-def empty(L: int) -> Support:
-    return Support(np.zeros(L, dtype=np.uint16), np.zeros(0, dtype=np.int32), {})
 
 
 @dataclass
@@ -227,7 +211,7 @@ def _logprob_view(engine, enc: EncoderConfig, n_rows: int, docs: list[Document])
         ids = np.concatenate([p[0] for p in row]) if row else np.zeros((0, K), np.int32)
         lp = np.concatenate([p[1] for p in row]) if row else np.zeros((0, K), np.float32)
         tok = np.concatenate([p[2] for p in row]) if row else np.zeros(0, np.float32)
-        view.supports.append(from_topk(ids, lp))
+        view.supports.append(enc.spec.from_logprobs(ids, lp, tok))
         view.token_logprobs.append(tok)
     return view
 
@@ -262,7 +246,7 @@ def _hidden_view(
         ).to(W.device, W.dtype)  # [n, D]
         labels = torch.from_numpy(np.concatenate([F.labels_of(x, t) for x, t in zip(ids, nxt)]))
         targets = None
-        if enc.mode == "sample":  # the draws of every position, kept at the learnt ones
+        if enc.spec.draws:  # the draws of every position, kept at the learnt ones
             draws = [
                 sampling_uniforms(seed, int(s), L, enc.num_samples, enc.draw)
                 for s in seq_ids[s0 : s0 + per_call]
@@ -272,7 +256,7 @@ def _hidden_view(
             hidden,
             W,
             labels[rows].to(W.device),
-            k=enc.top_k if enc.mode == "topk" else 0,
+            k=enc.top_k,
             targets=targets,
             tau=enc.tau,
             bias=b,
@@ -285,13 +269,5 @@ def _hidden_view(
         for lo, hi in zip(np.concatenate([[0], ends[:-1]]), ends):
             part = slice(int(lo), int(hi))
             view.token_logprobs.append(out["token_logprob"][part])
-            if enc.mode == "topk":
-                view.supports.append(from_topk(out["topk_ids"][part], out["topk_logprobs"][part]))
-            elif enc.mode == "sample":
-                w = out["sample_weights"][part] if "sample_weights" in out else None
-                view.supports.append(
-                    from_samples(out["sample_ids"][part], out["sample_counts"][part], w)
-                )
-            else:
-                view.supports.append(empty(hi - lo))
+            view.supports.append(enc.spec.view(out, part))
     return view

@@ -38,6 +38,7 @@ import numpy as np
 from sparsekd.cache_builder.chat import Conversation, Rendered, _messages
 from sparsekd.config import check, setting
 from sparsekd.schemas import format as F
+from sparsekd.schemas.modes import get_mode
 
 CAPTURES = ("auto", "during", "second_pass")
 GENERATE_CHUNK = 64  # prompts per engine call: a fixed count, so batches match on any split
@@ -83,7 +84,8 @@ class GenerateConfig:
     def resolved_capture(self, mode: str, learn: str) -> str:
         if self.capture != "auto":
             return self.capture
-        return "during" if mode in ("topk", "logprob") and learn == "assistant" else "second_pass"
+        during = get_mode(mode).from_logprobs is not None and learn == "assistant"
+        return "during" if during else "second_pass"
 
     def identity(self) -> dict:
         return {
@@ -144,7 +146,7 @@ class Generator:
         self.seconds = 0.0  # in the engine's generate calls
         enc = plan.cfg.encoder
         self.capture = self.cfg.resolved_capture(enc.mode, plan.cfg.corpus.learn)
-        self.k = enc.top_k if enc.mode == "topk" else 0
+        self.k = enc.top_k
 
     def prompt_ids(self, conv: Conversation, where) -> np.ndarray:
         r = self.plan.renderer

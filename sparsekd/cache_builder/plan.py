@@ -120,7 +120,7 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
     tokenizer = load_tokenizer(cfg.teacher.path)
     extra = EXTRA_POSITIONS[enc.resolved_path] if cfg.teacher.engine == "vllm" else 0
     teacher = inspect_teacher(cfg.teacher.path, tokenizer, corpus.seq_len, extra)
-    if enc.mode == "topk" and enc.top_k > teacher.vocab_size:
+    if enc.top_k > teacher.vocab_size:
         raise TeacherError(
             f"--k {enc.top_k} is above the teacher's vocabulary ({teacher.vocab_size})"
         )

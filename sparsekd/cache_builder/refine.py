@@ -35,6 +35,7 @@ from sparsekd.schemas import format as F
 from sparsekd.schemas.cache import Cache, check_same_sequences, in_sorted, open_cache
 from sparsekd.schemas.identity import fingerprint, tokenizer_hash
 from sparsekd.schemas.manifest import KEPT_SCHEMA, MANIFEST, ShardIndex, write_manifest
+from sparsekd.schemas.modes import arrow_schema
 from sparsekd.storage import Store, absolute, open_store
 
 REFINE_RECORD = "refine.json"
@@ -249,7 +250,9 @@ def _write_refined(store: Store, teacher: Cache, kept, kept_scores, tok, meta, S
     """The kept rows of the teacher cache, with `score` and `text`, in shards of S rows
     (shard u is numbered as domain u, part 0; its rows keep their seq_ids)."""
     # the refined set keeps its teacher cache's layout (schema version 2 or 3)
-    schema = F.arrow_schema(teacher.meta["mode"], teacher.weighted, True, teacher.version)
+    schema = arrow_schema(
+        teacher.meta["mode"], teacher.weighted, refined=True, version=teacher.version
+    )
     entries, pending = [], []
     shard, group, _ = teacher.row_groups()
     for i, g in zip(shard.tolist(), group.tolist()):

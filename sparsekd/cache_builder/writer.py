@@ -30,10 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sparsekd.cache_builder.encoder import Support
 from sparsekd.config import check, setting
 from sparsekd.schemas import format as F
-from sparsekd.schemas.modes import get_mode
+from sparsekd.schemas.modes import Support, arrow_schema, get_mode
 from sparsekd.storage import Store
 
 DEFAULT_SHARD_TOKENS = 4_194_304  # ~100-150 MB shards at 25-36 bytes/token (docs/scale.md)
@@ -133,7 +132,7 @@ def encode_table(
             np.concatenate([s.ids for s in supports]).astype(np.int32), per_row, pa.int32()
         ),
     }
-    schema = F.arrow_schema(mode, weighted, generated=texts is not None)
+    schema = arrow_schema(mode, weighted, generated=texts is not None)
     for col in get_mode(mode).columns(weighted):
         typ = schema.field(col).type.value_type
         cols[col] = _list_array(np.concatenate([s.values[col] for s in supports]), per_row, typ)

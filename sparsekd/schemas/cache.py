@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
 from sparsekd.schemas.manifest import MANIFEST, ShardIndex, check_manifest, read_shard_index
-from sparsekd.schemas.modes import get_mode
+from sparsekd.schemas.modes import arrow_schema, get_mode
 from sparsekd.storage import Store, open_store, parse_json
 
 # Opened shards kept per cache: local files stay open (file handles); from an object store
@@ -162,8 +162,12 @@ class ShardFile:
                     f"{str(want)[:24]!r} (a shard of another cache, or a damaged file)"
                 )
         m = cache.meta
-        expected = F.arrow_schema(
-            m["mode"], cache.weighted, "refined" in m, cache.version, "generate" in m
+        expected = arrow_schema(
+            m["mode"],
+            cache.weighted,
+            refined="refined" in m,
+            version=cache.version,
+            generated="generate" in m,
         )
         if not pf.schema_arrow.remove_metadata().equals(expected):
             raise CacheError(f"shard {name}: its columns are not the {m['mode']} shard schema")

@@ -54,7 +54,6 @@ SCHEMA_VERSION = 4
 READABLE_VERSIONS = (2, 3, 4)
 FORMAT_NAME = "sparsekd-cache"
 
-MODES = ("topk", "sample", "logprob")  # each defined in modes.py
 SAMPLERS = ("iid", "systematic")  # mode sample: how the N draws are placed (teacher_head.py)
 # What a position's target was conditioned on: its own document's tokens (document), or every
 # token of the row before it (row: one sequence per row; every cache before version 4).
@@ -173,18 +172,16 @@ def per_learnt(version: int) -> tuple[str, ...]:
 
 
 def arrow_schema(
-    mode: str,
-    weighted: bool = False,
+    value_columns: tuple[str, ...],
     refined: bool = False,
     version: int = SCHEMA_VERSION,
     generated: bool = False,
 ) -> pa.Schema:
-    """The Arrow schema of a shard of the given mode (`weighted`: sample with tau != 1;
-    `refined`: a refined set's shard, with `score` and `text` after the cache columns;
-    `generated`: a --generate cache's shard, with `text` after them)."""
-    from sparsekd.schemas.modes import get_mode
-
-    columns = get_mode(mode).columns(weighted)
+    """The Arrow schema of a shard whose mode stores `value_columns` beside `ids`
+    (modes.arrow_schema names them from a mode); `refined`: a refined set's shard, with
+    `score` and `text` after the cache columns; `generated`: a --generate cache's shard,
+    with `text` after them."""
+    columns = value_columns
     fields = [
         pa.field(COL_SEQ_ID, pa.int64(), nullable=False),
         pa.field(COL_INPUT_IDS, pa.list_(pa.int32()), nullable=False),

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from sparsekd.errors import CacheError
 from sparsekd.schemas import format as F
+from sparsekd.schemas.modes import NAMES
 from sparsekd.storage import Store, json_bytes
 
 MANIFEST = "manifest.json"
@@ -245,8 +246,8 @@ def check_manifest(doc: dict, path: str) -> None:
         value = doc["meta"].get(key)
         if not isinstance(value, typ if typ is not float else (int, float)):
             raise CacheError(f"{path}: meta {key!r} is missing or not a {typ.__name__}")
-    if doc["meta"]["mode"] not in F.MODES:
-        raise CacheError(f"{path}: meta mode {doc['meta']['mode']!r} is not one of {F.MODES}")
+    if doc["meta"]["mode"] not in NAMES:
+        raise CacheError(f"{path}: meta mode {doc['meta']['mode']!r} is not one of {NAMES}")
     shards = doc["index"].get("shards")
     if not isinstance(shards, dict) or not {"file", "sha256", "rows"} <= set(shards):
         raise CacheError(f"{path}: the shard index reference is missing or malformed")

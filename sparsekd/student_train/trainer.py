@@ -37,6 +37,7 @@ import torch
 
 from sparsekd.errors import CacheError, Preempted, RunError
 from sparsekd.schemas.cache import Cache, check_same_sequences, open_cache
+from sparsekd.schemas.modes import get_mode
 from sparsekd.student_train import checkpoint, parallel
 from sparsekd.student_train.config import TrainConfig
 from sparsekd.student_train.evaluate import evaluate
@@ -69,7 +70,7 @@ def open_data(cfg: TrainConfig) -> TrainingData:
         check_same_sequences(cache, targets, "--cache and --teacher-cache")
         keep, cache = cache.kept_seq_ids(), targets
         ids["teacher_cache"] = targets.fingerprint
-    if cfg.loss.kind != "ce" and cache.meta["mode"] == "logprob":
+    if cfg.loss.kind != "ce" and not get_mode(cache.meta["mode"]).has_support:
         raise CacheError(
             f"--loss {cfg.loss.kind} needs teacher targets, and {cache.path} stores token "
             "log-probs only (mode logprob): use --loss ce, or add --teacher-cache with a top-K "
