@@ -22,6 +22,20 @@ from tests.helpers import run_cli  # noqa: E402
 
 _BUCKETS = iter(range(10**6))
 
+# Modules whose tests are long and share no module fixture: spread over both workers, test
+# by test (every other module's tests run on one worker, sharing its module fixtures).
+SPREAD = {"test_trainer.py", "test_build.py", "test_checkpoint.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Group each test with its module for `--dist loadgroup` (pyproject.toml), but those of
+    SPREAD modules and those already in a group."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") or item.path.name in SPREAD:
+            continue
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
 
 def shared(tmp_path_factory, name: str, make) -> Path:
     """`make(folder)` once per test run, whichever xdist worker asks first; the others wait

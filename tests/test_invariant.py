@@ -27,7 +27,7 @@ from sparsekd.cache_builder.engines import VllmEngine
 from sparsekd.cache_builder.teacher import TeacherConfig
 from sparsekd.config import build
 from sparsekd.schemas import format as F
-from sparsekd.student_train.evaluate import MetricSums
+from sparsekd.student_train.evaluate import MetricSums, evaluate_model
 from tests.helpers import copy_cache
 
 pytestmark = pytest.mark.xdist_group("vllm")
@@ -205,14 +205,25 @@ def s3_copy(caches, s3_server):
 
 
 def test_a_model_on_a_cache_of_its_own_outputs_is_at_the_floor_for_every_kind(
-    caches, refined, s3_copy, smollm2_dir, teacher_model, capsys
+    caches, refined, s3_copy, teacher_model
 ):
+    """Through evaluate's own loop (the function `sparsekd evaluate` runs) and through the
+    integrations' (CacheDataset, collate, a plain forward)."""
     for kind, cache in _all_kinds(caches, refined, s3_copy).items():
         c = open_cache(cache)
         mode, attention = c.meta["mode"], F.attention_of(c.meta)
         assert attention == ("row" if "row attention" in kind else "document"), kind
-        _assert_at_the_floor(_evaluate_cli(capsys, smollm2_dir, cache), mode, f"{kind}: evaluate")
+        m = evaluate_model(teacher_model, c)
+        _assert_at_the_floor(m, mode, f"{kind}: evaluate")
         _assert_at_the_floor(_integrations(teacher_model, cache), mode, f"{kind}: integrations")
+
+
+@pytest.mark.parametrize("kind", ["chat, best fit", "generated, captured while generating"])
+def test_sparsekd_evaluate_on_the_teachers_own_cache_is_at_the_floor(
+    caches, smollm2_dir, capsys, kind
+):
+    """The command a user runs: `sparsekd evaluate --model TEACHER --cache C --json`."""
+    _assert_at_the_floor(_evaluate_cli(capsys, smollm2_dir, caches[kind]), "topk", kind)
 
 
 def test_the_same_caches_read_as_one_sequence_per_row_miss_the_floor(caches, teacher_model):
