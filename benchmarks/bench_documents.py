@@ -118,7 +118,8 @@ def bench_student(teacher: str, tmp: Path, steps: int):
     import torch
 
     from sparsekd.config import build
-    from sparsekd.kernels import SparseKLConfig
+    from sparsekd.student_train.config import LossConfig
+    from sparsekd.student_train.loss import KDLoss
     from sparsekd.student_train.model import (
         DistillModule,
         InitStudentConfig,
@@ -130,7 +131,8 @@ def bench_student(teacher: str, tmp: Path, steps: int):
     cfg = {"like": teacher, "layers": 4, "hidden": 256, "heads": 4, "out": str(tmp / "student")}
     init_student(build(InitStudentConfig, cfg))
     model, _ = load_student(tmp / "student")
-    module = DistillModule(model, SparseKLConfig(kd_weight=0.9, ce_weight=0.1, backend="torch"))
+    loss = KDLoss(LossConfig(kd_weight=0.9, backend="torch"), steps=steps)
+    module = DistillModule(model, loss)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     L, B, K = 256, 8, 12
     rows = packed_rows(teacher, str(paragraphs_corpus(tmp / "paras.jsonl")), B)

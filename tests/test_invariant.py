@@ -277,12 +277,13 @@ def test_student_logits_at_a_document_equal_a_forward_over_it_alone(caches, tiny
     mixin's, on a tiny random student."""
     from sparsekd.integrations.torch import CacheDataset, collate
     from sparsekd.integrations.transformers import student_forward
-    from sparsekd.kernels import SparseKLConfig
+    from sparsekd.student_train.config import LossConfig
+    from sparsekd.student_train.loss import KDLoss
     from sparsekd.student_train.model import DistillModule, load_student
 
     model, _ = load_student(tiny_student)
     model.eval()
-    module = DistillModule(model, SparseKLConfig(backend="torch"))
+    module = DistillModule(model, KDLoss(LossConfig(backend="torch"), steps=1))
     cache = caches["chat, best fit"]
     by_id = {s.seq_id: s for s in open_cache(cache)}
     b = next(

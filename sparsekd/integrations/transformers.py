@@ -35,6 +35,7 @@ it the same way: `class KDSFTTrainer(SparseKDMixin, SFTTrainer): pass`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,12 +43,11 @@ import torch
 import transformers
 
 from sparsekd.config import build
-from sparsekd.errors import StudentError
+from sparsekd.errors import ConfigError, StudentError
 from sparsekd.integrations.torch import CacheDataset
-from sparsekd.kernels import sparse_kl_loss
 from sparsekd.student_train.config import LossConfig
+from sparsekd.student_train.loss import KDLoss
 from sparsekd.student_train.model import check_compatible, check_head
-from sparsekd.student_train.schedules import ParamSchedule
 
 DATA_STATE = "sparsekd_data_state-rank-{rank}.json"
 PARAM_STATE = "sparsekd_loss_schedule.pt"
@@ -90,24 +90,23 @@ class _StepParamSchedule(transformers.TrainerCallback):
 
 
 class SparseKDMixin:
-    """The sparse-KD loss, checks, data loading and resume for a Trainer subclass."""
+    """The sparse-KD loss, checks, data loading and resume for a Trainer subclass.
 
-    def __init__(
-        self,
-        *args,
-        kd_weight: float = 0.9,
-        divergence: str = "fkl",
-        backend: str = "auto",
-        temperature: float = 1.0,
-        beta: float | None = None,
-        t: float | None = None,
-        schedule: str | None = None,
-        schedule_end: float | None = None,
-        schedule_steps: int | None = None,
-        taid_alpha: float = 5e-4,
-        taid_momentum: float = 0.99,
-        **kwargs,
-    ):
+    The loss is `train-student`'s (student_train/loss.py `KDLoss`): pass `loss=LossConfig(...)`
+    or any of its fields as keywords (`kind`, or `divergence` as its other name,
+    `kd_weight`, `temperature`, `beta`, `t`, `schedule`, `schedule_end`, `schedule_steps`,
+    `taid_alpha`, `taid_momentum`, `backend`, `chunk_rows`), checked by the same rules and
+    with the same defaults."""
+
+    def __init__(self, *args, loss: LossConfig | None = None, **kwargs):
+        names = {f.name for f in dataclasses.fields(LossConfig)}
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in names or k == "divergence"}
+        if "divergence" in given:
+            if "kind" in given:
+                raise ConfigError("SparseKDTrainer: give divergence= or kind=, not both")
+            given["kind"] = given.pop("divergence")
+        if loss is not None and given:
+            raise ConfigError(f"SparseKDTrainer: give loss= or {sorted(given)}, not both")
         cache_ds = kwargs.get("train_dataset")
         if isinstance(cache_ds, CacheDataset) and _validates_hf_datasets(type(self)):
             # TRL's trainers accept only `datasets` objects: a one-row stand-in passes their
@@ -117,21 +116,14 @@ class SparseKDMixin:
         if isinstance(cache_ds, CacheDataset):
             self.train_dataset = cache_ds
         # the settings of `train-student --loss`, checked by the same rules
-        self.loss_settings = build(
-            LossConfig,
-            {
-                "kind": divergence, "kd_weight": kd_weight, "temperature": temperature,
-                "beta": beta, "t": t, "schedule": schedule, "schedule_end": schedule_end,
-                "schedule_steps": schedule_steps, "taid_alpha": taid_alpha,
-                "taid_momentum": taid_momentum, "backend": backend,
-            },
-            "SparseKDTrainer ",
-        )  # fmt: skip
+        self.loss_settings = loss or build(LossConfig, given, "SparseKDTrainer ")
         # a CacheDataset's reader checked ids and labels; other data is checked per call
-        self.sparse_kl = self.loss_settings.kernel_config(
-            validate=not isinstance(self.train_dataset, CacheDataset)
+        self.kd_loss = KDLoss(
+            self.loss_settings,
+            steps=max(self.args.max_steps, 1),
+            validate=not isinstance(self.train_dataset, CacheDataset),
+            world=self.args.world_size,
         )
-        self.param_schedule = None  # made on the model's device at the first loss
         self._kd_sum, self._kd_n = None, 0
         self.add_callback(_StepParamSchedule(self))
         # the loss is a micro-batch mean: the Trainer divides it by the accumulation steps
@@ -143,6 +135,11 @@ class SparseKDMixin:
             ds = self.train_dataset
             check_compatible(self.model, tok, ds.meta, ds.manifest)
         self.add_callback(_SaveDataState(self))
+
+    @property
+    def param_schedule(self):
+        """The divergence parameter's schedule (loss.KDLoss), or None."""
+        return self.kd_loss.schedule
 
     def get_train_dataloader(self):
         ds = self.train_dataset
@@ -182,42 +179,31 @@ class SparseKDMixin:
         hidden = out.hidden_states[-1]
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         N = hidden.shape[0] * hidden.shape[1]
-        ids = inputs["teacher_ids"].reshape(N, -1)
-        schedule = self._param_schedule(hidden.device)
-        loss, kd, _ = sparse_kl_loss(
+        self._restore_schedule(hidden.device)
+        loss, kd, _ = self.kd_loss(
             hidden.reshape(N, -1),
-            head.weight,
-            ids,
-            inputs["teacher_probs"].reshape(N, -1).to(torch.float32),
+            head,
             inputs["labels"].reshape(N),
-            bias=head.bias,
-            config=self.sparse_kl,
-            return_parts=True,
-            param=None if schedule is None else schedule.value,
+            inputs["teacher_ids"].reshape(N, -1),
+            inputs["teacher_probs"].reshape(N, -1).to(torch.float32),
         )
-        if schedule is not None and model.training:  # the step's KD loss, for the schedule
+        if self.param_schedule is not None and model.training:  # the step's KD loss
             self._kd_sum = kd if self._kd_sum is None else self._kd_sum + kd
             self._kd_n += 1
         return (loss, out) if return_outputs else loss
 
-    def _param_schedule(self, device):
-        """The divergence parameter's schedule, made once on the model's device (restored
-        from the checkpoint `train` resumes from)."""
-        ls = self.loss_settings
-        if self.param_schedule is None and ls.param is not None:
-            steps = ls.schedule_steps or max(self.args.max_steps, 1)
-            self.param_schedule = ParamSchedule(
-                ls.schedule_kind, ls.start, ls.end, steps, device,
-                alpha=ls.taid_alpha, momentum=ls.taid_momentum, world=self.args.world_size,
-            )  # fmt: skip
-            ckpt = getattr(self, "_resume_schedule_from", None)
-            if ckpt is not None and (ckpt / PARAM_STATE).exists():
-                self.param_schedule.load_state_dict(
-                    torch.load(ckpt / PARAM_STATE, weights_only=False)
-                )
-            elif ckpt is not None and ls.schedule_kind != "constant":
-                raise StudentError(f"{ckpt} holds no state of the loss schedule ({PARAM_STATE})")
-        return self.param_schedule
+    def _restore_schedule(self, device) -> None:
+        """Make the loss's schedule on the model's device; when `train` resumes from a
+        checkpoint, restore its state from there (once)."""
+        ckpt = getattr(self, "_resume_schedule_from", None)
+        schedule = self.kd_loss.schedule_on(device)
+        if ckpt is None or schedule is None:
+            return
+        self._resume_schedule_from = None
+        if (ckpt / PARAM_STATE).exists():
+            schedule.load_state_dict(torch.load(ckpt / PARAM_STATE, weights_only=False))
+        elif self.loss_settings.schedule_kind != "constant":
+            raise StudentError(f"{ckpt} holds no state of the loss schedule ({PARAM_STATE})")
 
 
 def student_forward(model, inputs: dict):

@@ -190,6 +190,7 @@ class Divergence:
     triton_support: object  # the same as @triton.jit functions
     triton_off: object  # (P, q_S, a, c) -> (h, g_out)
     param: str | None = None  # the name of its parameter a (a setting of the loss)
+    default: float | None = None  # a's value when none is given (the start of a schedule)
     const: Callable = _no_const  # a -> c, the constant the off-support terms use
     bounds: tuple = (0.0, 1.0)  # a must lie in the open interval (or t in (0, 1])
 
@@ -227,6 +228,7 @@ DIVERGENCES: dict[str, Divergence] = {
             _skew_fkl_support_tl,
             _zero_off_tl,
             param="beta",
+            default=0.1,
         ),
         Divergence(
             "skew_rkl",
@@ -238,6 +240,7 @@ DIVERGENCES: dict[str, Divergence] = {
             _skew_rkl_support_tl,
             _skew_rkl_off_tl,
             param="beta",
+            default=0.1,
             const=_log_inv,
         ),
         Divergence(
@@ -250,6 +253,7 @@ DIVERGENCES: dict[str, Divergence] = {
             _jsd_support_tl,
             _jsd_off_tl,
             param="beta",
+            default=0.1,
             const=_log_inv,
         ),
         Divergence(
@@ -262,6 +266,7 @@ DIVERGENCES: dict[str, Divergence] = {
             _taid_support_tl,
             _taid_off_tl,
             param="t",
+            default=0.4,  # TAID's t_start (the paper's)
             const=_xlogx_complement,
         ),
     )

@@ -27,8 +27,8 @@ def sparse_kl_loss_ref(
     kd_weight=1.0,
     ce_weight=0.0,
     temperature=1.0,
-    beta=0.1,
-    t=1.0,
+    beta=None,
+    t=None,
     ignore_index=-100,
     bias=None,
 ):
@@ -41,6 +41,9 @@ def sparse_kl_loss_ref(
     logq = torch.log_softmax(logits / temperature, dim=-1)
     mask = ids >= 0
     div = DV.get(divergence)
+    given = {"beta": beta, "t": t}.get(div.param)  # (None: the divergence's default)
+    a = 0.0 if div.param is None else div.default if given is None else given
+    beta = t = a
     if divergence == "taid":
         p_NV = torch.zeros_like(logq).scatter_add(  # add: padding's 0 lands on id 0 too
             1, ids.clamp_min(0).long(), torch.where(mask, probs.to(logq.dtype), 0.0)

@@ -66,14 +66,18 @@ def default_chunk_rows(vocab: int, device: torch.device | str) -> int:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SparseKLConfig:
-    """Everything about the loss except the tensors. Fields are `sparse_kl_loss` keywords."""
+    """Everything about the loss except the tensors. Fields are `sparse_kl_loss` keywords.
+    The loss's settings and defaults are declared once, by `train-student`'s `loss` section
+    (student_train/config.py `LossConfig.kernel_config`, which makes this); a direct call
+    names the divergence and both weights, and a divergence's parameter defaults to its
+    entry in divergences.py."""
 
-    divergence: str = "fkl"  # see divergences.py
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
+    divergence: str  # see divergences.py
+    kd_weight: float
+    ce_weight: float
     temperature: float = 1.0  # student logits are divided by it (the teacher is as stored)
-    beta: float = 0.1  # mixture weight of skew_fkl, skew_rkl and jsd
-    t: float = 1.0  # TAID's interpolation (a schedule passes its value per call: `param`)
+    beta: float | None = None  # mixture weight of skew_fkl, skew_rkl and jsd
+    t: float | None = None  # TAID's interpolation (a schedule passes its value: `param`)
     ignore_index: int = -100  # labels equal to it are not in the CE mean
     backend: str = "auto"
     chunk_rows: int | None = None  # None: from CHUNK_BUDGET_BYTES and V
@@ -85,10 +89,19 @@ class SparseKLConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 < self.beta < 1.0:
+        if self.beta is not None and not 0.0 < self.beta < 1.0:
             raise ValueError(f"beta must be in (0, 1), got {self.beta}")
-        if not 0.0 <= self.t <= 1.0:
+        if self.t is not None and not 0.0 <= self.t <= 1.0:
             raise ValueError(f"t must be in [0, 1], got {self.t}")
+
+    @property
+    def param_value(self) -> float:
+        """The divergence's parameter: as given, else its default (divergences.py)."""
+        div = DV.get(self.divergence)
+        if div.param is None:
+            return 0.0
+        given = getattr(self, div.param)
+        return div.default if given is None else given
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
 
@@ -295,7 +308,7 @@ def sparse_kl_chunked(hidden, weight, bias, ids, probs, labels, cfg, param=None,
     row_pass = sparse_kl_rows_triton if use_triton else sparse_kl_rows_torch
     C = cfg.chunk_rows or default_chunk_rows(V, dev)
     div = DV.get(cfg.divergence)
-    value = param if param is not None else getattr(cfg, div.param) if div.param else 0.0
+    value = param if param is not None else cfg.param_value
     par = DV.param_tensor(div, value, dev, acc)
     # per-row scales: the means' denominators stay on the device (no host sync)
     has_N = (ids >= 0).any(-1)
@@ -449,7 +462,7 @@ def sparse_kl_loss(
         0-d tensor kd_weight * mean KD over rows with support + ce_weight * mean CE over
         labelled rows; with return_parts, `(loss, kd_part, ce_part)`.
     """
-    cfg = dataclasses.replace(config or SparseKLConfig(), **options)
+    cfg = dataclasses.replace(config, **options) if config else SparseKLConfig(**options)
     check_inputs(hidden, weight, ids, probs, labels, bias, cfg)
     loss, kd, ce = SparseKLFunction.apply(hidden, weight, bias, ids, probs, labels, cfg, param)
     return (loss, kd, ce) if return_parts else loss

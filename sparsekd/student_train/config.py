@@ -25,7 +25,6 @@ from sparsekd.student_train.schedules import SCHEDULES
 
 LOSSES = ("ce", *DV.NAMES)
 BETA_LOSSES = tuple(n for n in DV.NAMES if DV.get(n).param == "beta")
-PARAM_DEFAULTS = {"beta": 0.1, "t": 0.4}  # t: TAID's t_start (the paper's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,8 +179,10 @@ class LossConfig:
     @property
     def start(self) -> float:
         """The parameter's value at the first step."""
-        given = getattr(self, self.param) if self.param else None
-        return PARAM_DEFAULTS.get(self.param, 0.0) if given is None else given
+        if self.param is None:
+            return 0.0
+        given = getattr(self, self.param)
+        return DV.get(self.kind).default if given is None else given
 
     @property
     def schedule_kind(self) -> str:
@@ -204,17 +205,12 @@ class LossConfig:
             kd_weight=kd,
             ce_weight=1.0 - kd,
             temperature=self.temperature,
-            beta=self.mix,
-            t=self.start if self.param == "t" else 1.0,
+            beta=self.start if self.param == "beta" else None,
+            t=self.start if self.param == "t" else None,
             backend=self.backend,
             chunk_rows=self.chunk_rows,
             validate=validate,
         )
-
-    @property
-    def mix(self) -> float:
-        """beta as the loss uses it at the first step."""
-        return self.start if self.param == "beta" else 0.1
 
 
 @dataclass(frozen=True, kw_only=True)

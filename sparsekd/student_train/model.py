@@ -23,7 +23,6 @@ import torch
 
 from sparsekd.config import check, setting
 from sparsekd.errors import StudentError
-from sparsekd.kernels import SparseKLConfig, sparse_kl_loss
 from sparsekd.schemas import format as F
 from sparsekd.schemas.identity import template_sha256, tokenizer_hash
 from sparsekd.storage import publish_folder
@@ -232,13 +231,13 @@ def check_compatible(model, tok, meta: dict, manifest: dict | None = None) -> No
 
 
 class DistillModule(torch.nn.Module):
-    """Wraps a causal LM: forward(batch tensors) -> (loss, kd_part, ce_part)."""
+    """Wraps a causal LM and its loss (loss.KDLoss): forward(batch tensors) -> (loss,
+    kd_part, ce_part)."""
 
-    def __init__(self, model, loss: SparseKLConfig, param=None):
+    def __init__(self, model, loss):
         super().__init__()
         self.model = model
         self.loss = loss
-        self.schedule = param  # a ParamSchedule whose device value the loss reads, or None
 
     def hidden(self, input_ids, position_ids=None):
         """[B, L, D]: the decoder's final hidden states, each document of a row apart."""
@@ -266,24 +265,14 @@ class DistillModule(torch.nn.Module):
                 input_ids=input_ids, position_ids=position_ids, use_cache=False
             ).logits
         hidden_BLD = self.hidden(input_ids, position_ids)
-        head = self.model.get_output_embeddings()
         hidden_ND = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])
         N = hidden_ND.shape[0]
-        labels = labels.reshape(N)
-        ids, probs = teacher_ids.reshape(N, -1), teacher_probs.reshape(N, -1)
-        if self.loss.kd_weight == 0.0:  # plain CE: no support to visit
-            ids = torch.full((hidden_ND.shape[0], 1), -1, dtype=torch.long, device=ids.device)
-            probs = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-        return sparse_kl_loss(
+        return self.loss(
             hidden_ND,
-            head.weight,
-            ids,
-            probs,
-            labels,
-            bias=head.bias,
-            config=self.loss,
-            return_parts=True,
-            param=None if self.schedule is None else self.schedule.value,
+            self.model.get_output_embeddings(),
+            labels.reshape(N),
+            teacher_ids.reshape(N, -1),
+            teacher_probs.reshape(N, -1),
         )
 
 

@@ -41,12 +41,12 @@ from sparsekd.schemas.modes import get_mode
 from sparsekd.student_train import checkpoint, parallel
 from sparsekd.student_train.config import TrainConfig
 from sparsekd.student_train.evaluate import evaluate
+from sparsekd.student_train.loss import KDLoss
 from sparsekd.student_train.metrics import DataLog, MetricsLog
 from sparsekd.student_train.model import DistillModule, check_compatible, load_student, save_final
 from sparsekd.student_train.optim import build_optimizer, build_schedule
 from sparsekd.student_train.preemption import StopSignals
 from sparsekd.student_train.reader import LOSS_KEYS, CacheReader
-from sparsekd.student_train.schedules import ParamSchedule
 
 
 @dataclass
@@ -85,20 +85,12 @@ class Trainer:
         self.cfg, self.d, self.data = cfg, d, data
         torch.manual_seed(cfg.seed)
         model.to(d.device)
-        loss = cfg.loss.kernel_config(validate=False)  # the reader checked ids and labels
-        self.param = None  # the divergence's parameter over training (schedules.py)
-        if cfg.loss.param is not None:
-            self.param = ParamSchedule(
-                cfg.loss.schedule_kind,
-                cfg.loss.start,
-                cfg.loss.end,
-                cfg.loss.schedule_steps or cfg.steps,
-                d.device,
-                alpha=cfg.loss.taid_alpha,
-                momentum=cfg.loss.taid_momentum,
-                world=d.world,
-            )
-        self.module = DistillModule(model, loss, self.param)
+        # the reader checked ids and labels: no validation in the loss
+        self.loss = KDLoss(
+            cfg.loss, steps=cfg.steps, validate=False, world=d.world, device=d.device
+        )
+        self.param = self.loss.schedule  # the divergence's parameter over training, or None
+        self.module = DistillModule(model, self.loss)
         layers = model.get_decoder().layers
         if cfg.parallel.activation_checkpointing:  # recompute each layer in the backward
             model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -154,7 +146,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         out = {"loss": parts[0], "kd": parts[1], "ce": parts[2], "grad_norm": grad_norm.detach()}
         if self.param is not None:
-            self.param.step(parts[1])  # on the device: the value the next step uses
+            self.loss.step(parts[1])  # on the device: the value the next step uses
             out[self.cfg.loss.param] = used
         return out
 

@@ -3,6 +3,7 @@ the dense float64 oracle: loss and gradients for hidden, weight and bias, every 
 with and without CE, odd shapes, supports wider than one block, padding, low precision,
 and the same training curve with either backend."""
 
+import inspect
 import os
 import subprocess
 import sys
@@ -11,7 +12,6 @@ import pytest
 import torch
 
 from sparsekd.kernels import sparse_kl as K
-from sparsekd.kernels import sparse_kl_loss
 from sparsekd.kernels.divergences import NAMES
 from sparsekd.kernels.reference import sparse_kl_loss_ref
 from tests.helpers import LOSS_TOL, TOL
@@ -21,6 +21,19 @@ BACKENDS = ("torch", "triton")
 # The backend's computation dtype: the torch path follows its input (float64 here), the
 # Triton row pass is float32.
 DTYPE = {"torch": torch.float64, "triton": torch.float32}
+# The kernel has no defaults of the loss's own (they are train-student's `loss` settings):
+# these tests run it at the oracle's settings wherever a test does not name its own.
+ORACLE = {
+    k: v.default
+    for k, v in inspect.signature(sparse_kl_loss_ref).parameters.items()
+    if k in ("divergence", "kd_weight", "ce_weight")
+}
+
+
+def sparse_kl_loss(*args, **kw):
+    if kw.get("config") is None:
+        kw = {**ORACLE, **kw}
+    return K.sparse_kl_loss(*args, **kw)
 
 
 def _case(N, D, V, S, seed=0, dtype=torch.float64, pad_rows=(), topk_like=True):
@@ -284,7 +297,8 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused():
         "import torch; from sparsekd.kernels import sparse_kl_loss\n"
         "h=torch.randn(2,4); w=torch.randn(10,4); i=torch.tensor([[1],[2]]); "
         "p=torch.ones(2,1)\n"
-        "try:\n    sparse_kl_loss(h,w,i,p,backend='triton')\n"
+        "try:\n    sparse_kl_loss(h,w,i,p,divergence='fkl',kd_weight=1.0,ce_weight=0.0,"
+        "backend='triton')\n"
         "except ValueError as e:\n    print('REFUSED', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sparsekd import open_cache
-from sparsekd.kernels import SparseKLConfig
+from sparsekd.student_train.config import LossConfig
+from sparsekd.student_train.loss import KDLoss
 from sparsekd.student_train.model import DistillModule, check_compatible, load_student
 from sparsekd.student_train.reader import IGNORE, CacheReader
 from tests.helpers import error_line, run_cli
@@ -42,8 +43,8 @@ def test_the_loss_counts_only_learnt_positions(chat_cache, tiny_student):
     mask = batch["labels"].flatten() != IGNORE  # the loss's rows: B * L
     assert 0 < int(mask.sum()) < mask.numel()  # a chat cache: some positions learnt
     model, _ = load_student(tiny_student)
-    cfg = SparseKLConfig(divergence="fkl", kd_weight=0.9, ce_weight=0.1, backend="torch")
-    loss, kd, ce = DistillModule(model, cfg)(
+    cfg = LossConfig(kind="fkl", kd_weight=0.9, backend="torch")
+    loss, kd, ce = DistillModule(model, KDLoss(cfg, steps=1))(
         batch["input_ids"], batch["labels"], batch["teacher_ids"], batch["teacher_probs"]
     )
     # by hand, in float64: CE and forward KL on the stored support, each a mean over the

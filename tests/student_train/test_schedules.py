@@ -116,7 +116,10 @@ def test_schedule_defaults():
     taid = build(TrainConfig, {**base, "loss": {"kind": "taid"}}).loss
     assert (taid.schedule_kind, taid.start, taid.end) == ("taid", 0.4, 1.0)
     jsd = build(TrainConfig, {**base, "loss": {"kind": "jsd", "beta": 0.3}}).loss
-    assert (jsd.schedule_kind, jsd.start, jsd.end, jsd.mix) == ("constant", 0.3, 0.3, 0.3)
+    assert (jsd.schedule_kind, jsd.start, jsd.end) == ("constant", 0.3, 0.3)
+    assert jsd.kernel_config(validate=True).param_value == 0.3
+    skew = build(TrainConfig, {**base, "loss": {"kind": "skew_fkl"}}).loss
+    assert skew.start == skew.kernel_config(validate=True).param_value == 0.1  # its default
     ramp = {"kind": "skew_fkl", "schedule": "linear", "schedule_end": 0.5}
     assert build(TrainConfig, {**base, "loss": ramp}).loss.end == 0.5
 
