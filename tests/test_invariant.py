@@ -58,7 +58,7 @@ def corpora(tmp_path_factory):
     rng = np.random.default_rng(0)
     text = [
         " ".join(rng.choice(WORDS, size=int(rng.integers(4, 50)))).capitalize() + "."
-        for _ in range(60)
+        for _ in range(30)
     ]
     out = {"text": d / "text.jsonl", "chat": d / "chat.jsonl", "prompts": d / "prompts.jsonl"}
     for key, rows in (

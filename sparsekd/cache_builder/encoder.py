@@ -115,7 +115,9 @@ class EncoderConfig:
 
     @property
     def tau(self) -> float:
-        return self.effective("proposal_temperature") or 1.0
+        """The proposal temperature: 1 (the teacher itself) for a mode that draws nothing."""
+        tau = self.effective("proposal_temperature")
+        return 1.0 if tau is None else tau
 
     @property
     def draw(self) -> str | None:

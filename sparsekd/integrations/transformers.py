@@ -47,7 +47,7 @@ from sparsekd.errors import ConfigError, StudentError
 from sparsekd.integrations.torch import CacheDataset
 from sparsekd.student_train.config import LossConfig
 from sparsekd.student_train.loss import KDLoss
-from sparsekd.student_train.model import check_compatible, check_head
+from sparsekd.student_train.model import attention_kwargs, check_compatible, check_head
 
 DATA_STATE = "sparsekd_data_state-rank-{rank}.json"
 PARAM_STATE = "sparsekd_loss_schedule.pt"
@@ -208,14 +208,16 @@ class SparseKDMixin:
 
 def student_forward(model, inputs: dict):
     """The student's forward on a collated batch, final hidden states kept (the loss applies
-    the head itself). Position ids restart at each document of a row: with them, and no
-    attention mask, the model keeps the row's documents apart, as the teacher read them."""
+    the head itself). Position ids restart at each document of a row, and attention stays
+    inside each (`attention_kwargs`): the model reads the row's documents apart, as the
+    teacher did."""
+    inner = model.module if hasattr(model, "module") else model  # under DDP
     return model(
         input_ids=inputs["input_ids"],
-        position_ids=inputs.get("position_ids"),
         use_cache=False,
         output_hidden_states=True,
         logits_to_keep=1,
+        **attention_kwargs(inner, inputs.get("position_ids")),
     )
 
 

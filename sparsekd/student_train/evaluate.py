@@ -138,9 +138,11 @@ def evaluate(
     ids restarting at each document of a row (reader.Batch); under DDP/FSDP2 every rank
     calls this with the same arguments except its rank.
     """
+    from sparsekd.schemas import format as F
     from sparsekd.student_train.reader import collate
 
     sums = sums or MetricSums()
+    documents = F.attention_of(cache.meta) == "document"  # else each row is one sequence
     seqs, step = [], batch_size * world_size
     for seq in cache:
         if max_sequences is not None and len(seqs) >= max_sequences:
@@ -150,7 +152,8 @@ def evaluate(
         group = seqs[g0 : g0 + step]
         mine = group[rank * batch_size : (rank + 1) * batch_size]
         b = collate(mine or group[:1])  # an empty share still joins the collective forward
-        x, pos = (torch.from_numpy(a).to(device) for a in (b.input_ids, b.position_ids))
+        x = torch.from_numpy(b.input_ids).to(device)
+        pos = torch.from_numpy(b.position_ids).to(device) if documents else None
         logits_BLV = logits_fn(x, pos).float()
         if not mine:
             continue
@@ -175,8 +178,12 @@ def evaluate_model(model, cache, **kwargs) -> dict:
     model.eval()
     try:
         device = next(model.parameters()).device
+        from sparsekd.student_train.model import attention_kwargs
+
         return evaluate(
-            lambda x, pos: model(input_ids=x, position_ids=pos, use_cache=False).logits,
+            lambda x, pos: (
+                model(input_ids=x, use_cache=False, **attention_kwargs(model, pos)).logits
+            ),
             cache,
             device=device,
             **kwargs,

@@ -137,13 +137,44 @@ def check_head(model) -> None:
         )
 
 
+# Attention implementations given the block-diagonal causal mask as a 4-D tensor built on the
+# device (the mask transformers itself builds from packed position ids, without the host
+# synchronisation its detection of them costs); the others get the position ids alone
+# (flash attention: variable-length attention over the documents).
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def attention_kwargs(model, position_ids) -> dict:
+    """The keywords of a model call that keep the documents of each row apart, from
+    `position_ids` [B, L] (restarting at 0 at each document; None: one sequence per row).
+    For sdpa and eager attention: the position ids and a [B, 1, L, L] mask (a position sees
+    the earlier positions of its own document), made on the device without a host
+    synchronisation; for other implementations the position ids alone, from which
+    transformers finds the documents itself."""
+    if position_ids is None:
+        return {}
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in MASKED_ATTENTION:
+        return {"position_ids": position_ids}
+    L = position_ids.shape[1]
+    doc_BL = torch.cumsum(position_ids == 0, dim=1)
+    causal_LL = torch.ones(L, L, dtype=torch.bool, device=position_ids.device).tril()
+    mask = ((doc_BL[:, :, None] == doc_BL[:, None, :]) & causal_LL)[:, None]
+    if impl == "eager":  # an additive mask
+        dtype = model.get_output_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    return {"position_ids": position_ids, "attention_mask": mask}
+
+
 @torch.no_grad()
 def check_documents(model) -> None:
-    """Refuse a model that does not keep the documents of a row apart when given position
-    ids that restart at each (and no attention mask): checked on a row of two short
-    documents against the second read alone. transformers' own attention masks do this for
-    the models built on its masking utilities (a block-diagonal causal mask, or variable-length
-    attention with flash attention); a model with its own mask code may not."""
+    """Refuse a model that does not keep the documents of a row apart when called with
+    `attention_kwargs`: checked on a row of two short documents against the second read
+    alone. The models built on transformers' masking utilities do (a block-diagonal causal
+    mask, or variable-length attention with flash attention); one with its own mask code
+    may not."""
     head = model.get_output_embeddings()
     V, device = head.weight.shape[0], head.weight.device
     a = (torch.arange(5, device=device) * 7 + 3) % V
@@ -153,7 +184,8 @@ def check_documents(model) -> None:
     was = model.training
     model.eval()
     try:
-        packed = model(input_ids=x, position_ids=pos, use_cache=False).logits[0, 5:].float()
+        kw = attention_kwargs(model, pos)
+        packed = model(input_ids=x, use_cache=False, **kw).logits[0, 5:].float()
         alone = model(input_ids=b[None], use_cache=False).logits[0].float()
     finally:
         model.train(was)
@@ -241,8 +273,9 @@ class DistillModule(torch.nn.Module):
 
     def hidden(self, input_ids, position_ids=None):
         """[B, L, D]: the decoder's final hidden states, each document of a row apart."""
+        kw = attention_kwargs(self.model, position_ids)
         return self.model.get_decoder()(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, use_cache=False, **kw
         ).last_hidden_state
 
     def forward(
@@ -258,12 +291,11 @@ class DistillModule(torch.nn.Module):
         """A batch's tensors ([B, L] input and position ids, [B, L] labels, [B, L, S] teacher
         ids and probabilities: reader.Batch) -> the loss and its parts; or, with
         logits_only, the logits of input_ids. Position ids restart at each document of a
-        row, and with no attention mask transformers keeps the documents apart (the
-        student sees what the teacher saw: check_documents)."""
+        row (None: one sequence per row), and attention stays inside each document
+        (`attention_kwargs`): the student sees what the teacher saw (check_documents)."""
         if logits_only:
-            return self.model(
-                input_ids=input_ids, position_ids=position_ids, use_cache=False
-            ).logits
+            kw = attention_kwargs(self.model, position_ids)
+            return self.model(input_ids=input_ids, use_cache=False, **kw).logits
         hidden_BLD = self.hidden(input_ids, position_ids)
         hidden_ND = hidden_BLD.reshape(-1, hidden_BLD.shape[-1])
         N = hidden_ND.shape[0]

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from sparsekd.errors import CacheError, Preempted, RunError
+from sparsekd.schemas import format as F
 from sparsekd.schemas.cache import Cache, check_same_sequences, open_cache
 from sparsekd.schemas.modes import get_mode
 from sparsekd.student_train import checkpoint, parallel
@@ -91,6 +92,10 @@ class Trainer:
         )
         self.param = self.loss.schedule  # the divergence's parameter over training, or None
         self.module = DistillModule(model, self.loss)
+        # position ids (and the document mask they give) only for a cache whose rows hold
+        # documents read apart; a row read whole is one causal sequence
+        documents = F.attention_of(data.cache.meta) == "document"
+        self.loss_keys = [k for k in LOSS_KEYS if documents or k != "position_ids"]
         layers = model.get_decoder().layers
         if cfg.parallel.activation_checkpointing:  # recompute each layer in the backward
             model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -133,7 +138,7 @@ class Trainer:
         parts = torch.zeros(3, device=self.d.device)
         used = None if self.param is None else self.param.value.clone()
         for i, b in enumerate(batches):
-            x = {k: b[k].to(self.d.device, non_blocking=True) for k in LOSS_KEYS}
+            x = {k: b[k].to(self.d.device, non_blocking=True) for k in self.loss_keys}
             with self._no_sync(i == n - 1), self.autocast:
                 loss, kd, ce = self.wrapped(**x)
                 (loss / n).backward()
