@@ -23,17 +23,38 @@ TOL = {
 LOSS_TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 
 
-def run_cli(*args, check: bool = False, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    """Run the real `sparsekd` entry point in a fresh process."""
-    env = {**os.environ, **kw.pop("env", {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", "sparsekd", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        **kw,
-    )
+def run_cli(
+    *args, check: bool = False, timeout: int = 600, fresh_process: bool = False, **kw
+) -> subprocess.CompletedProcess:
+    """Run the real `sparsekd` command: in this process (`cli.main`, its output captured),
+    or in a fresh one where the test needs a process of its own (`fresh_process`, or an
+    `env=`/`cwd=` of its own: nothing leaks into the test process). The same error policy,
+    exit codes and output either way: `cli.main` is what the entry point runs."""
+    if fresh_process or kw:
+        env = {**os.environ, **kw.pop("env", {})}
+        proc = subprocess.run(
+            [sys.executable, "-m", "sparsekd", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            **kw,
+        )
+    else:
+        import contextlib
+        import io
+
+        from sparsekd import cli
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as e:  # a command that exits by itself
+                code = e.code if isinstance(e.code, int) else 1
+        proc = subprocess.CompletedProcess(
+            ["sparsekd", *args], code, out.getvalue(), err.getvalue()
+        )
     if check and proc.returncode != 0:
         raise AssertionError(f"sparsekd {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
     return proc

@@ -161,7 +161,7 @@ def test_every_usage_error_is_one_line_and_exit_2(args, match, tmp_path):
         if args[0] == "build-cache"
         else []
     )
-    proc = run_cli(*args, *base)
+    proc = run_cli(*args, *base, fresh_process=True)  # what a terminal shows, imports and all
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("sparsekd: error: ") and match in lines[0], lines[0]
