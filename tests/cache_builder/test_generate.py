@@ -214,7 +214,7 @@ def test_two_workers_and_a_kill_9_give_the_same_bytes(
     args = _args(smollm2_dir, corpus, killed)
     done = kill_build_after(killed, 1, *args[1:])
     assert 1 <= done < len(shard_files(generated))
-    run_cli(*args, check=True)
+    run(_cfg(smollm2_dir, corpus, killed), engine=engine)  # the same settings as `args`
     assert digests(killed) == digests(generated)
 
 
