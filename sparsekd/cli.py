@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from sparsekd.cache_builder.config import BuildConfig  # noqa: E402
 from sparsekd.cache_builder.refine import RefineConfig  # noqa: E402
-from sparsekd.config import command_options  # noqa: E402
+from sparsekd.config import check_local, command_options  # noqa: E402
 from sparsekd.demo import DemoConfig  # noqa: E402
 from sparsekd.errors import Preempted, SparsekdError  # noqa: E402
 from sparsekd.student_train.config import TrainConfig  # noqa: E402
@@ -79,6 +79,8 @@ def prepare_teacher_cmd(out, gguf_file):
     """Write a Hugging Face teacher folder (float32 safetensors + tokenizer) from a GGUF."""
     from sparsekd.cache_builder.gguf import convert_gguf
 
+    check_local(out, "--out")
+    check_local(gguf_file, "--gguf")
     t = time.perf_counter()
     path = convert_gguf(out, gguf_file)
     click.echo(f"teacher written to {path} in {time.perf_counter() - t:.1f} s")
@@ -108,6 +110,7 @@ def inspect_cmd(cache, as_json, verify, plot):
     from sparsekd.inspection import cache_stats, format_stats, plot_cache, verify_cache
     from sparsekd.schemas.cache import open_cache
 
+    check_local(plot, "--plot")
     if verify:
         problems = verify_cache(cache)
         for p in problems:

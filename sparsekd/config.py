@@ -63,6 +63,18 @@ def check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_local(value, flag: str) -> None:
+    """Refuse a URI (s3://, gs://, ...) where the command reads or writes a local folder
+    only: never taken for a local path (a folder named `s3:`)."""
+    from sparsekd.storage import is_uri
+
+    check(
+        value is None or not is_uri(value),
+        f"{flag} {value}: this must be a local (or shared file system) path; object-store "
+        "URIs are served for corpora and caches only",
+    )
+
+
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 

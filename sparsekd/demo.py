@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from sparsekd.config import setting
+from sparsekd.config import check_local, setting
 
 HELDOUT_EVERY = 8  # document i is held out when i % 8 == 7
 EVAL_K = 1024  # top-K of the held-out reference cache
@@ -35,6 +35,9 @@ class DemoConfig:
     out: str = setting("sparsekd-demo", "Working folder (teacher, caches, report).", flag=True)
     quick: bool = setting(False, "A smaller run for CI (a few minutes).", flag="--quick")
     engine: str = setting("vllm", "Teacher engine.", flag=True, choices=("vllm", "hf"))
+
+    def __post_init__(self):
+        check_local(self.out, "--out")
 
 
 @dataclass(frozen=True)

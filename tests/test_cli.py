@@ -172,3 +172,31 @@ def test_a_yaml_config_naming_a_setting_twice_is_refused(tmp_path):
     cfg.write_text("corpus:\n  seq_len: 64\n  seq_len: 128\n")
     proc = run_cli("build-cache", "--config", cfg, "--teacher", tmp_path, "--out", tmp_path / "o")
     assert proc.returncode == 2 and "setting 'seq_len' appears twice" in error_line(proc)
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["train-student", "--cache", "c", "--student", "s", "--out", "s3://b/run", "--steps", "1"],
+         "--out"),
+        (["train-student", "--cache", "c", "--student", "gs://b/s", "--out", "o", "--steps", "1"],
+         "--student"),
+        (["init-student", "--like", "t", "--out", "s3://b/s", "--layers", "1", "--hidden", "64",
+          "--heads", "2"], "--out"),
+        (["init-student", "--like", "s3://b/t", "--out", "o", "--layers", "1", "--hidden", "64",
+          "--heads", "2"], "--like"),
+        (["evaluate", "--model", "s3://b/m", "--cache", "c"], "--model"),
+        (["prepare-teacher", "--out", "s3://b/t"], "--out"),
+        (["inspect", "c", "--plot", "s3://b/p.png"], "--plot"),
+        (["demo", "--out", "s3://b/d"], "--out"),
+    ],
+)  # fmt: skip
+def test_a_uri_where_only_a_local_path_is_served_is_refused_by_name(
+    tmp_path, monkeypatch, args, flag
+):
+    """Never taken for a local path (a folder named `s3:` in the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and error_line(proc).startswith(f"sparsekd: error: {flag} ")
+    assert "object-store URIs are served for corpora and caches only" in error_line(proc)
+    assert not any(tmp_path.iterdir())  # nothing written where it ran

@@ -25,11 +25,12 @@ def test_dry_run_runs_every_step_and_reports_them(tmp_path, smollm2_dir):
     summary = (out / "summary.md").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-3000:]
     assert summary.startswith("# sparsekd GPU run: ") and "(dry run)" in summary
-    for name in ("kernels", "sparse_kl", "teacher_head", "train"):
+    for name in ("kernels", "sparse_kl", "teacher_head", "train", "documents"):
         assert f"| {name} | ok |" in summary and (out / f"{name}.log").exists()
     train = json.loads((out / "train.json").read_text())
     assert train["resumed_weights_bitwise_equal"] is True and train["tokens_per_s_median"] > 0
     assert "exit status: 75" in (out / "train.log").read_text()
+    assert "document_step_s" in (out / "documents.log").read_text()
 
 
 def test_without_a_gpu_and_without_dry_run_it_refuses_in_one_line(tmp_path):

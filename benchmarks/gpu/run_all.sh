@@ -8,6 +8,8 @@
 #   train         a short student run on the GPU (hf teacher -> cache -> train-student with
 #                 checkpoints), stopped by SIGTERM and resumed: tokens/s, exit status 75,
 #                 and whether the resumed weights equal an uninterrupted run's
+#   documents     bench_documents.py --only student: a training step with the rows'
+#                 documents kept apart (a block-diagonal mask) against one sequence per row
 #
 # usage: benchmarks/gpu/run_all.sh [--out DIR] [--wheels DIR] [--teacher DIR] [--dry-run]
 #   --out DIR      where every figure and log goes (default benchmarks/results/gpu-<device>)
@@ -93,11 +95,13 @@ if [ "$DRY" = 1 ]; then
   SPARSE_KL=(--n 256 --d 64 --v 5000 --s 12 --reps 1)
   HEAD=(--t 64 --d 32 --v 3000 --reps 1)
   SEQS=12 SEQ_LEN=64 STEPS=12 EVERY=4 STUDENT="--layers 2 --hidden 64 --heads 2 --intermediate 128"
+  DOCUMENTS=(--steps 1 --student-len 32)
 else
   KERNEL_TESTS=(tests/kernels)
   SPARSE_KL=(--s 12,64)
   HEAD=()
   SEQS=256 SEQ_LEN=512 STEPS=60 EVERY=20 STUDENT="--layers 8 --hidden 512 --heads 8 --intermediate 1536"
+  DOCUMENTS=(--steps 10 --student-len 1024)
 fi
 
 step kernels 200 "$PY" -m pytest -q -p no:cacheprovider -n 0 "${KERNEL_TESTS[@]}"
@@ -149,6 +153,9 @@ PY
 export -f train
 export PY WORK OUT DEVICE TEACHER SEQS SEQ_LEN STEPS EVERY STUDENT
 step train 240 bash -c train
+# the teacher folder train() made (or the one given): its tokenizer packs the rows
+step documents 120 "$PY" benchmarks/bench_documents.py --only student \
+    --teacher "${TEACHER:-$WORK/teacher}" "${DOCUMENTS[@]}"
 
 echo >>"$SUMMARY"
 [ -f "$OUT/train.json" ] && { echo '```'; cat "$OUT/train.json"; echo '```'; } >>"$SUMMARY"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 
-from sparsekd.config import check, section, setting
+from sparsekd.config import check, check_local, section, setting
 from sparsekd.kernels import divergences as DV
 from sparsekd.kernels.sparse_kl import BACKENDS
 from sparsekd.student_train.schedules import SCHEDULES
@@ -335,6 +335,8 @@ class TrainConfig:
     tensorboard: bool = setting(True, "Also log to TensorBoard when it is installed.")
 
     def __post_init__(self):
+        check_local(self.student, "--student")
+        check_local(self.out, "--out")
         check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         check(0 <= self.seed < 2**63, f"seed must be in 0..2^63-1, got {self.seed}")
         check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sparsekd.config import check, setting
+from sparsekd.config import check, check_local, setting
 
 ECE_BINS = 15
 
@@ -42,6 +42,7 @@ class EvaluateConfig:
     batch_size: int = setting(4, "Sequences per forward.")
 
     def __post_init__(self):
+        check_local(self.model, "--model")
         check(
             self.max_sequences is None or self.max_sequences >= 1,
             f"--max-sequences must be >= 1, got {self.max_sequences}",

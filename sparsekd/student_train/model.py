@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sparsekd.config import check, setting
+from sparsekd.config import check, check_local, setting
 from sparsekd.errors import StudentError
 from sparsekd.schemas import format as F
 from sparsekd.schemas.identity import template_sha256, tokenizer_hash
@@ -50,6 +50,8 @@ class InitStudentConfig:
     seed: int = setting(0, "Initialisation seed.", flag=True)
 
     def __post_init__(self):
+        check_local(self.like, "--like")
+        check_local(self.out, "--out")
         for name in ("layers", "hidden", "heads"):
             check(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
         check(
