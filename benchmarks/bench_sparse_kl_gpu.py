@@ -143,6 +143,7 @@ def main():
                 ids,
                 p,
                 labels,
+                divergence="fkl",
                 kd_weight=0.9,
                 ce_weight=0.1,
                 backend="triton",

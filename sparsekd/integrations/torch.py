@@ -10,7 +10,8 @@
         loss = sparse_kl_loss(hidden.flatten(0, 1), head.weight,
                               batch["teacher_ids"].flatten(0, 1),
                               batch["teacher_probs"].flatten(0, 1),
-                              batch["labels"].flatten(), kd_weight=0.9, ce_weight=0.1)
+                              batch["labels"].flatten(), divergence="fkl",
+                              kd_weight=0.9, ce_weight=0.1)
 
 Streams. Each (distributed rank, DataLoader worker) pair reads one stream of the trainer's
 reader (`student_train.reader.SequenceStream`): rank r, worker w of W workers reads

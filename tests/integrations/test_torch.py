@@ -63,6 +63,7 @@ def test_collate_is_ready_for_sparse_kl_loss(cache):
         b["teacher_ids"].flatten(0, 1),
         b["teacher_probs"].flatten(0, 1),
         b["labels"].flatten(),
+        divergence="fkl",
         kd_weight=0.9,
         ce_weight=0.1,
     )

@@ -147,3 +147,25 @@ def test_a_version_2_cache_still_trains_and_evaluates(tiny_student, tmp_path):
     )
     assert res["tokens"] == len(seqs) * cache.meta["seq_len"] and res["kl"] > 0
     assert run_cli("inspect", V2_CACHE, "--verify", check=True).returncode == 0
+
+
+def test_a_version_3_cache_trains_as_it_was_built(tiny_student, tmp_path):
+    """Several conversations per row, read whole by its teacher (before documents were
+    kept apart): the student reads its rows whole too, with no position ids."""
+    from sparsekd.schemas import format as F
+    from sparsekd.student_train.reader import CacheReader
+
+    v3 = V2_CACHE.parent / "v3-chat-cache"
+    cache = open_cache(v3)
+    assert cache.version == 3 and F.attention_of(cache.meta) == "row"
+    reader = CacheReader(cache, batch_size=2, prefetch=0)
+    b = next(reader)
+    reader.close()
+    assert torch.equal(b["position_ids"], torch.arange(cache.meta["seq_len"]).expand(2, -1))
+    out = tmp_path / "run"
+    run_cli(
+        "train-student", "--cache", v3, "--student", tiny_student, "--out", out,
+        "--steps", 2, "--batch-size", 2, "--quiet", check=True,
+    )  # fmt: skip
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) and m["kd"] > 0 for m in metrics)
