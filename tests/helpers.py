@@ -60,12 +60,12 @@ def run_cli(
     return proc
 
 
-def run_torchrun(
-    port: int, *args, timeout: int = 600, nproc: int = 2
-) -> subprocess.CompletedProcess:
-    """`nproc` local ranks (gloo on CPU) of `args` under torchrun, one thread each."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    cmd += ["--master-port", str(port), *map(str, args)]
+def run_torchrun(*args, timeout: int = 600, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`nproc` local ranks (gloo on CPU) of `args` under torchrun, one thread each. The
+    rendezvous is `--standalone`: its store listens on a port the system picks, so runs on
+    both xdist workers at once never meet on a fixed port."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc-per-node", str(nproc), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 

@@ -116,7 +116,7 @@ SCRIPT = textwrap.dedent(
 def test_two_gloo_ranks_with_two_workers_each_cover_every_sequence_once(tmp_path, cache):
     script = tmp_path / "ranks.py"
     script.write_text(SCRIPT)
-    proc = run_torchrun(29511, script, cache, tmp_path / "seen", timeout=300)
+    proc = run_torchrun(script, cache, tmp_path / "seen", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"seen-{r}.json").read_text()) for r in (0, 1)]
     all_ids = {s.seq_id for s in open_cache(cache)}

@@ -192,7 +192,7 @@ DDP_SCRIPT = textwrap.dedent(
 def test_under_torchrun_each_rank_trains_on_its_own_data(tmp_path, vllm_topk_cache, tiny_student):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    proc = run_torchrun(29513, script, vllm_topk_cache, tiny_student, tmp_path)
+    proc = run_torchrun(script, vllm_topk_cache, tiny_student, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = [set(json.loads((tmp_path / f"seen-{r}.json").read_text())) for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 6 and not seen[0] & seen[1]

@@ -314,7 +314,7 @@ def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
         "eval.sequences=6",
         "--quiet",
     ] + (["--fsdp"] if fsdp else ["--loss", "taid"])  # TAID: t from the loss of both ranks
-    proc = run_torchrun(29500 + int(fsdp), *args)
+    proc = run_torchrun(*args)
     # a failing rank's one-line error first: the tail is the launcher's traceback
     errors = [ln for ln in proc.stderr.splitlines() if "sparsekd: " in ln]
     assert proc.returncode == 0, "\n".join(errors) + "\n" + proc.stderr[-2000:]
@@ -403,12 +403,11 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(
     checkpoint the same step (each rank its own shard of the state) and exit 75; resumed,
     the run ends as an uninterrupted one."""
     args = _train_args(vllm_topk_cache, tiny_student, 24, *(["--fsdp"] if fsdp else []))
-    port = 29521 + 3 * int(fsdp)
-    proc = run_torchrun(port, *args, "--out", tmp_path / "full")
+    proc = run_torchrun(*args, "--out", tmp_path / "full")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "preempted"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", str(port + 1), *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd += ["2", *args, "--out", str(out)]
     launcher = subprocess.Popen(
         cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -425,7 +424,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(
     (step,) = (out / "checkpoints").iterdir()
     shards = {p.name.split("_")[2] for p in (step / "state").glob("__*_*.distcp")}
     assert shards == {"0", "1"}, sorted(shards)  # __<rank>_<n>.distcp: both ranks wrote
-    proc = run_torchrun(port + 2, *args, "--out", out, "--resume")
+    proc = run_torchrun(*args, "--out", out, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = (tmp_path / "full" / "final" / "model.safetensors").read_bytes()
     assert (out / "final" / "model.safetensors").read_bytes() == a, "final weights differ"
@@ -444,19 +443,18 @@ def test_resumed_on_another_number_of_ranks_every_sequence_is_read_once(
     """Saved on 2 ranks, resumed on 3, then on 1 (FSDP2: 2 -> 1 -> 3): the state reshards,
     the global batch of 6 stays (3 x 2, then 2 x 3, then 3 x 1 x 2 accumulated), and over
     the 8 steps of the 48-sequence epoch every sequence is trained on exactly once."""
-    port = 29531 + 3 * int(fsdp)
     out = tmp_path / "run"
     args = _train_args(vllm_topk_cache, tiny_student, 2, "--out", out, "--save-every", "2")
     args[args.index("--batch-size") + 1] = "3"
     args += ["--set", "log_every=1", *(["--fsdp"] if fsdp else [])]
     worlds = [(3, ["--batch-size", "2"]), (1, [])]
     worlds = worlds[::-1] if fsdp else worlds
-    proc = run_torchrun(port, *args)
+    proc = run_torchrun(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     first = [r["loss"] for r in _records(out) if "loss" in r]
     for (world, extra), steps in zip(worlds, (4, 8)):
         args[args.index("--steps") + 1] = str(steps)
-        proc = run_torchrun(port + world, *args, *extra, "--resume", nproc=world)
+        proc = run_torchrun(*args, *extra, "--resume", nproc=world)
         assert proc.returncode == 0, proc.stderr[-2000:]
         note = [ln for ln in proc.stderr.splitlines() if ln.startswith("sparsekd: resumed")]
         assert len(note) == 1 and "the global batch stays 6 sequences" in note[0], note
