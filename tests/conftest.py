@@ -27,14 +27,31 @@ _BUCKETS = iter(range(10**6))
 SPREAD = {"test_trainer.py", "test_build.py", "test_checkpoint.py"}
 
 
+# The longest groups and modules, longest first (from `pytest --durations`): handed out
+# first, so that no long one starts when the other worker is nearly done.
+FIRST = [
+    "vllm", "test_trainer", "test_build", "test_vllm_build", "test_transformers",
+    "test_gpu_script", "test_chat", "test_large_vocab", "test_demo", "test_refine",
+    "test_storage", "test_aot", "test_encoder", "test_teacher_head", "test_checkpoint",
+]  # fmt: skip
+
+
+def _group(item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    return mark.args[0].rsplit(".", 1)[-1] if mark else item.path.stem
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Group each test with its module for `--dist loadgroup` (pyproject.toml), but those of
-    SPREAD modules and those already in a group."""
+    SPREAD modules and those already in a group; then order the groups FIRST first (xdist
+    hands groups out in collection order)."""
     for item in items:
         if item.get_closest_marker("xdist_group") or item.path.name in SPREAD:
             continue
         item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(FIRST)))  # stable: order kept
 
 
 def shared(tmp_path_factory, name: str, make) -> Path:
@@ -158,6 +175,23 @@ def vllm_topk_cache(tmp_path_factory, smollm2_dir) -> Path:
         )  # fmt: skip
 
     return shared(tmp_path_factory, "vllm-topk", make) / "vllm-topk"
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_dir):
+    """One vLLM engine of SmolLM2 for the tests of the "vllm" xdist group (one worker, so
+    one engine start per run instead of one per module): top-8 log-probs, rows of up to 128
+    tokens, able to generate. Generating turns chunked prefill off, which changes nothing
+    for a row below its batch budget (4,096 tokens), so it stands for the default engine
+    too. A test may close it only by closing the process."""
+    from sparsekd.cache_builder.engines import VllmEngine
+    from sparsekd.cache_builder.teacher import TeacherConfig
+
+    engine = VllmEngine(
+        TeacherConfig(path=str(smollm2_dir)), k=8, seq_len=128, seed=0, generating=True
+    )
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")

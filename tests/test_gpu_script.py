@@ -14,10 +14,11 @@ SCRIPT = ROOT / "benchmarks" / "gpu" / "run_all.sh"
 pytestmark = pytest.mark.slow
 
 
-def test_dry_run_runs_every_step_and_reports_them(tmp_path, smollm2_dir):
+def test_dry_run_runs_every_step_and_reports_them(tmp_path, tiny_llama_dir):
+    """The teacher is the tiny random Llama (SmolLM2's tokenizer): the script is the point."""
     out = tmp_path / "gpu"
     proc = subprocess.run(
-        ["bash", str(SCRIPT), "--dry-run", "--out", str(out), "--teacher", str(smollm2_dir)],
+        ["bash", str(SCRIPT), "--dry-run", "--out", str(out), "--teacher", str(tiny_llama_dir)],
         capture_output=True,
         text=True,
         timeout=600,

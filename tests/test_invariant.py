@@ -23,8 +23,6 @@ from transformers import AutoModelForCausalLM
 from sparsekd import cli, open_cache
 from sparsekd.cache_builder.build import run as build_run
 from sparsekd.cache_builder.config import BuildConfig
-from sparsekd.cache_builder.engines import VllmEngine
-from sparsekd.cache_builder.teacher import TeacherConfig
 from sparsekd.config import build
 from sparsekd.schemas import format as F
 from sparsekd.student_train.evaluate import MetricSums, evaluate_model
@@ -71,10 +69,9 @@ def corpora(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_dir):
-    e = VllmEngine(TeacherConfig(path=str(smollm2_dir)), k=K, seq_len=L, seed=0, generating=True)
-    yield e
-    e.close()
+def engine(smollm2_engine):
+    assert smollm2_engine.k >= K and smollm2_engine.generating
+    return smollm2_engine
 
 
 def _build(teacher, data, out, engine=None, **sections) -> str:

@@ -12,7 +12,7 @@ from sparsekd import open_cache
 from sparsekd.cache_builder.build import run
 from sparsekd.cache_builder.config import BuildConfig
 from sparsekd.cache_builder.encoder import EncoderConfig, teacher_view
-from sparsekd.cache_builder.engines import VllmEngine, VllmHiddenEngine
+from sparsekd.cache_builder.engines import VllmHiddenEngine
 from sparsekd.cache_builder.teacher import TeacherConfig, load_lm_head
 from sparsekd.config import build
 from sparsekd.errors import ConfigError, TeacherError
@@ -138,8 +138,10 @@ def test_sample_mode_refuses_the_logprob_path_in_one_line(tmp_path, smollm2_dir)
 
 
 @pytest.mark.slow
-def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
-    """Also: through the hidden path, vLLM's states times the tied head are the logits."""
+@pytest.mark.xdist_group("vllm")
+def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir, smollm2_engine):
+    """Also: through the hidden path, vLLM's states times the tied head are the logits. The
+    log-prob path runs on the run's shared SmolLM2 engine (conftest.py)."""
     from transformers import AutoTokenizer
 
     from sparsekd.cache_builder.corpus import builtin_documents
@@ -151,8 +153,9 @@ def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
     sid, ids, nxt = list(range(6)), [s[0] for s in seqs], [s[1] for s in seqs]
     cfg = TeacherConfig(path=str(smollm2_dir))
     views = {}
-    for path, cls in (("hidden", VllmHiddenEngine), ("logprob", VllmEngine)):
-        eng = cls(cfg, k=8, seq_len=48)
+    for path in ("hidden", "logprob"):
+        own = path == "hidden"
+        eng = VllmHiddenEngine(cfg, k=8, seq_len=48) if own else smollm2_engine
         try:
             enc = EncoderConfig(mode="topk", k=8, path=path)
             views[path] = teacher_view(
@@ -168,7 +171,8 @@ def test_hidden_path_topk_equals_logprob_path_topk_on_smollm2(smollm2_dir):
             if path == "hidden":  # SmolLM2's head is tied: the embedding, as the model uses it
                 _check_hidden_times_head(eng, smollm2_dir, tied=True)
         finally:
-            eng.close()
+            if own:
+                eng.close()
     (tl_h, sup_h) = views["hidden"].token_logprobs, views["hidden"].supports
     (tl_l, sup_l) = views["logprob"].token_logprobs, views["logprob"].supports
     agree = total = 0

@@ -3,7 +3,8 @@ SmolLM2 (an untied random model is compared the same way in the 201,088-id test)
 
 Ids must match wherever the log-prob gap to the next candidate outside the top-K exceeds
 fp32 noise; log-probs within 1e-3; the actual token's log-prob within 1e-3. One engine per
-model, started and closed inside its test (engine start is ~30 s on this CPU)."""
+model: SmolLM2's is the run's shared engine (conftest.py); `_compare` without one starts
+and closes its own (engine start is ~30 s on this CPU)."""
 
 import numpy as np
 import pytest
@@ -25,15 +26,16 @@ def _sequences(model_dir, L=48, n=6):
     return [s[0] for s in seqs], [s[1] for s in seqs]
 
 
-def _compare(model_dir):
+def _compare(model_dir, engine=None):
     ids, nxt = _sequences(model_dir)
     oracle = HfEngine(TeacherConfig(path=str(model_dir), engine="hf"), k=K + 1, seq_len=48)
     hf = oracle.run(ids, nxt)
-    eng = VllmEngine(TeacherConfig(path=str(model_dir)), k=K, seq_len=48)
+    eng = engine or VllmEngine(TeacherConfig(path=str(model_dir)), k=K, seq_len=48)
     try:
-        vl = eng.run(ids, nxt)
+        vl = eng.run(ids, nxt, k=K)
     finally:
-        eng.close()
+        if engine is None:
+            eng.close()
     compared = 0
     for b in range(len(ids)):
         np.testing.assert_allclose(vl.token_logprobs[b], hf.token_logprobs[b], atol=1e-3)
@@ -55,5 +57,6 @@ def _compare(model_dir):
 
 
 @pytest.mark.slow
-def test_vllm_topk_matches_hf_on_smollm2(smollm2_dir):
-    _compare(smollm2_dir)
+@pytest.mark.xdist_group("vllm")
+def test_vllm_topk_matches_hf_on_smollm2(smollm2_dir, smollm2_engine):
+    _compare(smollm2_dir, smollm2_engine)

@@ -18,12 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sparsekd import open_cache
 from sparsekd.cache_builder.build import run
 from sparsekd.cache_builder.config import BuildConfig
-from sparsekd.cache_builder.engines import VllmEngine
-from sparsekd.cache_builder.teacher import TeacherConfig
 from sparsekd.config import build
 from sparsekd.errors import ConfigError
 from sparsekd.inspection import cache_stats
 from tests.helpers import digests, error_line, kill_build_after, run_cli, shard_files
+
+pytestmark = pytest.mark.xdist_group("vllm")  # the shared SmolLM2 engine (conftest.py)
 
 L, K, N, NEW = 96, 8, 2, 20  # row length, top-K, answers per prompt, most new tokens
 QUESTIONS = [
@@ -86,10 +86,9 @@ def tok(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_dir):
-    e = VllmEngine(TeacherConfig(path=str(smollm2_dir)), k=K, seq_len=L, seed=0, generating=True)
-    yield e
-    e.close()
+def engine(smollm2_engine):
+    assert smollm2_engine.k >= K and smollm2_engine.generating
+    return smollm2_engine
 
 
 def _cfg(teacher, corpus, out, workers=None, **gen):

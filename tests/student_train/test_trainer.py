@@ -21,6 +21,7 @@ from sparsekd.student_train.checkpoint import intact, latest_intact
 from sparsekd.student_train.config import TrainConfig
 from sparsekd.student_train.evaluate import evaluate_model
 from sparsekd.student_train.model import load_student
+from tests.conftest import shared
 from tests.helpers import run_cli, run_torchrun
 
 pytestmark = pytest.mark.slow
@@ -194,6 +195,23 @@ def test_a_training_step_makes_no_host_synchronisation(
     assert _records(tmp_path / "taid")[-1]["t"] == float(steps[11]["t"])
 
 
+def _kill_args(cache, student, *loss):
+    return ["train-student", "--cache", cache, "--student", student, "--steps", "16",
+            "--batch-size", "2", "--save-every", "4", "--lr", "3e-3", "--warmup", "2",
+            "--quiet", *loss]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, vllm_topk_cache, tiny_student):
+    """The uninterrupted run of `_kill_args` (forward KL), once per test run: the reference
+    of the kill -9 and the SIGTERM tests (checkpoints never change the weights)."""
+
+    def make(d):
+        run_cli(*_kill_args(vllm_topk_cache, tiny_student), "--out", d / "full", check=True)
+
+    return shared(tmp_path_factory, "uninterrupted-fkl-16", make) / "full"
+
+
 # TAID with a large step size and short momentum: t is decided by its adaptive state
 # (momentum, previous loss), which the kill lands in the middle of
 @pytest.mark.parametrize(
@@ -201,27 +219,15 @@ def test_a_training_step_makes_no_host_synchronisation(
     [[], ["--loss", "taid", "--set", "loss.taid_alpha=1.0", "--set", "loss.taid_momentum=0.5"]],
     ids=["fkl", "taid"],
 )
-def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, vllm_topk_cache, tiny_student, loss):
-    args = [
-        "train-student",
-        "--cache",
-        vllm_topk_cache,
-        "--student",
-        tiny_student,
-        "--steps",
-        "16",
-        "--batch-size",
-        "2",
-        "--save-every",
-        "4",
-        "--lr",
-        "3e-3",
-        "--warmup",
-        "2",
-        "--quiet",
-        *loss,
-    ]
-    run_cli(*args, "--out", tmp_path / "full", check=True)
+def test_killed_and_resumed_run_is_bitwise_identical(
+    tmp_path, vllm_topk_cache, tiny_student, loss, request
+):
+    args = _kill_args(vllm_topk_cache, tiny_student, *loss)
+    full = tmp_path / "full"
+    if loss:
+        run_cli(*args, "--out", full, check=True)
+    else:
+        full = request.getfixturevalue("uninterrupted")
 
     out = tmp_path / "resumed"
     proc = subprocess.Popen(
@@ -238,23 +244,21 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path, vllm_topk_cache, 
     assert not (out / "final").exists(), "the kill must land before the run ends"
     run_cli(*args, "--out", out, "--resume", check=True)
 
-    a = (tmp_path / "full" / "final" / "model.safetensors").read_bytes()
+    a = (full / "final" / "model.safetensors").read_bytes()
     b = (out / "final" / "model.safetensors").read_bytes()
     assert a == b, "final weights differ"
     strip = lambda rs: [
         {k: v for k, v in r.items() if k not in ("tokens_per_s", "data_wait_s", "data_wait_frac")}
         for r in rs
     ]  # noqa
-    assert strip(_records(out)) == strip(_records(tmp_path / "full"))
+    assert strip(_records(out)) == strip(_records(full))
     if loss:  # t after the kill (step 9) is TAID's adaptive value, above its linear floor
         t9 = _records(out)[8]["t"]
         assert (
             t9 > 0.4 + 0.6 * 8 / 16 + 0.01
             and (out / "checkpoints" / "step-8" / "loss_schedule.pt").exists()
         )
-    assert (out / "data" / "rank-0.txt").read_text() == (
-        tmp_path / "full" / "data" / "rank-0.txt"
-    ).read_text()
+    assert (out / "data" / "rank-0.txt").read_text() == (full / "data" / "rank-0.txt").read_text()
 
 
 def test_a_kill_during_a_background_save_falls_back_to_the_one_before(
@@ -354,13 +358,14 @@ def _wait_for_steps(out, n, proc, deadline_s=300):
 
 
 def test_a_preempted_run_checkpoints_exits_75_and_resumes_bitwise(
-    tmp_path, vllm_topk_cache, tiny_student
+    tmp_path, vllm_topk_cache, tiny_student, uninterrupted
 ):
-    args = _train_args(vllm_topk_cache, tiny_student, 40)
-    run_cli(*args[2:], "--out", tmp_path / "full", check=True)
+    args = _kill_args(vllm_topk_cache, tiny_student)
     out = tmp_path / "preempted"
     proc = subprocess.Popen(
-        [sys.executable, *args, "--out", str(out)], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "sparsekd", *map(str, args), "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     _wait_for_steps(out, 3, proc)
     proc.send_signal(signal.SIGTERM)
@@ -368,11 +373,11 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_bitwise(
     assert proc.returncode == 75, err[-2000:]
     line = err.strip().splitlines()[-1]
     step = int(line.split("after step ")[1].split()[0])
-    assert 3 <= step < 40 and line.startswith("sparsekd: preempted (SIGTERM) after step")
+    assert 3 <= step < 16 and line.startswith("sparsekd: preempted (SIGTERM) after step")
     assert not (out / "final").exists()
     assert (out / "checkpoints" / f"step-{step}" / "DONE").exists()
-    run_cli(*args[2:], "--out", out, "--resume", check=True)
-    a = (tmp_path / "full" / "final" / "model.safetensors").read_bytes()
+    run_cli(*args, "--out", out, "--resume", check=True)
+    a = (uninterrupted / "final" / "model.safetensors").read_bytes()
     assert (out / "final" / "model.safetensors").read_bytes() == a, "final weights differ"
 
 
