@@ -8,12 +8,15 @@ synchronisation and never a recompilation.
     cosine     start -> end along half a cosine over `steps` steps, end after
     taid       TAID's adaptive pace (Shing et al., ICLR 2025, Algorithm 1): after step n
                with KD loss J_n,
-                   delta_n = (J_{n-1} - J_n) / (J_{n-1} + 1e-15)      (from the 2nd step)
+                   delta_n = (J_{n-1} - J_n) / (|J_{n-1}| + 1e-15)    (from the 2nd step)
                    m_n     = momentum m_{n-1} + (1 - momentum) delta_n
                    t_{n+1} = min(end, max(t_lin(n+1), t_n + alpha sigmoid(m_n) (1 - t_n)))
                t_lin the linear ramp start -> end over `steps`: t rises at least as fast
                as it, faster while the loss falls fast. Paper defaults: start 0.4, end 1,
-               alpha 5e-4, momentum 0.99.
+               alpha 5e-4, momentum 0.99. The paper divides by J_{n-1}, a KL >= 0; on a
+               top-K target TAID's KD term is the divergence of a measure of mass
+               1 - t (1 - P) < 1 and can be negative, where J_{n-1} would flip the sign of
+               the change: |J_{n-1}| keeps "the loss fell" positive (the same for J >= 0).
 
 Under data parallelism J_n is the mean over ranks (one all-reduce of a scalar), so every
 rank holds the same t. `state_dict()` goes into the checkpoint: a resumed run continues the
@@ -80,7 +83,7 @@ class ParamSchedule:
             loss = loss.clone()
             dist.all_reduce(loss)
             loss /= self.world
-        rel = (self.prev - loss) / (self.prev + 1e-15)
+        rel = (self.prev - loss) / (self.prev.abs() + 1e-15)  # a fall is > 0 at any sign
         m = self.momentum * self.m + (1.0 - self.momentum) * rel
         self.m.copy_(torch.where(self.seen, m, self.m))
         t = self.value

@@ -16,7 +16,7 @@ def _taid_by_hand(losses, start, end, steps, alpha, momentum):
     for n, J in enumerate(losses, start=1):
         used.append(t)
         if prev is not None:
-            m = momentum * m + (1 - momentum) * (prev - J) / (prev + 1e-15)
+            m = momentum * m + (1 - momentum) * (prev - J) / (abs(prev) + 1e-15)
         floor = start + (end - start) * min(n / steps, 1.0)
         t = min(end, max(floor, t + alpha * (1 / (1 + math.exp(-m))) * (1 - t)))
         prev = J
@@ -45,6 +45,61 @@ def test_taid_follows_the_papers_update(alpha, momentum):
     assert got == sorted(got) and got[0] == pytest.approx(0.4) and got[-1] == 1.0
     if alpha >= 0.05:  # a fast pace runs ahead of the linear floor
         assert got[10] > 0.4 + 0.6 * 10 / steps + 0.01
+
+
+def _target(mode: str, p_V: torch.Tensor, g: torch.Generator):
+    """One position's sparse target as `mode` stores it: top-K (the K largest teacher
+    probabilities, mass P < 1), sampled (N = 50 draws: counts / N, mass 1), or none
+    (logprob caches carry no support)."""
+    if mode == "topk":
+        probs, ids = p_V.topk(4)
+        return ids[None], probs[None]
+    if mode == "sample":
+        ids, counts = torch.multinomial(p_V, 50, replacement=True, generator=g).unique(
+            return_counts=True
+        )
+        return ids[None], (counts / 50.0)[None]
+    return torch.full((1, 1), -1), torch.zeros(1, 1)
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample", "logprob"])
+def test_taids_pace_runs_ahead_while_the_loss_falls_and_behind_while_it_rises(mode):
+    """The KD term TAID's pace reads is the real one of each mode's target: a student
+    moving towards the teacher (falling), then away (rising). A top-K target's term is
+    negative here (its mass is below 1): the case where dividing by J_{n-1} flips the sign.
+    """
+    from sparsekd.kernels import sparse_kl_loss
+
+    g = torch.Generator().manual_seed(0)
+    V, D = 64, 16
+    w = torch.randn(V, D, generator=g)
+    h_teacher, h_far = torch.randn(1, D, generator=g), torch.randn(1, D, generator=g)
+    p_V = torch.softmax(h_teacher @ w.T, -1)[0]
+    ids, probs = _target(mode, p_V, g)
+
+    def kd(a: float) -> float:  # the student a of the way from h_far to the teacher
+        h = (1 - a) * h_far + a * h_teacher
+        return float(sparse_kl_loss(h, w, ids, probs, divergence="taid", t=0.4, kd_weight=1.0,
+                                    ce_weight=0.0, backend="torch"))  # fmt: skip
+
+    falling = [kd(a) for a in torch.linspace(0.0, 1.0, 12).tolist()]
+    rising = falling[::-1]
+    if mode == "topk":
+        assert min(falling) < 0 < falling[0], falling
+    if mode != "logprob":
+        assert falling == sorted(falling, reverse=True) and falling[0] > falling[-1]
+    for name, losses in (("falling", falling), ("rising", rising)):
+        s = ParamSchedule("taid", 0.4, 1.0, 10**6, "cpu", alpha=0.1, momentum=0.0)
+        t = _run(s, losses) + [float(s.value)]  # t used at each step, and after the last
+        # with momentum 0, step n's move is alpha sigmoid(delta_n) (1 - t_n): against the
+        # neutral alpha / 2 (1 - t_n) of a flat loss, every step from the second
+        ahead = [(t[n + 1] - t[n]) / (0.1 * (1 - t[n])) - 0.5 for n in range(1, len(losses))]
+        if mode == "logprob":  # no support, no KD term: the pace stays neutral
+            assert all(abs(x) < 1e-6 for x in ahead), ahead
+        elif name == "falling":
+            assert all(x > 0 for x in ahead), (name, ahead, losses)
+        else:
+            assert all(x < 0 for x in ahead), (name, ahead, losses)
 
 
 def test_planned_schedules():
