@@ -57,6 +57,11 @@ def section(cls, doc: str = "", *, required: bool = False):
     return dataclasses.field(default_factory=cls, metadata=meta)
 
 
+def default_of(cls, name: str):
+    """The declared default of setting `name` of config class `cls`."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
 def check(ok: bool, message: str) -> None:
     """Raise ConfigError(message) unless `ok` (for `__post_init__` range checks)."""
     if not ok:

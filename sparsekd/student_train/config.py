@@ -18,7 +18,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 
-from sparsekd.config import check, check_local, section, setting
+from sparsekd.config import check, check_local, default_of, section, setting
 from sparsekd.kernels import divergences as DV
 from sparsekd.kernels.sparse_kl import BACKENDS
 from sparsekd.student_train.schedules import SCHEDULES
@@ -89,8 +89,12 @@ class LossConfig:
     schedule_steps: int | None = setting(
         None, "Steps a schedule takes to reach its end (default: --steps; kept on resume)."
     )
-    taid_alpha: float = setting(5e-4, "TAID's step size alpha (the paper's default).")
-    taid_momentum: float = setting(0.99, "TAID's momentum of the loss's relative change.")
+    taid_alpha: float = setting(
+        5e-4, "TAID's step size alpha (the paper's default; only with loss.schedule taid)."
+    )
+    taid_momentum: float = setting(
+        0.99, "TAID's momentum of the loss's relative change (only with loss.schedule taid)."
+    )
     backend: str = setting(
         "auto", "Loss backend (auto: triton on CUDA, torch on CPU).", flag=True, choices=BACKENDS
     )
@@ -138,6 +142,16 @@ class LossConfig:
             kind not in ("linear", "cosine") or self.schedule_end is not None,
             f"loss.schedule {kind} needs loss.schedule_end, the value it ends at",
         )
+        for key in ("taid_alpha", "taid_momentum"):  # TAID's pace only: else no effect
+            check(
+                kind == "taid" or getattr(self, key) == default_of(LossConfig, key),
+                f"loss.{key} sets TAID's adaptive pace (loss.schedule taid), which "
+                + (
+                    f"--loss {self.kind} does not have"
+                    if self.kind != "taid"
+                    else f"loss.schedule {kind} replaces"
+                ),
+            )
         if name is None:
             return
         lo_open = name == "beta"  # beta in (0, 1); TAID's t in [0, 1]

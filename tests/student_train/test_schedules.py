@@ -146,6 +146,19 @@ def test_a_restored_state_continues_bit_for_bit():
         ({"kind": "taid", "t": 0.8, "schedule_end": 0.5}, "TAID's t rises"),
         ({"kind": "taid", "taid_alpha": 2.0}, "loss.taid_alpha must be in [0, 1]"),
         ({"kind": "taid", "taid_momentum": 1.0}, "loss.taid_momentum must be in [0, 1)"),
+        # a setting with no effect under the chosen loss or schedule is refused, never ignored
+        (
+            {"kind": "fkl", "taid_alpha": 0.01},
+            "adaptive pace (loss.schedule taid), which --loss fkl does not have",
+        ),
+        (
+            {"kind": "jsd", "taid_momentum": 0.5},
+            "loss.taid_momentum sets TAID's adaptive pace (loss.schedule taid), which --loss jsd",
+        ),
+        (
+            {"kind": "taid", "schedule": "linear", "schedule_end": 1.0, "taid_alpha": 0.1},
+            "loss.taid_alpha sets TAID's adaptive pace (loss.schedule taid), which loss.schedule",
+        ),
         (
             {"kind": "taid", "schedule": "sometimes"},
             "must be one of constant, linear, cosine, taid",
