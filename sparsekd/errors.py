@@ -47,3 +47,29 @@ class Preempted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def unknown_model_type(folder) -> str | None:
+    """One line naming the `model_type` of `folder`/config.json when the installed
+    transformers has no such architecture (its own message runs over lines and is preceded
+    by a warning); None when the type is known or the config has none."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # a missing or damaged config.json: its own check names it
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if not isinstance(kind, str):
+        return None
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if kind in CONFIG_MAPPING:
+        return None
+    return (
+        f"model_type {kind!r} in {Path(folder) / 'config.json'} is not an architecture "
+        f"transformers {transformers.__version__} knows (a newer transformers may, or the "
+        "folder is not a Hugging Face model)"
+    )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsekd.config import check, setting
-from sparsekd.errors import TeacherError
+from sparsekd.errors import TeacherError, unknown_model_type
 from sparsekd.schemas.identity import weight_files
 
 ENGINES = ("vllm", "hf")
@@ -78,6 +78,9 @@ def read_config(path: str | Path) -> dict:
         cfg = json.loads((p / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TeacherError(f"teacher config {p / 'config.json'} is not valid JSON") from e
+    unknown = unknown_model_type(p)
+    if unknown:
+        raise TeacherError(f"teacher {unknown}")
     return cfg.get("text_config", cfg)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sparsekd.config import check, check_local, setting
-from sparsekd.errors import StudentError
+from sparsekd.errors import StudentError, unknown_model_type
 from sparsekd.schemas import format as F
 from sparsekd.schemas.identity import template_sha256, tokenizer_hash
 from sparsekd.storage import publish_folder
@@ -208,6 +208,9 @@ def load_student(path: str | Path):
     p = Path(path)
     if not (p / "config.json").is_file():
         raise StudentError(f"student folder {p} has no config.json")
+    unknown = unknown_model_type(p)
+    if unknown:
+        raise StudentError(f"student {p}: {unknown}")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             p, dtype=torch.float32, output_loading_info=True

@@ -87,7 +87,7 @@ def _broken_teachers(root, tiny):
         ("vocab_size", 50000, "has shape"),
         ("num_hidden_layers", 3, "tensors missing (model.layers.2."),
         ("num_hidden_layers", 1, "tensors unexpected (model.layers.1."),
-        ("model_type", "no-such-model", "cannot describe a model"),
+        ("model_type", "no-such-model", "model_type 'no-such-model' in "),
     ):
         d = _copy(tiny, root / f"{key}-{value}")
         cfg = json.loads((d / "config.json").read_text())
@@ -95,6 +95,24 @@ def _broken_teachers(root, tiny):
         (d / "config.json").write_text(json.dumps(cfg))
         out[d] = named
     return out
+
+
+def test_an_unknown_model_type_is_one_line_naming_it_for_teacher_and_student(
+    tmp_path, tiny_llama_dir, hf_topk_cache
+):
+    """transformers' own message runs over lines after a warning of its own: sparsekd
+    names the type and the folder before transformers reads the config."""
+    d = _copy(tiny_llama_dir, tmp_path / "odd")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "no-such-model"}))
+    for args in (
+        ("build-cache", "--teacher", d, "--out", tmp_path / "c", "--engine", "hf", "--quiet"),
+        ("evaluate", "--model", d, "--cache", hf_topk_cache),
+    ):
+        proc = run_cli(*args, fresh_process=True)
+        line = error_line(proc)
+        assert proc.returncode == 2 and f"model_type 'no-such-model' in {d}/config.json" in line
+        assert [ln for ln in proc.stderr.splitlines() if "no-such-model" in ln] == [line]
 
 
 def test_broken_teacher_folders_are_one_line(tmp_path, tiny_llama_dir):
