@@ -151,20 +151,25 @@ class ChatRenderer:
     """Conversations -> Rendered, with one tokenizer and one template (module docstring)."""
 
     def __init__(self, tokenizer, template: str | None, name: str, learn: str = "assistant"):
-        if template is None:
-            raise CorpusError(
-                f"the corpus holds conversations, and {name} has no chat template: pass "
-                "--set corpus.chat_template=FILE.jinja"
-            )
+        """`template` None: the tokenizer has none, which only string prompt/completion rows
+        (plain text) can do without; the first conversation of messages is refused."""
         if not getattr(tokenizer, "is_fast", False):
             raise CorpusError(f"conversations need a fast tokenizer (character offsets); {name}")
         self.tok, self.template, self.name, self.learn = tokenizer, template, name, learn
-        self.marked = "{% generation %}" in template or "{%- generation %}" in template
+        marks = ("{% generation %}", "{%- generation %}")
+        self.marked = template is not None and any(m in template for m in marks)
         added = tokenizer.added_tokens_decoder.values()
         self.specials = sorted({t.content for t in added if t.special}, key=len, reverse=True)
         self.eos = int(tokenizer.eos_token_id)
 
     def _text(self, messages, generation_prompt: bool = False, where=None) -> str:
+        if self.template is None:
+            at = f" ({where()})" if where else ""
+            raise CorpusError(
+                f"the corpus holds conversations of messages{at}, and "
+                f"{self.name} has no chat template: pass --set corpus.chat_template=FILE.jinja "
+                "(rows whose prompt and completion are strings need none)"
+            )
         try:
             return self.tok.apply_chat_template(
                 messages,

@@ -8,6 +8,7 @@ as documented; rows never start inside a conversation; W in {1, 3} and kill -9 e
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -355,6 +356,38 @@ def test_conversation_formats_and_bad_rows(tmp_path, tiny_llama_dir, chat_corpus
         "build-cache", *_args(tiny_llama_dir, bad, tmp_path / "bad2", "--skip-bad-lines")
     )
     assert proc.returncode == 0 and "skipped 2 bad lines" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_teacher_without_a_template_takes_string_prompt_completion_rows_only(
+    tmp_path, tiny_llama_dir, tok
+):
+    """docs/chat.md: string prompt/completion rows are plain text and use no template; rows
+    of messages need one, and are refused by name (with the row) when there is none."""
+    teacher = tmp_path / "plain-teacher"
+    shutil.copytree(tiny_llama_dir, teacher)
+    (teacher / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((teacher / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (teacher / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert AutoTokenizer.from_pretrained(teacher).chat_template is None
+    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "completion": f" It is {2 * i}."}
+            for i in range(12)]  # fmt: skip
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "plain-cache"
+    run_cli("build-cache", *_args(teacher, plain, out), check=True)
+    seqs = list(open_cache(out))
+    assert seqs and all(s.loss_mask.any() for s in seqs)
+    text = tok.decode(np.append(seqs[0].input_ids, seqs[0].next_token))
+    assert text.startswith("Question 0: what is 0 + 0? It is 0.")  # no template around it
+    mixed = tmp_path / "mixed.jsonl"
+    lines = [rows[0], {"messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "hello"}]}]  # fmt: skip
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    proc = run_cli("build-cache", *_args(teacher, mixed, tmp_path / "mixed-cache"))
+    line = error_line(proc)
+    assert proc.returncode == 2 and f"{mixed}:2" in line, proc.stderr[-1500:]
+    assert "has no chat template: pass --set corpus.chat_template=FILE.jinja" in line
 
 
 def test_workers_and_kill_9_give_the_same_chat_cache(tmp_path, tiny_llama_dir):
