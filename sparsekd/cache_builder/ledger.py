@@ -265,6 +265,33 @@ def domain_parts(rec: dict, shard_sequences: int) -> int:
     return -(-rec["sequences"] // shard_sequences)
 
 
+def _why_empty(domains: list[dict], plan) -> str:
+    """Why domains that were all read hold no row: what packing and generation dropped."""
+    room = plan.seq_len + 1
+    chat = [r["chat"] for r in domains if r.get("chat")]
+    gen = [r["generate"] for r in domains if r.get("generate")]
+    too_long = sum(g["too_long"] for g in gen)
+    if too_long and too_long == sum(g["prompts"] for g in gen):
+        return (
+            f"every prompt of --generate, {too_long} in all, leaves no room for an answer in a "
+            f"row of {room} tokens (counted as too_long): raise --seq-len"
+        )
+    dropped = sum(c["dropped"] for c in chat)
+    if dropped and not sum(c["rows"] for c in chat):
+        how = plan.cfg.corpus.long_conversations
+        fix = "raise --seq-len" + (
+            ", or set corpus.long_conversations=split to cut them between turns"
+            if how == "drop"
+            else " (corpus.long_conversations=split cut them between turns, and a turn alone "
+            "was still longer)"
+        )
+        return (
+            f"every conversation, {dropped} dropped in all, is longer than a row of {room} "
+            f"tokens: {fix}"
+        )
+    return f"every domain has fewer than {room} tokens"
+
+
 def try_finalize(store: Store, plan) -> dict | None:
     """Write the index and manifest.json if every domain is done; return the manifest."""
     want = {domain_record_name(d.index) for d in plan.domains}
@@ -276,8 +303,8 @@ def try_finalize(store: Store, plan) -> dict | None:
     entries = [e for r in domains for e in r["shards"]]
     if not entries:
         raise CorpusError(
-            f"the corpus yields no sequence of --seq-len {plan.seq_len} (every domain has "
-            f"fewer than {plan.seq_len + 1} tokens)"
+            f"the corpus yields no sequence of --seq-len {plan.seq_len} "
+            f"({_why_empty(domains, plan)})"
         )
     present = store.list(f"{F.SHARDS_DIR}/")
     if any(present.get(e["file"]) != e["bytes"] for e in entries):

@@ -390,6 +390,34 @@ def test_a_teacher_without_a_template_takes_string_prompt_completion_rows_only(
     assert "has no chat template: pass --set corpus.chat_template=FILE.jinja" in line
 
 
+@pytest.mark.parametrize("policy", ["split", "drop"])
+def test_a_corpus_whose_every_conversation_or_prompt_is_too_long_names_the_cause(
+    tmp_path, tiny_llama_dir, policy
+):
+    """Thousands of tokens, no row: the message says what was dropped and which setting or
+    flag changes it, not that the domain is short."""
+    long = " ".join(f"word{i}" for i in range(400))
+    convs = tmp_path / "long.jsonl"
+    convs.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": long}, {"role": "assistant", "content": long},
+    ]}) + "\n" for _ in range(3)))  # fmt: skip
+    proc = run_cli("build-cache", *_args(tiny_llama_dir, convs, tmp_path / policy, "--set",
+                                         f"corpus.long_conversations={policy}"))  # fmt: skip
+    line = error_line(proc)
+    assert proc.returncode == 2 and "every conversation, " in line and "dropped in all" in line
+    assert "raise --seq-len" in line and "fewer than" not in line
+    assert ("set corpus.long_conversations=split" in line) == (policy == "drop"), line
+    if policy == "drop":
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(json.dumps({"prompt": long}) + "\n")
+        args = [a for a in _args(tiny_llama_dir, prompts, tmp_path / "gen") if a != "hf"]
+        args[args.index("--engine")] = "--generate"  # vLLM's, never started: nothing to answer
+        proc = run_cli("build-cache", *args)
+        line = error_line(proc)
+        assert proc.returncode == 2 and "every prompt of --generate, 1 in all" in line, line
+        assert "too_long" in line and "raise --seq-len" in line
+
+
 def test_workers_and_kill_9_give_the_same_chat_cache(tmp_path, tiny_llama_dir):
     from sparsekd.cache_builder.corpus import builtin_conversations
 
