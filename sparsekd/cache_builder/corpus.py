@@ -446,7 +446,7 @@ class DomainReader:
             self._bad(where(), "a text document where conversations were asked for")
             return None
         if not isinstance(text, str):
-            self._bad(where(), f"no string field {self.text_field!r}")
+            self._bad(where(), self._no_text(None, text))
             return None
         try:
             text.encode("utf-8")
@@ -481,6 +481,9 @@ class DomainReader:
             return None
         if conv is None:
             value = obj.get(self.text_field) if isinstance(obj, dict) else None
+            if value is None and isinstance(obj, dict):
+                self._bad(where(), self._no_text(list(obj), value))
+                return None
             text = self._text(value, where)
             self.seen = self.seen or ("text" if text is not None else None)
             return text
@@ -574,6 +577,27 @@ class DomainReader:
             if item is not None:
                 yield item
 
+    def _no_text(self, fields: list[str] | None, value) -> str:
+        """Why a row or table has no text: the fields it has, and the setting that names
+        each kind of field."""
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(m, dict) and "role" in m for m in value)
+        ):
+            return (
+                f"field {self.text_field!r} holds conversations, not text: name it with "
+                f"--set corpus.messages_field={self.text_field} (and no --text-field)"
+            )
+        if fields is None:  # the field is there, its value is not text
+            return f"field {self.text_field!r} is not a string ({type(value).__name__})"
+        found = ", ".join(map(repr, fields[:8])) or "none"
+        return (
+            f"no string field {self.text_field!r} (fields found: {found}); --text-field NAME "
+            "names a text field, --set corpus.messages_field=NAME a field of conversations "
+            "(lists of role/content messages)"
+        )
+
     def _columns(self, names: list[str]) -> list[str]:
         """The columns of a table to read: the text field, or the chat fields present."""
         chat = [n for n in (self.messages_field, "conversations", "prompt", "completion")
@@ -584,9 +608,8 @@ class DomainReader:
                 raise CorpusError(f"{self.domain.source.path}: no conversation column ({wanted})")
             return chat
         if self.text_field not in names:
-            raise CorpusError(
-                f"{self.domain.source.path}: no column {self.text_field!r} (--text-field)"
-            )
+            why = self._no_text(names, None).replace("string field", "column", 1)
+            raise CorpusError(f"{self.domain.source.path}: {why.replace('fields', 'columns')}")
         return [self.text_field]
 
     def _table_rows(self, table, first_row: int) -> Iterator[str | ChatItem]:

@@ -418,6 +418,39 @@ def test_a_corpus_whose_every_conversation_or_prompt_is_too_long_names_the_cause
         assert "too_long" in line and "raise --seq-len" in line
 
 
+@pytest.mark.parametrize("fmt", ["datasets", "jsonl"])
+def test_a_conversation_column_of_another_name_is_named_with_the_setting_that_takes_it(
+    tmp_path, tiny_llama_dir, fmt
+):
+    """A `dialog` column: the refusal lists the columns found and the setting for each kind;
+    following the wrong one (--text-field dialog) says the column holds conversations and
+    names corpus.messages_field; that setting builds the cache."""
+    import datasets
+
+    rows = [{"dialog": r["messages"], "id": i} for i, r in enumerate(CONVERSATIONS)
+            if "messages" in r]  # fmt: skip
+    src = tmp_path / "src"
+    if fmt == "datasets":
+        datasets.Dataset.from_list(rows).save_to_disk(str(src))
+    else:
+        src = tmp_path / "dialogs.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("build-cache", *_args(tiny_llama_dir, src, tmp_path / "a"))
+    line = error_line(proc)
+    assert proc.returncode == 2 and "'dialog'" in line and "'id'" in line, line
+    assert "--text-field NAME" in line and "--set corpus.messages_field=NAME" in line
+    proc = run_cli("build-cache", *_args(tiny_llama_dir, src, tmp_path / "b"), "--text-field",
+                   "dialog")  # fmt: skip
+    line = error_line(proc)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert "field 'dialog' holds conversations, not text" in line
+    assert "--set corpus.messages_field=dialog" in line
+    out = tmp_path / "c"
+    run_cli("build-cache", *_args(tiny_llama_dir, src, out), "--set",
+            "corpus.messages_field=dialog", check=True)  # fmt: skip
+    assert len(open_cache(out)) > 0 and all(s.loss_mask.any() for s in open_cache(out))
+
+
 def test_workers_and_kill_9_give_the_same_chat_cache(tmp_path, tiny_llama_dir):
     from sparsekd.cache_builder.corpus import builtin_conversations
 
