@@ -158,12 +158,7 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
     cfg = _keep_global_batch(cfg, old, old_world, world)
     new_flat, old_flat = _flat(to_dict(cfg)), _flat(old)
     changed = sorted(k for k in set(new_flat) | set(old_flat) if new_flat.get(k) != old_flat.get(k))
-    refused = [k for k in changed if k not in RESUME_SAFE + PER_RANK_BATCH]
-    refused += [
-        f"{k} (identity)"
-        for k, v in identities.items()
-        if k != "world_size" and run["identities"].get(k) != v
-    ]
+    refused = _differences({"config": to_dict(cfg), "identities": identities}, run)
     if refused:
         shown = ", ".join(refused[:6])
         raise RunError(
@@ -185,6 +180,31 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
 
 
 PER_RANK_BATCH = ("data.batch_size", "optim.grad_accum")  # free when the global batch stays
+
+
+def _differences(run: dict, other: dict) -> list[str]:
+    """What makes two run records two runs: a setting outside RESUME_SAFE and the per-rank
+    batch split, or an identity (the cache's fingerprint, the student's, ...)."""
+    a, b = _flat(run["config"]), _flat(other["config"])
+    free = RESUME_SAFE + PER_RANK_BATCH
+    keys = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+    ids, theirs = run["identities"], other["identities"]
+    keys += [f"{k} (identity)" for k in sorted(set(ids) | set(theirs))
+             if k != "world_size" and ids.get(k) != theirs.get(k)]  # fmt: skip
+    return keys
+
+
+def check_belongs(ckpt: Path, run: dict) -> None:
+    """The checkpoint a resume loads is one of this run's: its copy of the run record (every
+    checkpoint carries one) has the run's identities and the settings that shape the
+    weights. A checkpoint copied in from another run is refused, naming what differs."""
+    differ = _differences(run, _run_record(ckpt / "config.json"))
+    if differ:
+        raise RunError(
+            f"--resume: checkpoint {ckpt} belongs to another run ({', '.join(differ[:6])} "
+            f"differ from the run's record, {RUN_CONFIG}); remove it, or resume that run in "
+            "its own --out"
+        )
 
 
 def _keep_global_batch(cfg: TrainConfig, old: dict, old_world: int, world: int) -> TrainConfig:

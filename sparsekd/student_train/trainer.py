@@ -332,6 +332,7 @@ def _run(cfg: TrainConfig, d, out: Path, data: TrainingData, model, tok, identit
     ckpt = checkpoint.latest_intact(out) if cfg.checkpoint.resume else None
     start = 0
     if ckpt is not None:
+        checkpoint.check_belongs(ckpt, run_record)  # every rank reads it: all refuse alike
         start = checkpoint.load(
             ckpt, d, trainer.module.model, trainer.opt, trainer.sched, trainer.reader,
             trainer.param,

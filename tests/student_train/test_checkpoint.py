@@ -297,6 +297,32 @@ def test_a_resume_without_its_record_is_checked_against_the_checkpoints_copy(
     T.run(_cfg(hf_topk_cache, tiny_student, out, steps=8, **{"checkpoint.resume": True}))
 
 
+@pytest.mark.parametrize(
+    "other, named",
+    [({"optim.lr": 1e-3}, "optim.lr"), ({"loss.kind": "jsd"}, "loss.kind")],
+)
+def test_a_checkpoint_of_another_run_is_refused_by_name(
+    tmp_path, hf_topk_cache, tiny_student, other, named
+):
+    """checkpoints/step-2 of an interrupted run replaced by step-2 of a run trained with
+    other settings (its own config.json and DONE consistent): --resume refuses it, and the
+    run's own checkpoint resumes as before."""
+    out, alien = tmp_path / "run", tmp_path / "alien"
+    T.run(_cfg(hf_topk_cache, tiny_student, out))
+    T.run(_cfg(hf_topk_cache, tiny_student, alien, **other))
+    own = tmp_path / "own-step-4"
+    shutil.move(out / "checkpoints" / "step-4", own)  # the newest left: step-2
+    shutil.move(out / "checkpoints" / "step-2", tmp_path / "own-step-2")
+    shutil.copytree(alien / "checkpoints" / "step-2", out / "checkpoints" / "step-2")
+    assert intact(out / "checkpoints" / "step-2") is None  # whole, by every file check
+    with pytest.raises(RunError, match=f"checkpoint .*step-2 belongs to another run \\({named}"):
+        T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6, **{"checkpoint.resume": True}))
+    shutil.rmtree(out / "checkpoints" / "step-2")
+    shutil.move(own, out / "checkpoints" / "step-4")
+    T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6, **{"checkpoint.resume": True}))
+    assert json.loads((out / "train_config.json").read_text())["finished"] == 6
+
+
 def test_a_damaged_run_directory_is_named_or_its_torn_line_dropped(
     tmp_path, finished, hf_topk_cache, tiny_student, capsys
 ):
