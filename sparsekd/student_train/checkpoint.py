@@ -155,6 +155,7 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
     cfg = _fix_horizons(cfg, old)
     world = identities.get("world_size", 1)
     old_world = run["identities"].get("world_size", world)
+    given_accum = cfg.optim.grad_accum
     cfg = _keep_global_batch(cfg, old, old_world, world)
     new_flat, old_flat = _flat(to_dict(cfg)), _flat(old)
     changed = sorted(k for k in set(new_flat) | set(old_flat) if new_flat.get(k) != old_flat.get(k))
@@ -176,10 +177,14 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
     changes = [[k, old_flat.get(k), new_flat.get(k)] for k in changed if k != "checkpoint.resume"]
     if old_world != world:  # against the run's first, as every change
         changes.append(["world_size", old_world, world])
+    if cfg.optim.grad_accum != given_accum:  # the value given (or its default) overridden
+        changes.append([OVERRIDDEN_ACCUM, given_accum, cfg.optim.grad_accum])
     return cfg, run, changes
 
 
 PER_RANK_BATCH = ("data.batch_size", "optim.grad_accum")  # free when the global batch stays
+# a resume's record of --grad-accum replaced to keep the global batch: [key, given, used]
+OVERRIDDEN_ACCUM = "optim.grad_accum (given, replaced)"
 
 
 def _differences(run: dict, other: dict) -> list[str]:

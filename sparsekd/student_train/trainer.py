@@ -359,10 +359,17 @@ def _run(cfg: TrainConfig, d, out: Path, data: TrainingData, model, tok, identit
 
 
 def _say_resized(changes: list, start: int, cfg: TrainConfig, world: int) -> None:
-    """One line when a resume changed the number of ranks or the per-rank batch split."""
-    got = {k: (a, b) for k, a, b in changes if k in ("world_size", *checkpoint.PER_RANK_BATCH)}
+    """One line when a resume changed the number of ranks or the per-rank batch split, or
+    replaced the gradient accumulation given to keep the global batch (never silently)."""
+    keys = ("world_size", *checkpoint.PER_RANK_BATCH, checkpoint.OVERRIDDEN_ACCUM)
+    got = {k: (a, b) for k, a, b in changes if k in keys}
     if got:
-        shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in got.items())
+        shown = ", ".join(
+            f"--grad-accum {a} replaced by {b}"
+            if k == checkpoint.OVERRIDDEN_ACCUM
+            else f"{k} {a} -> {b}"
+            for k, (a, b) in got.items()
+        )
         glob = cfg.data.batch_size * cfg.optim.grad_accum * world
         print(
             f"sparsekd: resumed at step {start} with {shown}; the global batch stays "

@@ -129,6 +129,23 @@ def test_the_per_rank_batch_may_change_the_global_batch_may_not(
     assert [len(ln.split()) - 1 for ln in lines] == [2] * 6  # 2 sequences a step throughout
 
 
+def test_a_grad_accum_given_on_resume_is_never_dropped_silently(
+    tmp_path, finished, hf_topk_cache, tiny_student, capsys
+):
+    """--resume --grad-accum 2 on a run of global batch 2 (2 x 1): the run's global batch
+    wins, and the replacement is said in one line and recorded with the resume."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    capsys.readouterr()
+    over = {"checkpoint.resume": True, "optim.grad_accum": 2}
+    T.run(_cfg(hf_topk_cache, tiny_student, out, steps=6, **over))
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("sparsekd: resumed")]
+    assert len(said) == 1 and "--grad-accum 2 replaced by 1" in said[0], said
+    assert "the global batch stays 2 sequences" in said[0]
+    run = json.loads((out / "train_config.json").read_text())
+    assert ["optim.grad_accum (given, replaced)", 2, 1] in run["resumes"][0]["changed"]
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
     tmp_path, hf_topk_cache, tiny_student, capsys
 ):
