@@ -155,7 +155,7 @@ def train_student_cmd(cfg: TrainConfig):
     from sparsekd.student_train.trainer import run
 
     rec = run(cfg)
-    if _rank0():
+    if _rank0() and not rec.get("finished_before"):
         click.echo(
             f"train-student: {rec.get('step')} steps, final loss {rec.get('loss', 0):.4f} "
             f"(ce {rec.get('ce', 0):.4f}, kd {rec.get('kd', 0):.4f}) -> {cfg.out}/final"

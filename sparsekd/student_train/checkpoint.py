@@ -168,7 +168,7 @@ def plan_run(out: Path, cfg: TrainConfig, identities: dict) -> tuple[TrainConfig
             "may change"
         )
     finished = run.get("finished")
-    if finished is not None and cfg.steps <= finished:
+    if finished is not None and cfg.steps < finished:  # == finished: nothing left to do
         raise RunError(
             f"the run in {out} finished at step {finished}; --resume with --steps {cfg.steps} "
             f"would not continue it (and would rewrite what it wrote): pass --steps above "

@@ -169,14 +169,14 @@ class Trainer:
         finally:
             self.module.train()
 
-    def fit(self, start: int, run: dict, log: MetricsLog, data_log: DataLog) -> dict:
+    def fit(self, start: int, run: dict, log: MetricsLog, data_log: DataLog, stop) -> dict:
         """The step loop: train, log every `log_every` steps (the only host syncs),
         evaluate and checkpoint (their time is left out of the logged throughput); on a
-        preemption signal, checkpoint and raise Preempted (preemption.py)."""
+        preemption signal (`stop`, a StopSignals open around the loop and the final save),
+        checkpoint and raise Preempted (preemption.py)."""
         bar = _bar(self.cfg, start, self.d.rank)
-        with StopSignals(self.cfg.checkpoint.preempt_signals) as stop:
-            record = self._loop(start, run, log, data_log, bar, stop)
-            self.publish_pending()
+        record = self._loop(start, run, log, data_log, bar, stop)
+        self.publish_pending()
         if bar is not None:
             bar.close()
         return record
@@ -327,6 +327,14 @@ def run(cfg: TrainConfig) -> dict:
 
 def _run(cfg: TrainConfig, d, out: Path, data: TrainingData, model, tok, identities) -> dict:
     cfg, run_record, changes = checkpoint.plan_run(out, cfg, identities)
+    if run_record.get("finished") == cfg.steps:  # a requeued job of a finished run
+        if d.rank == 0:
+            print(
+                f"sparsekd: the run in {out} already finished at step {cfg.steps} "
+                f"({out / 'final'}): nothing left to do",
+                file=sys.stderr,
+            )
+        return {"step": cfg.steps, "finished_before": True}
     d.barrier()  # every rank has read --out before rank 0 writes to it
     trainer = Trainer(cfg, d, model, data)
     ckpt = checkpoint.latest_intact(out) if cfg.checkpoint.resume else None
@@ -347,10 +355,21 @@ def _run(cfg: TrainConfig, d, out: Path, data: TrainingData, model, tok, identit
     log = MetricsLog(out, d.rank, start, cfg.tensorboard)
     data_log = DataLog(out, d.rank, start)
     try:
-        record = trainer.fit(start, run_record, log, data_log)
-        trainer.save_final(tok)
-        if d.rank == 0:
-            checkpoint.mark_finished(out, run_record, cfg.steps)
+        # one signal context from the first step to the run marked finished: a signal in
+        # the final save lets it end (the run complete, marked), then stops with the
+        # contract's exit status; the same command with --resume then has nothing to do
+        with StopSignals(cfg.checkpoint.preempt_signals) as stop:
+            record = trainer.fit(start, run_record, log, data_log, stop)
+            trainer.save_final(tok)
+            if d.rank == 0:
+                checkpoint.mark_finished(out, run_record, cfg.steps)
+            if stop.agreed(d, True):
+                raise Preempted(
+                    f"preempted ({stop.received or 'a signal to another rank'}) during the "
+                    f"final save: the run finished at step {cfg.steps} and {out / 'final'} is "
+                    "complete; the same command with --resume has nothing left to do",
+                    cfg.checkpoint.preempt_exit_code,
+                )
     finally:
         trainer.reader.close()
         log.close()

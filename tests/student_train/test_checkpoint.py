@@ -293,11 +293,11 @@ def test_a_finished_run_is_never_rewritten_by_a_shorter_resume(tmp_path, finishe
     shutil.copytree(finished, out)
     before = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
     metrics = (out / "metrics.jsonl").read_text()
-    for steps in (2, 4):
-        with pytest.raises(RunError, match=f"finished at step 4; --resume with --steps {steps}"):
-            T.run(
-                _cfg(hf_topk_cache, tiny_student, out, steps=steps, **{"checkpoint.resume": True})
-            )
+    with pytest.raises(RunError, match="finished at step 4; --resume with --steps 2"):
+        T.run(_cfg(hf_topk_cache, tiny_student, out, steps=2, **{"checkpoint.resume": True}))
+    # the same --steps (a requeued job of a finished run): nothing left to do, nothing written
+    record = T.run(_cfg(hf_topk_cache, tiny_student, out, steps=4, **{"checkpoint.resume": True}))
+    assert record == {"step": 4, "finished_before": True}
     assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == before
     assert (out / "metrics.jsonl").read_text() == metrics
 

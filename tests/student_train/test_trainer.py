@@ -381,6 +381,37 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_bitwise(
     assert (out / "final" / "model.safetensors").read_bytes() == a, "final weights differ"
 
 
+def test_a_signal_during_the_final_save_ends_complete_with_the_contracts_status(
+    tmp_path, vllm_topk_cache, tiny_student, uninterrupted
+):
+    """SIGTERM once the last step is logged (its checkpoint and the final save still to
+    come): the run ends complete and marked finished, with exit 75 and its one line; the
+    requeued command (--resume) finds nothing left to do and exits 0."""
+    args = _kill_args(vllm_topk_cache, tiny_student)
+    out = tmp_path / "late"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsekd", *map(str, args), "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_steps(out, 16, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-2000:]
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "sparsekd: preempted (SIGTERM) during the final save: the run finished at step 16"
+        )
+    )
+    a = (uninterrupted / "final" / "model.safetensors").read_bytes()
+    assert (out / "final" / "model.safetensors").read_bytes() == a
+    assert json.loads((out / "train_config.json").read_text())["finished"] == 16
+    again = run_cli(*args, "--out", out, "--resume")
+    assert again.returncode == 0 and "nothing left to do" in again.stderr, again.stderr[-1000:]
+
+
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     """The worker of `rank` among torchrun's children (read from /proc)."""
     deadline = time.time() + 120
