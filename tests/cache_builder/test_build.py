@@ -334,7 +334,8 @@ def test_a_corpus_on_s3_is_read_by_ranged_reads_into_the_same_cache(
 def test_a_corpus_file_edited_between_two_workers_runs_is_refused(tmp_path, tiny_llama_dir):
     """The same name and size, other content, read by two workers (one domain each): the
     finaliser compares what each saw of the file and names it."""
-    lines = [json.dumps({"text": f"line {i} " + "word " * 30}) + "\n" for i in range(900)]
+    # 180 KB in ~7 tokens a line: three 64 KiB domains, few rows for the teacher
+    lines = [json.dumps({"text": f"line {i} " + "-" * 180}) + "\n" for i in range(900)]
     corpus = tmp_path / "big.jsonl"
     corpus.write_text("".join(lines))
     out = tmp_path / "cache"

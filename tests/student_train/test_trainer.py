@@ -438,7 +438,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(
     """SIGTERM reaches rank 1 only: the ranks agree (an all-reduce at a logging step), both
     checkpoint the same step (each rank its own shard of the state) and exit 75; resumed,
     the run ends as an uninterrupted one."""
-    args = _train_args(vllm_topk_cache, tiny_student, 24, *(["--fsdp"] if fsdp else []))
+    args = _train_args(vllm_topk_cache, tiny_student, 12, *(["--fsdp"] if fsdp else []))
     proc = run_torchrun(*args, "--out", tmp_path / "full")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "preempted"
