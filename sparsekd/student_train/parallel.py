@@ -91,6 +91,29 @@ def wrap(module: torch.nn.Module, decoder_layers, d: Dist, fsdp: bool, bf16: boo
     return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
+def agree(d: Dist, make):
+    """`make()` on every rank, with one verdict: a user error (a SparsekdError) on any rank
+    stops every rank here, before any of them goes on to the next collective. The rank that
+    hit it raises its own one-line error; the others raise one naming that rank. Under
+    torchrun every rank then ends with one line and exit status 2, none in a collective."""
+    from sparsekd.errors import SparsekdError
+
+    mine = None
+    try:
+        value = make()
+    except SparsekdError as e:
+        mine, value = e, None
+    if d.world > 1:
+        first = torch.tensor([float(d.rank if mine is not None else d.world)], device=d.device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)  # the lowest rank that refused
+        bad = int(first.item())
+        if mine is None and bad < d.world:
+            raise RunError(f"rank {bad} refused the run (its line says why); rank {d.rank} stops")
+    if mine is not None:
+        raise mine
+    return value
+
+
 def all_finite(params, d: Dist) -> bool:
     """Whether every parameter is finite on every rank (a collective, and a host sync).
     Under FSDP2 each rank checks its own shards (DTensor locals)."""

@@ -103,22 +103,27 @@ class Trainer:
             for layer in layers:
                 layer.compile()
         bf16 = cfg.parallel.mixed_precision == "bf16"
+        cuda = d.device.type == "cuda"
+        # the reader's checks can fail on one rank only (a stream with no data): their
+        # verdict is shared before the first collective (wrapping the model is one)
+        self.reader = parallel.agree(
+            d,
+            lambda: CacheReader(
+                data.cache,
+                batch_size=cfg.data.batch_size,
+                rank=d.rank,
+                world_size=d.world,
+                seed=cfg.seed,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                keep=data.keep,
+                prefetch=cfg.data.prefetch,
+                pin_memory=cuda,
+                read_ahead=cfg.data.read_ahead,
+            ),
+        )
         self.wrapped = parallel.wrap(self.module, layers, d, cfg.parallel.fsdp, bf16)
         self.opt = build_optimizer(self.module, cfg.optim)
         self.sched = build_schedule(self.opt, cfg.optim, cfg.optim.decay_steps)
-        cuda = d.device.type == "cuda"
-        self.reader = CacheReader(
-            data.cache,
-            batch_size=cfg.data.batch_size,
-            rank=d.rank,
-            world_size=d.world,
-            seed=cfg.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            keep=data.keep,
-            prefetch=cfg.data.prefetch,
-            pin_memory=cuda,
-            read_ahead=cfg.data.read_ahead,
-        )
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
         )

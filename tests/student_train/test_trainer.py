@@ -466,6 +466,22 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(
     assert (out / "final" / "model.safetensors").read_bytes() == a, "final weights differ"
 
 
+def test_a_refusal_on_one_rank_is_one_line_on_every_rank(tmp_path, hf_topk_cache, tiny_student):
+    """4 ranks on a cache of 3 row groups: one rank's stream gets no data. Every rank ends
+    with one line and status 2 before any collective (no rank left inside one to crash
+    with a traceback)."""
+    args = _train_args(hf_topk_cache, tiny_student, 2, "--out", tmp_path / "run")
+    proc = run_torchrun(*args, nproc=4, timeout=300)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("sparsekd: error:")]
+    assert len(errors) == 4, proc.stderr[-3000:]
+    (empty,) = [ln for ln in errors if "gets no data" in ln]  # one rank's own check
+    r = empty.split("stream ")[1].split()[0]  # rank r reads stream r
+    assert sum(f"rank {r} refused the run" in ln for ln in errors) == 3, errors
+    assert "internal error" not in proc.stderr and "Connection closed" not in proc.stderr
+    assert "exitcode  : 2" in proc.stderr  # torchrun's summary: each rank's own status
+
+
 def _reads(out) -> list[int]:
     """Every seq_id the run's ranks trained on, from data/rank-R.txt."""
     return [int(x) for p in sorted((out / "data").glob("rank-*.txt"))
