@@ -38,7 +38,8 @@ if which == "dense":
     loss = sparse_kl_loss_ref(h, w, ids, p, labels, ce_weight=0.1)
 else:
     chunk = None if which == "chunked_default" else int(which.split("_")[1])
-    loss = sparse_kl_loss(h, w, ids, p, labels, divergence="fkl", kd_weight=1.0, ce_weight=0.1, backend="torch", chunk_rows=chunk)
+    loss = sparse_kl_loss(h, w, ids, p, labels, divergence="fkl", kd_weight=1.0, ce_weight=0.1,
+                          backend="torch", chunk_rows=chunk)  # fmt: skip
 loss.backward()
 sec = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
