@@ -128,18 +128,24 @@ def test_a_student_with_another_chat_template_is_refused(chat_cache, tiny_studen
     check_compatible(model, tok, cache.meta, cache.manifest)  # its own template: fine
 
 
+def _trains(cache, student, out, steps: int):
+    """train-student on `cache` for `steps` steps: every step's loss finite, KD term > 0."""
+    run_cli(
+        "train-student", "--cache", cache, "--student", student, "--out", out,
+        "--steps", steps, "--batch-size", 2, "--quiet", check=True,
+    )  # fmt: skip
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == steps
+    assert all(np.isfinite(m["loss"]) and m["kd"] > 0 for m in metrics)
+    return out
+
+
 def test_a_version_2_cache_still_trains_and_evaluates(tiny_student, tmp_path):
     cache = open_cache(V2_CACHE)
     assert cache.version == 2
     seqs = list(cache)
     assert all(s.loss_mask.all() and np.isfinite(s.token_logprobs).all() for s in seqs)
-    out = tmp_path / "run"
-    run_cli(
-        "train-student", "--cache", V2_CACHE, "--student", tiny_student, "--out", out,
-        "--steps", 3, "--batch-size", 2, "--quiet", check=True,
-    )  # fmt: skip
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 3 and all(np.isfinite(m["loss"]) and m["kd"] > 0 for m in metrics)
+    out = _trains(V2_CACHE, tiny_student, tmp_path / "run", steps=3)
     res = json.loads(
         run_cli(
             "evaluate", "--model", out / "final", "--cache", V2_CACHE, "--json", check=True
@@ -162,10 +168,4 @@ def test_a_version_3_cache_trains_as_it_was_built(tiny_student, tmp_path):
     b = next(reader)
     reader.close()
     assert torch.equal(b["position_ids"], torch.arange(cache.meta["seq_len"]).expand(2, -1))
-    out = tmp_path / "run"
-    run_cli(
-        "train-student", "--cache", v3, "--student", tiny_student, "--out", out,
-        "--steps", 2, "--batch-size", 2, "--quiet", check=True,
-    )  # fmt: skip
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) and m["kd"] > 0 for m in metrics)
+    _trains(v3, tiny_student, tmp_path / "run", steps=2)

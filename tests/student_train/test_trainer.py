@@ -357,19 +357,25 @@ def _wait_for_steps(out, n, proc, deadline_s=300):
     raise AssertionError(f"the run did not reach step {n} (exit {proc.poll()})")
 
 
-def test_a_preempted_run_checkpoints_exits_75_and_resumes_bitwise(
-    tmp_path, vllm_topk_cache, tiny_student, uninterrupted
-):
-    args = _kill_args(vllm_topk_cache, tiny_student)
-    out = tmp_path / "preempted"
+def _sigterm_after(args, out, n: int):
+    """`args` run in its own process until step n is logged, then SIGTERM: (proc, stderr)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "sparsekd", *map(str, args), "--out", str(out)],
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for_steps(out, 3, proc)
+    _wait_for_steps(out, n, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
+    return proc, err
+
+
+def test_a_preempted_run_checkpoints_exits_75_and_resumes_bitwise(
+    tmp_path, vllm_topk_cache, tiny_student, uninterrupted
+):
+    args = _kill_args(vllm_topk_cache, tiny_student)
+    out = tmp_path / "preempted"
+    proc, err = _sigterm_after(args, out, 3)
     assert proc.returncode == 75, err[-2000:]
     line = err.strip().splitlines()[-1]
     step = int(line.split("after step ")[1].split()[0])
@@ -389,14 +395,7 @@ def test_a_signal_during_the_final_save_ends_complete_with_the_contracts_status(
     requeued command (--resume) finds nothing left to do and exits 0."""
     args = _kill_args(vllm_topk_cache, tiny_student)
     out = tmp_path / "late"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sparsekd", *map(str, args), "--out", str(out)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for_steps(out, 16, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    proc, err = _sigterm_after(args, out, 16)
     assert proc.returncode == 75, err[-2000:]
     assert (
         err.strip()
