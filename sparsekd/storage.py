@@ -46,6 +46,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -58,6 +59,11 @@ STALE_STAGING_S = 3600  # a staging folder untouched this long belongs to a dead
 SMALL_OBJECT = 8 << 20  # S3: below this, one PutObject; above, a multipart upload
 READ_CHUNK = 8 << 20
 S3_RETRY_ATTEMPTS = 10  # pyarrow's standard AWS retry strategy: exponential backoff
+STORE_TIMEOUT_ENV = "SPARSEKD_STORE_TIMEOUT_S"
+STORE_TIMEOUT_S = 120.0  # default bound of one remote store operation, retries included
+SLOWEST_WRITE = 1 << 20  # bytes/s: a write's bound grows by its size at this rate
+CONNECT_TIMEOUT_S = 10.0  # per connection attempt (S3)
+REQUEST_TIMEOUT_S = 30.0  # per request, without a byte (S3)
 
 
 def process_tag() -> str:
@@ -243,6 +249,11 @@ class Store:
 
     def list(self, prefix: str = "") -> dict[str, int]:
         """Every object whose name starts with `prefix`: {name: size}, sorted by name."""
+        return {n: size for n, (size, _) in self.listing(prefix).items()}
+
+    def listing(self, prefix: str = "") -> dict[str, tuple[int, int | None]]:
+        """As `list`, with each object's modification time: {name: (size, mtime_ns)}
+        (None where the store keeps no time)."""
         raise NotImplementedError
 
     def top(self) -> list[str]:
@@ -327,7 +338,7 @@ class LocalStore(Store):
     def exists(self) -> bool:
         return self.root.is_dir()
 
-    def list(self, prefix: str = "") -> dict[str, int]:
+    def listing(self, prefix: str = "") -> dict[str, tuple[int, int | None]]:
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         base = self._path(folder)
         out = {}
@@ -339,9 +350,10 @@ class LocalStore(Store):
                 name = rel + f
                 if not f.startswith(".") and name.startswith(prefix):
                     try:
-                        out[name] = os.stat(os.path.join(dirpath, f)).st_size
+                        st = os.stat(os.path.join(dirpath, f))
                     except FileNotFoundError:  # deleted while listing
-                        pass
+                        continue
+                    out[name] = (st.st_size, st.st_mtime_ns)
         return dict(sorted(out.items()))
 
     def top(self) -> list[str]:
@@ -428,6 +440,11 @@ class LocalStore(Store):
 def _classify(message: str) -> str | None:
     """What a store's error message says went wrong, in words (None: not a store error)."""
     m = message.lower()
+    if "oauth2 access token" in m or "default credentials" in m:
+        return (
+            "no Google Cloud credentials were found (set GOOGLE_APPLICATION_CREDENTIALS to "
+            "a key file, or run where the metadata server answers)"
+        )
     if "no_such_bucket" in m or "nosuchbucket" in m or "bucket does not exist" in m:
         return "the bucket does not exist"
     if any(k in m for k in ("invalid_access_key", "invalidaccesskey", "signature_does_not",
@@ -443,14 +460,58 @@ def _classify(message: str) -> str | None:
     return None
 
 
-def _translated(method):
-    """Turn a store client's error about access, buckets or endpoints into a one-line
-    StorageError naming the store (missing objects stay FileNotFoundError)."""
+def store_timeout() -> float:
+    """The time bound of one operation on a remote store, in seconds (STORE_TIMEOUT_ENV)."""
+    raw = os.environ.get(STORE_TIMEOUT_ENV)
+    if raw is None:
+        return STORE_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise StorageError(f"{STORE_TIMEOUT_ENV}={raw!r}: give a number of seconds above 0")
+    return seconds
+
+
+def _within(seconds: float, call, late: str):
+    """call() in a thread of its own, waited for at most `seconds`; a StorageError saying
+    `late` when it has not returned by then (the thread is left to the client's own
+    timeouts: it is a daemon, and holds nothing the caller uses)."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = call()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="sparsekd-store", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise StorageError(late)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _remote(method):
+    """A remote store's operation: bounded in time (store_timeout(), plus the time a write
+    of its size takes at SLOWEST_WRITE), and its client's errors about access, buckets or
+    endpoints turned into a one-line StorageError naming the store (a missing object stays
+    FileNotFoundError)."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        seconds = store_timeout()
+        seconds += sum(len(a) for a in args if isinstance(a, bytes)) / SLOWEST_WRITE
+        late = (
+            f"{self.uri}: the store did not answer within {seconds:g} s ({method.__name__}); "
+            f"check the endpoint and the network, or raise {STORE_TIMEOUT_ENV}"
+        )
         try:
-            return method(self, *args, **kwargs)
+            return _within(seconds, lambda: method(self, *args, **kwargs), late)
         except (FileNotFoundError, SparsekdError):
             raise
         except Exception as e:
@@ -471,31 +532,31 @@ class PyarrowStore(Store):
     def _key(self, name: str) -> str:
         return f"{self.base}/{name}" if name else self.base
 
-    @_translated
+    @_remote
     def open(self, name: str):
         return self.fs.open_input_file(self._key(name))
 
-    @_translated
+    @_remote
     def read(self, name: str) -> bytes:
         with self.fs.open_input_stream(self._key(name)) as f:
             return f.readall()
 
-    @_translated
+    @_remote
     def size(self, name: str) -> int | None:
         import pyarrow.fs as pafs
 
         info = self.fs.get_file_info(self._key(name))
         return info.size if info.type == pafs.FileType.File else None
 
-    @_translated
+    @_remote
     def exists(self) -> bool:
         import pyarrow.fs as pafs
 
         bucket = self.base.split("/", 1)[0]
         return self.fs.get_file_info(bucket).type == pafs.FileType.Directory
 
-    @_translated
-    def list(self, prefix: str = "") -> dict[str, int]:
+    @_remote
+    def listing(self, prefix: str = "") -> dict[str, tuple[int, int | None]]:
         import pyarrow.fs as pafs
 
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
@@ -506,22 +567,22 @@ class PyarrowStore(Store):
                 continue
             name = info.path[len(self.base) + 1 :]
             if name.startswith(prefix):
-                out[name] = info.size
+                out[name] = (info.size, info.mtime_ns)
         return dict(sorted(out.items()))
 
-    @_translated
+    @_remote
     def top(self) -> list[str]:
         import pyarrow.fs as pafs
 
         sel = pafs.FileSelector(self.base, recursive=False, allow_not_found=True)
         return sorted(i.path[len(self.base) + 1 :] for i in self.fs.get_file_info(sel))
 
-    @_translated
+    @_remote
     def put(self, name: str, data: bytes) -> None:
         with self.fs.open_output_stream(self._key(name)) as f:
             f.write(data)
 
-    @_translated
+    @_remote
     def delete(self, name: str) -> None:
         try:
             self.fs.delete_file(self._key(name))
@@ -538,7 +599,12 @@ class S3Store(PyarrowStore):
 
         u = urlparse(uri)
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(S3_RETRY_ATTEMPTS)}
+        seconds = store_timeout()
+        kwargs = {
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(S3_RETRY_ATTEMPTS),
+            "connect_timeout": min(CONNECT_TIMEOUT_S, seconds),
+            "request_timeout": min(REQUEST_TIMEOUT_S, seconds),
+        }
         if endpoint:
             e = urlparse(endpoint)
             kwargs.update(endpoint_override=e.netloc, scheme=e.scheme or "https")
@@ -546,8 +612,11 @@ class S3Store(PyarrowStore):
         if region:
             kwargs["region"] = region
         elif not endpoint:
+            late = f"{uri}: the bucket's region was not found within {seconds:g} s"
             try:
-                kwargs["region"] = pafs.resolve_s3_region(u.netloc)
+                kwargs["region"] = _within(
+                    seconds, lambda: pafs.resolve_s3_region(u.netloc), late
+                )
             except OSError as e:
                 raise StorageError(f"{uri}: {_classify(str(e)) or 'bucket region unknown'}") from e
         super().__init__(uri, pafs.S3FileSystem(**kwargs), f"{u.netloc}/{u.path.strip('/')}")
@@ -556,9 +625,13 @@ class S3Store(PyarrowStore):
             import boto3
             from botocore.config import Config
 
-            retries = {"max_attempts": S3_RETRY_ATTEMPTS, "mode": "standard"}
+            config = Config(
+                retries={"max_attempts": S3_RETRY_ATTEMPTS, "mode": "standard"},
+                connect_timeout=min(CONNECT_TIMEOUT_S, seconds),
+                read_timeout=min(REQUEST_TIMEOUT_S, seconds),
+            )
             self._client = boto3.client(
-                "s3", endpoint_url=endpoint, region_name=region, config=Config(retries=retries)
+                "s3", endpoint_url=endpoint, region_name=region, config=config
             )
             self.conditional = True
         except ImportError:
@@ -572,7 +645,7 @@ class S3Store(PyarrowStore):
             return super().put(name, data)
         self._put_object(name, data)
 
-    @_translated
+    @_remote
     def _put_object(self, name: str, data: bytes, **extra) -> None:
         self._client.put_object(Bucket=self.bucket, Key=self._object_key(name), Body=data, **extra)
 
@@ -588,6 +661,24 @@ class S3Store(PyarrowStore):
                 return False
             raise
         return True
+
+
+def _mtime_ns(info: dict) -> int | None:
+    """An fsspec listing entry's modification time (each filesystem names it its own way)."""
+    import datetime
+
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if isinstance(v, str):
+            try:
+                v = datetime.datetime.fromisoformat(v.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(v, datetime.datetime):
+            return int(v.timestamp() * 1e9)
+        if isinstance(v, (int, float)):
+            return int(v * 1e9)
+    return None
 
 
 class FsspecStore(Store):
@@ -609,14 +700,17 @@ class FsspecStore(Store):
     def _key(self, name: str) -> str:
         return f"{self.base}/{name}" if name else self.base
 
+    @_remote
     def open(self, name: str):
         import pyarrow as pa
 
         return pa.PythonFile(self.fs.open(self._key(name), "rb"), mode="r")
 
+    @_remote
     def read(self, name: str) -> bytes:
         return self.fs.cat_file(self._key(name))
 
+    @_remote
     def size(self, name: str) -> int | None:
         try:
             info = self.fs.info(self._key(name))
@@ -624,10 +718,12 @@ class FsspecStore(Store):
             return None
         return info["size"] if info["type"] == "file" else None
 
+    @_remote
     def exists(self) -> bool:
         return self.fs.exists(self.base)
 
-    def list(self, prefix: str = "") -> dict[str, int]:
+    @_remote
+    def listing(self, prefix: str = "") -> dict[str, tuple[int, int | None]]:
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         try:
             found = self.fs.find(self._key(folder), detail=True)
@@ -638,12 +734,14 @@ class FsspecStore(Store):
         for path, info in found.items():
             name = self.fs._strip_protocol(path)[strip:]
             if info["type"] == "file" and name.startswith(prefix):
-                out[name] = info["size"]
+                out[name] = (info["size"], _mtime_ns(info))
         return dict(sorted(out.items()))
 
+    @_remote
     def put(self, name: str, data: bytes) -> None:
         self.fs.pipe_file(self._key(name), data)
 
+    @_remote
     def put_new(self, name: str, data: bytes) -> bool:
         try:
             self.fs.pipe_file(self._key(name), data, mode="create")
@@ -653,6 +751,7 @@ class FsspecStore(Store):
             return super().put_new(name, data)
         return True
 
+    @_remote
     def delete(self, name: str) -> None:
         try:
             self.fs.rm_file(self._key(name))
@@ -675,10 +774,29 @@ def open_store(uri: str | os.PathLike) -> Store:
     if u.scheme == "s3":
         return S3Store(uri)
     if u.scheme in ("gs", "gcs"):
-        import pyarrow.fs as pafs
-
-        return PyarrowStore(uri, pafs.GcsFileSystem(), f"{u.netloc}/{u.path.strip('/')}")
+        return _gcs_store(uri)
     return FsspecStore(uri)
+
+
+def _gcs_store(uri: str) -> Store:
+    """GCS through pyarrow's client (fsspec's gcsfs where pyarrow was built without it),
+    its retries bounded by store_timeout(); STORAGE_EMULATOR_HOST (or
+    CLOUD_STORAGE_EMULATOR_ENDPOINT) names an emulator, reached without credentials."""
+    import datetime
+
+    try:
+        from pyarrow.fs import GcsFileSystem
+    except ImportError:
+        return FsspecStore(uri)
+    kwargs = {"retry_time_limit": datetime.timedelta(seconds=max(1, int(store_timeout())))}
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST") or os.environ.get(
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT"
+    )
+    if emulator:
+        e = urlparse(emulator if "//" in emulator else f"http://{emulator}")
+        kwargs.update(anonymous=True, scheme=e.scheme, endpoint_override=e.netloc)
+    u = urlparse(uri)
+    return PyarrowStore(uri, GcsFileSystem(**kwargs), f"{u.netloc}/{u.path.strip('/')}")
 
 
 __all__ = [
@@ -689,6 +807,7 @@ __all__ = [
     "FsspecStore",
     "StorageError",
     "open_store",
+    "store_timeout",
     "is_uri",
     "absolute",
     "join",

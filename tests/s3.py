@@ -208,3 +208,45 @@ class DelayProxy:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class BlackHole:
+    """A server on 127.0.0.1 that accepts every connection, reads what it is sent and never
+    answers: the endpoint of a store that hangs (a firewall that drops replies, a stuck
+    proxy). Counts the connections; closes them all on exit."""
+
+    def __init__(self):
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(128)
+        self.port = self._sock.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._swallow, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _swallow(conn) -> None:
+        try:
+            while conn.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._sock.close()
+        for c in self.connections:
+            c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -14,9 +14,9 @@ import uuid
 import pytest
 
 from sparsekd.errors import StorageError
-from sparsekd.storage import STAGING, STALE_STAGING_S, LocalStore, open_store
+from sparsekd.storage import STAGING, STALE_STAGING_S, STORE_TIMEOUT_ENV, LocalStore, open_store
 from tests.helpers import error_line, run_cli
-from tests.s3 import DelayProxy, S3Server
+from tests.s3 import BlackHole, DelayProxy, S3Server, endpoint_env
 
 
 @pytest.fixture(params=["local", "s3", "memory"])
@@ -145,6 +145,59 @@ def test_refused_credentials_are_one_line_without_the_key(smollm2_dir):
 def test_credentials_in_a_uri_are_refused():
     with pytest.raises(StorageError, match="credentials in a URI are refused"):
         open_store("s3://key:secret@bucket/cache")
+
+
+def _hanging_store_env(kind: str, port: int) -> dict:
+    """The environment that points a store of `kind` at a server on `port`."""
+    if kind == "s3":
+        return {**endpoint_env(port), "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    return {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+
+
+@pytest.mark.parametrize("kind", ["s3", "gs"])
+def test_every_operation_on_a_store_that_never_answers_ends_within_its_bound(kind, monkeypatch):
+    """A store whose endpoint accepts connections and never answers: each primitive ends
+    in a StorageError naming the store and the bound, within the bound (1 s here), never
+    in a client's endless wait or retry loop (pyarrow's GCS client has no stall timeout)."""
+    bound = 1.0
+    with BlackHole() as hole:
+        for k, v in {**_hanging_store_env(kind, hole.port), STORE_TIMEOUT_ENV: str(bound)}.items():
+            monkeypatch.setenv(k, v)
+        store = open_store(f"{kind}://hung-{uuid.uuid4().hex[:8]}/cache")
+        calls = {
+            "listing": lambda: store.list("records/"),
+            "size": lambda: store.size("manifest.json"),
+            "read": lambda: store.read("manifest.json"),
+            "put": lambda: store.put("records/x.json", b"{}"),
+            "put_new": lambda: store.put_new("build_config.json", b"{}"),
+            "exists": store.exists,
+        }
+        for name, call in calls.items():
+            started = time.monotonic()
+            with pytest.raises(StorageError, match=f"{kind}://hung-.*did not answer within"):
+                call()
+            assert time.monotonic() - started < bound + 0.5, name
+        assert hole.connections  # the client did reach the endpoint, and waited on it
+    monkeypatch.setenv(STORE_TIMEOUT_ENV, "soon")
+    with pytest.raises(StorageError, match=f"{STORE_TIMEOUT_ENV}='soon'"):
+        open_store(f"{kind}://other-{uuid.uuid4().hex[:8]}/cache").size("x")
+
+
+def test_a_build_into_a_store_that_never_answers_is_one_line(tiny_llama_dir):
+    """The reported case: `build-cache --out gs://...` against a store that never answers
+    said nothing for 15 minutes; now one line naming the URI and the bound, exit 2."""
+    with BlackHole() as hole:
+        env = {**_hanging_store_env("gs", hole.port), STORE_TIMEOUT_ENV: "2"}
+        started = time.monotonic()
+        proc = run_cli("build-cache", "--teacher", tiny_llama_dir, "--engine", "hf", "--out",
+                       "gs://hung-bucket/cache", "--max-sequences", "1", "--seq-len", "16",
+                       "--quiet", env=env, timeout=120)  # fmt: skip
+        took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = error_line(proc)
+    assert line.startswith("sparsekd: error: gs://hung-bucket/cache: the store did not answer "
+                           f"within 2 s"), line  # fmt: skip
+    assert took < 60, took
 
 
 def test_transient_errors_are_retried(s3_server):
