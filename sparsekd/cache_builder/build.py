@@ -336,6 +336,7 @@ def run(cfg: BuildConfig, engine=None) -> dict:
     ledger = Ledger(store, plan)
     try:
         ledger.claim()
+        ledger.check_corpus()
         writer_s = _build(plan, ledger, stats, engine)
         if stats.shards_written == 0 and store.size(MANIFEST) is not None:
             manifest = store.read_json(MANIFEST, "manifest")  # complete, and intact

@@ -172,6 +172,7 @@ class Source:
     size: int
     root: str = "."
     span: int | None = None  # .jsonl.zst: the decompressed bytes its domains cover
+    mtime_ns: int | None = None  # as listed (None: the store keeps no time)
 
     def store(self):
         return open_store(self.root)
@@ -280,7 +281,7 @@ def _local_sources(p: str) -> list[Source]:
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the build forever
             raise CorpusError(f"corpus file {f} is not a regular file (a FIFO, device or socket)")
         name = os.path.relpath(f, base or ".")
-        out.append(Source(name, f, _format_of(f), st.st_size, base or "."))
+        out.append(Source(name, f, _format_of(f), st.st_size, base or ".", mtime_ns=st.st_mtime_ns))
     return out
 
 
@@ -308,24 +309,28 @@ def _remote_sources(p: str) -> list[Source]:
         cut = min(p.index(c) for c in "*?[" if c in p)
         root = p[:cut].rsplit("/", 1)[0]
         pattern = p[len(root) + 1 :]
-        found = {n: s for n, s in open_store(root).list("").items() if fnmatch.fnmatch(n, pattern)}
+        listed = open_store(root).listing("")
+        found = {n: st for n, st in listed.items() if fnmatch.fnmatch(n, pattern)}
         what = f"corpus glob {p!r} matches no {KINDS} object"
     else:
         store = open_store(p)
-        size = store.size("")
-        if size is not None:  # a single object
+        if store.size("") is not None:  # a single object
             root, name = p.rsplit("/", 1)
             if not _format_of(name):
                 raise CorpusError(f"corpus file {p}: unsupported type (use {KINDS})")
-            return [Source(name, p, _format_of(name), size, root)]
-        root, found = p.rstrip("/"), store.list("")
+            size, mtime = open_store(root).listing(name)[name]
+            return [Source(name, p, _format_of(name), size, root, mtime_ns=mtime)]
+        root, found = p.rstrip("/"), store.listing("")
         what = f"corpus folder {p} holds no {KINDS} object"
-    files = [(n, s) for n, s in found.items() if _format_of(n)]
+    files = [(n, st) for n, st in found.items() if _format_of(n)]
     if not files:
         if not open_store(root).exists():
             raise CorpusError(f"corpus {p}: the bucket does not exist")
         raise CorpusError(what)
-    return [Source(n, join(root, n), _format_of(n), s, root) for n, s in files]
+    return [
+        Source(n, join(root, n), _format_of(n), size, root, mtime_ns=mtime)
+        for n, (size, mtime) in files
+    ]
 
 
 def plan_domains(sources: list[Source], domain_bytes: int) -> list[Domain]:

@@ -8,6 +8,8 @@ which has no rename and no append:
                                               created conditionally before any shard
     records/teacher.json                      the teacher weights' sha256 (the first worker
                                               to hash them creates it; the others compare)
+    records/corpus.json                       the corpus as the first worker listed it: each
+                                              file's size and modification time
     records/workers/<host>-<pid>-<rand>.json  one per build process that wrote a shard:
                                               fingerprint, worker, weights, versions
     records/units/NNNNN/DDDDDDDD-PPPPP.json    one per finished shard: place, bytes, sha256,
@@ -64,6 +66,7 @@ from sparsekd.storage import STAGING, Store, json_bytes, parse_json, process_tag
 RECORDS_DIR = "records"
 BUILD_CONFIG = "build_config.json"
 TEACHER_RECORD = f"{RECORDS_DIR}/teacher.json"
+CORPUS_RECORD = f"{RECORDS_DIR}/corpus.json"
 OWN_ENTRIES = {MANIFEST, BUILD_CONFIG, RECORDS_DIR, INDEX_DIR, F.SHARDS_DIR, STAGING}
 READ_THREADS = 16  # concurrent small reads from an object store (the finaliser's)
 
@@ -179,6 +182,31 @@ class Ledger:
             header = {**self.plan.header(), "time": time.time()}
             self.store.put(f"{RECORDS_DIR}/workers/{process_tag()}.json", json_bytes(header))
             self._header_written = True
+
+    def check_corpus(self) -> None:
+        """Refuse to add to a cache whose first worker listed another corpus: every file's
+        size and modification time, as this worker's listing found them at its start (an
+        edit between two workers' runs is named here even when no worker reads the file
+        twice; the probes of `_check_probes` catch an edit that kept the time)."""
+        files = {d.source.name: d.source for d in self.plan.domains if d.source.format != "builtin"}
+        listed = {n: [s.size, s.mtime_ns] for n, s in sorted(files.items())}
+        if not listed or self.store.put_new(CORPUS_RECORD, json_bytes({"files": listed})):
+            return
+        first = self.store.read_json(CORPUS_RECORD, "corpus record").get("files", {})
+        for name, (size, mtime) in listed.items():
+            was = first.get(name)
+            if was is None or was == [size, mtime]:
+                continue  # a file the record lacks changes the fingerprint (claim's refusal)
+            what = (
+                f"{was[0]} bytes then, {size} now"
+                if was[0] != size
+                else f"modified {_when(was[1])} then, {_when(mtime)} now"
+            )
+            raise CorpusError(
+                f"corpus file {files[name].path} is not the file this cache's first worker "
+                f"listed ({what}): restore it, or build into another --out (a corpus copied "
+                "to each node must keep its files' times: cp -p, rsync -t)"
+            )
 
     def check_teacher(self, weights_sha256: str) -> None:
         """Refuse to add to a cache whose other workers read other teacher weights."""
@@ -359,6 +387,13 @@ def _check_probes(domains: list[dict]) -> None:
                 "content differs between the parts they read): rebuild the domains of that "
                 "file, or restore it and use another --out"
             )
+
+
+def _when(mtime_ns: int | None) -> str:
+    if mtime_ns is None:
+        return "at no recorded time"
+    t = time.gmtime(mtime_ns // 1_000_000_000)
+    return time.strftime("%Y-%m-%d %H:%M:%S", t) + f".{mtime_ns % 1_000_000_000:09d} UTC"
 
 
 def chat_totals(domains: list[dict], key: str = "chat") -> dict | None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -193,9 +194,10 @@ def test_a_corpus_changed_under_a_half_built_cache_is_refused(tmp_path, tiny_lla
     out = tmp_path / "cache"
     run(_cfg(tiny_llama_dir, src, out, num_workers=2, worker_index=0))
     f = src / "part-00.jsonl"  # domain 0, finished by worker 0, edited at the same size
-    text = f.read_text()
+    text, listed = f.read_text(), f.stat()  # and its time put back: the listing sees no change
     i = text.index("a", 20)
     f.write_text(text[:i] + "b" + text[i + 1 :])
+    os.utime(f, ns=(listed.st_atime_ns, listed.st_mtime_ns))
     damaged = next(p for p in shard_files(out) if p.name.startswith("00000000-"))
     flip_bit(damaged, damaged.stat().st_size // 2)  # the re-run must read domain 0 again
     with pytest.raises(CorpusError, match="the corpus changed since|changed since its shards"):
@@ -332,8 +334,8 @@ def test_a_corpus_on_s3_is_read_by_ranged_reads_into_the_same_cache(
 
 
 def test_a_corpus_file_edited_between_two_workers_runs_is_refused(tmp_path, tiny_llama_dir):
-    """The same name and size, other content, read by two workers (one domain each): the
-    finaliser compares what each saw of the file and names it."""
+    """The same name, size and modification time, other content, read by two workers (one
+    domain each): the finaliser compares what each saw of the file and names it."""
     # 180 KB in ~7 tokens a line: three 64 KiB domains, few rows for the teacher
     lines = [json.dumps({"text": f"line {i} " + "-" * 180}) + "\n" for i in range(900)]
     corpus = tmp_path / "big.jsonl"
@@ -347,11 +349,52 @@ def test_a_corpus_file_edited_between_two_workers_runs_is_refused(tmp_path, tiny
         "progress": False,
     })  # fmt: skip
     assert not run(cfg(0))["complete"]
-    text = corpus.read_text()
+    text, listed = corpus.read_text(), corpus.stat()
     corpus.write_text(text[:100] + ("x" if text[100] != "x" else "y") + text[101:])
+    os.utime(corpus, ns=(listed.st_atime_ns, listed.st_mtime_ns))
     with pytest.raises(CacheError, match="corpus file big.jsonl changed between the workers"):
         run(cfg(1))
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_corpus_file_changed_after_the_first_worker_listed_it_is_refused_at_any_start(
+    where, tmp_path, tiny_llama_dir, corpus, request
+):
+    """Every worker lists every corpus file at its start (size, modification time) against
+    what the first worker listed: a file that only worker 1 reads, edited at the same size
+    after worker 0 ran, is refused before worker 1 computes anything, naming the file; so
+    is one rewritten with the same bytes (a new time: the listing cannot tell); a file put
+    back as it was (same time) is accepted. On S3 the time is the object's LastModified."""
+    owned_by_1 = "part-01.jsonl"  # domain 1: worker 1 of 2
+    if where == "local":
+        src = tmp_path / "corpus"
+        shutil.copytree(corpus, src)
+        root, read = str(src), lambda n: (src / n).read_bytes()
+        write = lambda n, b: (src / n).write_bytes(b)  # noqa: E731
+    else:
+        request.getfixturevalue("s3_server")
+        root = copy_cache(corpus, f"{request.getfixturevalue('s3_bucket')}/data")
+        store = open_store(root)
+        read, write = store.read, store.put
+    out = tmp_path / "cache"
+    run(_cfg(tiny_llama_dir, root, out, num_workers=2, worker_index=0))
+    before = read(owned_by_1)
+    i = before.index(b"a", 20)
+    time.sleep(1.1)  # S3's LastModified has whole seconds
+    write(owned_by_1, before[:i] + b"b" + before[i + 1 :])
+    shards = shard_files(out)
+    with pytest.raises(CorpusError, match=f"corpus file .*{owned_by_1} is not the file this "
+                       "cache's first worker listed"):  # fmt: skip
+        run(_cfg(tiny_llama_dir, root, out, num_workers=2, worker_index=1))
+    write(owned_by_1, before)  # the same bytes again, at a new time: still refused
+    with pytest.raises(CorpusError, match=rf"{owned_by_1} is not the file .*\(modified "):
+        run(_cfg(tiny_llama_dir, root, out, num_workers=2, worker_index=1))
+    assert shard_files(out) == shards  # worker 1 wrote nothing
+    if where == "local":  # its time restored, the file is the one listed: worker 1 finishes
+        os.utime(src / owned_by_1, ns=(0, json.loads((out / "records/corpus.json").read_text())
+                                       ["files"][owned_by_1][1]))  # fmt: skip
+        assert run(_cfg(tiny_llama_dir, root, out, num_workers=2, worker_index=1))["complete"]
 
 
 def test_a_damaged_record_is_named_and_a_cache_keeps_files_beside_it(
