@@ -33,6 +33,7 @@ from sparsekd.cache_builder.refine import RefineConfig  # noqa: E402
 from sparsekd.config import check_local, command_options  # noqa: E402
 from sparsekd.demo import DemoConfig  # noqa: E402
 from sparsekd.errors import Preempted, SparsekdError  # noqa: E402
+from sparsekd.fidelity import FidelityConfig  # noqa: E402
 from sparsekd.student_train.config import TrainConfig  # noqa: E402
 from sparsekd.student_train.evaluate import EvaluateConfig  # noqa: E402
 from sparsekd.student_train.model import InitStudentConfig  # noqa: E402
@@ -178,6 +179,17 @@ def evaluate_cmd(cfg: EvaluateConfig, as_json):
             for k, v in res.items()
         }
         click.echo("  ".join(f"{k} {v}" for k, v in shown.items()))
+
+
+@cli.command("fidelity")
+@command_options(FidelityConfig)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def fidelity_cmd(cfg: FidelityConfig, as_json):
+    """How much of the teacher a cache carries: its loss's gradient against full KD."""
+    from sparsekd.fidelity import format_result, run
+
+    res = run(cfg)
+    click.echo(json.dumps(res) if as_json else format_result(res))
 
 
 @cli.command("demo")

@@ -7,6 +7,7 @@ from sparsekd.cache_builder.config import BuildConfig
 from sparsekd.cache_builder.refine import RefineConfig
 from sparsekd.config import markdown
 from sparsekd.demo import DemoConfig
+from sparsekd.fidelity import FidelityConfig
 from sparsekd.student_train.config import TrainConfig
 from sparsekd.student_train.evaluate import EvaluateConfig
 from sparsekd.student_train.model import InitStudentConfig
@@ -16,6 +17,7 @@ COMMANDS = {
     "train-student": TrainConfig,
     "refine": RefineConfig,
     "evaluate": EvaluateConfig,
+    "fidelity": FidelityConfig,
     "init-student": InitStudentConfig,
     "demo": DemoConfig,
 }
