@@ -1,8 +1,6 @@
 """`python -m sparsekd` runs the CLI (the guard matters: vLLM spawns processes)."""
 
-import sys
-
-from sparsekd.cli import main
+from sparsekd.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -246,5 +246,18 @@ def main(argv=None) -> int:
         return 1
 
 
+def run(argv=None) -> None:
+    """The entry point: `main`, then exit with its code; without waiting for store calls
+    abandoned at their time bound (storage.abandoned_calls), whose error is already said."""
+    code = main(argv)
+    from sparsekd.storage import abandoned_calls
+
+    if abandoned_calls():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

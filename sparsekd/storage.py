@@ -62,8 +62,10 @@ S3_RETRY_ATTEMPTS = 10  # pyarrow's standard AWS retry strategy: exponential bac
 STORE_TIMEOUT_ENV = "SPARSEKD_STORE_TIMEOUT_S"
 STORE_TIMEOUT_S = 120.0  # default bound of one remote store operation, retries included
 SLOWEST_WRITE = 1 << 20  # bytes/s: a write's bound grows by its size at this rate
-CONNECT_TIMEOUT_S = 10.0  # per connection attempt (S3)
-REQUEST_TIMEOUT_S = 30.0  # per request, without a byte (S3)
+# S3 clients' own timeouts, each capped by the bound: pyarrow's are the AWS SDK's defaults
+# (connect 1 s, 3 s without a byte), boto3's its own (60 s, 60 s)
+PYARROW_S3_TIMEOUTS_S = (1.0, 3.0)
+BOTO3_TIMEOUTS_S = (60.0, 60.0)
 
 
 def process_tag() -> str:
@@ -474,6 +476,16 @@ def store_timeout() -> float:
     return seconds
 
 
+_ABANDONED: list[threading.Thread] = []  # store calls given up on by `_within`
+
+
+def abandoned_calls() -> int:
+    """Store calls given up on that are still running in their client: a process that
+    has reported the error exits without waiting for them (cli.exit), as a client's own
+    shutdown would (pyarrow's S3 finaliser waits for its retries to end)."""
+    return sum(t.is_alive() for t in _ABANDONED)
+
+
 def _within(seconds: float, call, late: str):
     """call() in a thread of its own, waited for at most `seconds`; a StorageError saying
     `late` when it has not returned by then (the thread is left to the client's own
@@ -490,6 +502,7 @@ def _within(seconds: float, call, late: str):
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
+        _ABANDONED.append(thread)
         raise StorageError(late)
     if "error" in box:
         raise box["error"]
@@ -602,8 +615,8 @@ class S3Store(PyarrowStore):
         seconds = store_timeout()
         kwargs = {
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(S3_RETRY_ATTEMPTS),
-            "connect_timeout": min(CONNECT_TIMEOUT_S, seconds),
-            "request_timeout": min(REQUEST_TIMEOUT_S, seconds),
+            "connect_timeout": min(PYARROW_S3_TIMEOUTS_S[0], seconds),
+            "request_timeout": min(PYARROW_S3_TIMEOUTS_S[1], seconds),
         }
         if endpoint:
             e = urlparse(endpoint)
@@ -627,8 +640,8 @@ class S3Store(PyarrowStore):
 
             config = Config(
                 retries={"max_attempts": S3_RETRY_ATTEMPTS, "mode": "standard"},
-                connect_timeout=min(CONNECT_TIMEOUT_S, seconds),
-                read_timeout=min(REQUEST_TIMEOUT_S, seconds),
+                connect_timeout=min(BOTO3_TIMEOUTS_S[0], seconds),
+                read_timeout=min(BOTO3_TIMEOUTS_S[1], seconds),
             )
             self._client = boto3.client(
                 "s3", endpoint_url=endpoint, region_name=region, config=config
@@ -808,6 +821,7 @@ __all__ = [
     "StorageError",
     "open_store",
     "store_timeout",
+    "abandoned_calls",
     "is_uri",
     "absolute",
     "join",
