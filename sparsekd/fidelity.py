@@ -10,9 +10,9 @@ next-token distribution p:
   target, and the same divergence against p over the whole vocabulary (full KD). The CE
   term is the same in both and left out. The measure of the Sparse Logit Sampling paper
   (Top-12 KD 58 degrees from full KD, RS-KD 4). `grad_norm_ratio`: |cache| / |full|.
-  `grad_cosine_ci95`: the half-width of a 95 % interval of the mean of the per-group
-  cosines (positions split into `groups` groups of whole rows): how much the figure would
-  move on other positions.
+  `grad_cosine_ci95`: the half-width of a 95 % interval (Student t) of the mean of the
+  per-group cosines (positions split into `groups` groups of whole rows): how much the
+  figure would move on other positions.
 - `mass_covered`: the teacher mass on the stored support, sum_S p.
 - `kl`: KL(p || target) with the vocabulary seen as the target sees it (its ids, and one
   bucket for the rest): sum_S p log(p / r) + p_t log(p_t / r_t), r the target, p_t and r_t
@@ -46,7 +46,17 @@ from sparsekd.config import check, check_local, default_of, section, setting
 from sparsekd.errors import CacheError, TeacherError
 from sparsekd.student_train.config import LossConfig
 
-Z95 = 1.959963984540054
+# Student t quantiles, 97.5 %, by degrees of freedom (the interval over `groups` means)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with `df` degrees of freedom (the nearest smaller
+    tabulated one, which is wider; 1.96 beyond 30)."""
+    if df > 30:
+        return 1.96
+    return T975[max(k for k in T975 if k <= df)]
 TAIL_FLOOR = 1e-3  # mass off the support below it is quantisation (4.9e-4 of each stored
 # probability) and rounding, not a tail: counted as none, on both sides
 FULL_ROWS = 256  # rows of the full-vocabulary loss per call: ids and p are [rows, V]
@@ -326,7 +336,7 @@ def measure(cache, teacher, student, cfg: FidelityConfig) -> dict:
     if total_cache is not None:
         cos = _cosine(total_cache, total_full)
         c = np.array(cosines)
-        half = Z95 * c.std(ddof=1) / math.sqrt(len(c)) if len(c) > 1 else None
+        half = float(t975(len(c) - 1) * c.std(ddof=1) / math.sqrt(len(c))) if len(c) > 1 else None
         out.update(
             grad_cosine=cos,
             grad_angle_deg=math.degrees(math.acos(max(-1.0, min(1.0, cos)))),
