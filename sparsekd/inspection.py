@@ -204,6 +204,11 @@ def format_stats(s: dict, path: str) -> str:
     lines.append(f"  tokenizer {s['tokenizer_hash'][:16]}")
     if s.get("bad_lines"):
         lines.append(f"  corpus lines skipped as malformed: {s['bad_lines']}")
+    if get_mode(s["mode"]).has_support:
+        lines.append(
+            "  what it teaches, against the teacher in full: sparsekd fidelity --cache "
+            f"{path} --teacher TEACHER (docs/fidelity.md)"
+        )
     return "\n".join(lines)
 
 

@@ -44,6 +44,8 @@ def test_intact_cache_verifies_and_inspect_json(cache, tmp_path):
     assert stats["mean_support"] == 8.0 and 0 < stats["tail_mass"] < 1
     assert 0 < stats["top1_agreement"] < 1 and stats["teacher_nll"] > 0
     assert (tmp_path / "p.png").stat().st_size > 10_000
+    text = run_cli("inspect", cache, check=True).stdout  # and where to measure what it teaches
+    assert f"sparsekd fidelity --cache {cache} --teacher" in text, text
 
 
 def _edit_meta(key, value):
