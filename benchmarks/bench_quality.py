@@ -135,14 +135,16 @@ def train(args, arm: str, seed: int, student_dir: Path, train_seqs: list, logp: 
     torch.manual_seed(seed)
     student = load_student(student_dir)[0].train()
     V = student.get_output_embeddings().weight.shape[0]
-    module = DistillModule(student, KDLoss(build(LossConfig, {"kind": ARMS[arm][1]}), steps=args.steps))
+    module = DistillModule(
+        student, KDLoss(build(LossConfig, {"kind": ARMS[arm][1]}), steps=args.steps)
+    )
     ocfg = build(OptimConfig, {})
     opt = build_optimizer(student, ocfg)
     sched = build_schedule(opt, ocfg, args.steps)
     rng = np.random.default_rng(seed)
     order: list[int] = []
     started = time.perf_counter()
-    for step in range(args.steps):
+    for _ in range(args.steps):
         while len(order) < args.batch:
             order += list(rng.permutation(len(train_seqs)))
         pick, order = order[: args.batch], order[args.batch :]
@@ -151,7 +153,9 @@ def train(args, arm: str, seed: int, student_dir: Path, train_seqs: list, logp: 
         ids, probs = t["teacher_ids"], t["teacher_probs"]
         if arm == "full":
             ids, probs = dense_target(b, logp, V)
-        loss, kd, _ = module(t["input_ids"], t["labels"], ids, probs, position_ids=t["position_ids"])
+        loss, kd, _ = module(
+            t["input_ids"], t["labels"], ids, probs, position_ids=t["position_ids"]
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), ocfg.max_grad_norm)
         opt.step()
@@ -226,7 +230,9 @@ def report(args, results: dict, fidelity: dict, costs: dict) -> str:
             mean, half = interval([r[m] - f[m] for r, f in zip(runs, full)])
             cells.append("-" if arm == "full" else f"{mean:+.4f} ± {half:.4f}")
         fid = fidelity.get(arm)
-        cells.append("-" if fid is None else f"{fid['grad_cosine']:.3f} ± {fid['grad_cosine_ci95']:.3f}")
+        cells.append(
+            "-" if fid is None else f"{fid['grad_cosine']:.3f} ± {fid['grad_cosine_ci95']:.3f}"
+        )
         cells.append("-" if fid is None else f"{fid['mass_covered']:.3f}")
         cells.append(f"{np.mean(costs[arm]):.0f}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -293,7 +299,8 @@ def main() -> None:
             results[arm].append(r)
             costs[arm].append(seconds)
             row = {"preset": args.preset, "arm": arm, "seed": seed, "steps": args.steps,
-                   "train_s": round(seconds, 1), **{k: round(v, 6) for k, v in r.items()}}  # fmt: skip
+                   "train_s": round(seconds, 1),
+                   **{k: round(v, 6) for k, v in r.items()}}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
     _results.append_csv("quality.csv", rows)

@@ -57,6 +57,8 @@ def t975(df: int) -> float:
     if df > 30:
         return 1.96
     return T975[max(k for k in T975 if k <= df)]
+
+
 TAIL_FLOOR = 1e-3  # mass off the support below it is quantisation (4.9e-4 of each stored
 # probability) and rounding, not a tail: counted as none, on both sides
 FULL_ROWS = 256  # rows of the full-vocabulary loss per call: ids and p are [rows, V]
@@ -92,7 +94,8 @@ class FidelityConfig:
             "student_noise must be > 0 (the teacher itself has no gradient to compare)",
         )
         check(
-            self.student is None or self.student_noise == default_of(FidelityConfig, "student_noise"),
+            self.student is None
+            or self.student_noise == default_of(FidelityConfig, "student_noise"),
             "student_noise makes the default student; with --student it has no effect",
         )
         check(self.groups >= 2, f"groups must be >= 2 (an interval needs two), got {self.groups}")
@@ -223,7 +226,9 @@ def target_figures(logp_NV, ids_NS, probs_NS) -> dict:
     tail = torch.where(
         p_t <= tiny,
         0.0,
-        torch.where(r_t <= tiny, math.inf, p_t * (torch.log(p_t) - torch.log(r_t.clamp_min(1e-300)))),
+        torch.where(
+            r_t <= tiny, math.inf, p_t * (torch.log(p_t) - torch.log(r_t.clamp_min(1e-300)))
+        ),
     )
     rev_on = torch.where(mask & (r_S > 0), r_S * (log_r - logp_S), 0.0).sum(-1)
     rev_tail = torch.where(
@@ -301,7 +306,9 @@ def measure(cache, teacher, student, cfg: FidelityConfig) -> dict:
                 figures[k].add(v.cpu())
             if mode.truncated:
                 on = ids >= 0
-                err = (torch.log(probs.double().clamp_min(1e-300)) - logp.gather(1, ids.clamp_min(0))).abs()
+                err = (
+                    torch.log(probs.double().clamp_min(1e-300)) - logp.gather(1, ids.clamp_min(0))
+                ).abs()
                 support_err.add(err[on].cpu())
             kw = attention_kwargs(student, pos)
             hidden = student.get_decoder()(input_ids=x, use_cache=False, **kw).last_hidden_state
@@ -315,7 +322,9 @@ def measure(cache, teacher, student, cfg: FidelityConfig) -> dict:
                 m = rr.stop - rr.start
                 all_ids = torch.arange(V, device=device).expand(m, V).contiguous()
                 p_full = logp[rr, :V].exp().float()
-                loss_full = loss_full + sparse_kl_loss(h[rr], head.weight, all_ids, p_full, config=full) * m
+                loss_full = (
+                    loss_full + sparse_kl_loss(h[rr], head.weight, all_ids, p_full, config=full) * m
+                )
             gc, gf = _flat_grad(loss_cache, params), _flat_grad(loss_full, params)
             g_cache = gc if g_cache is None else g_cache + gc
             g_full = gf if g_full is None else g_full + gf
@@ -344,7 +353,9 @@ def measure(cache, teacher, student, cfg: FidelityConfig) -> dict:
             grad_norm_ratio=float(total_cache.norm() / total_full.norm()),
         )
     else:
-        out.update(grad_cosine=None, grad_angle_deg=None, grad_cosine_ci95=None, grad_norm_ratio=None)
+        out.update(
+            grad_cosine=None, grad_angle_deg=None, grad_cosine_ci95=None, grad_norm_ratio=None
+        )
     for k, s in figures.items():
         out.update(s.result(k))
     kl_all = np.concatenate(figures["kl"].values) if figures["kl"].values else np.zeros(0)

@@ -627,9 +627,7 @@ class S3Store(PyarrowStore):
         elif not endpoint:
             late = f"{uri}: the bucket's region was not found within {seconds:g} s"
             try:
-                kwargs["region"] = _within(
-                    seconds, lambda: pafs.resolve_s3_region(u.netloc), late
-                )
+                kwargs["region"] = _within(seconds, lambda: pafs.resolve_s3_region(u.netloc), late)
             except OSError as e:
                 raise StorageError(f"{uri}: {_classify(str(e)) or 'bucket region unknown'}") from e
         super().__init__(uri, pafs.S3FileSystem(**kwargs), f"{u.netloc}/{u.path.strip('/')}")

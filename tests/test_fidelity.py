@@ -17,8 +17,8 @@ from sparsekd.config import build
 from sparsekd.fidelity import FidelityConfig, draw_rows, measure
 from sparsekd.schemas.cache import open_cache
 from sparsekd.student_train.model import load_student
-from tests.helpers import error_line, run_cli
 from tests.conftest import shared
+from tests.helpers import error_line, run_cli
 
 
 def _cfg(cache, teacher, student, **kw) -> FidelityConfig:
@@ -133,7 +133,9 @@ def test_rs_kd_carries_the_gradient_of_full_kd_better_than_top_k(same_rows, smol
         res[name] = json.loads(proc.stdout)
     top, rs = res["top12"], res["rs50"]
     assert top["positions"] == rs["positions"] == 200
-    assert rs["grad_cosine"] - rs["grad_cosine_ci95"] > top["grad_cosine"] + top["grad_cosine_ci95"], res
+    assert (
+        rs["grad_cosine"] - rs["grad_cosine_ci95"] > top["grad_cosine"] + top["grad_cosine_ci95"]
+    ), res
     # draws hold all a sample target's mass: its kl is finite only where the teacher has
     # no tail (p_t < 1e-3); top-12 leaves the rest its mass nearly everywhere
     assert rs["kl_finite_fraction"] < 0.5 < top["kl_finite_fraction"] and rs["kl_reverse"] > 0
@@ -149,8 +151,10 @@ def test_bad_input_is_one_line(hf_topk_cache, tiny_llama_dir, smollm2_dir, tiny_
         (["--teacher", smollm2_dir, "--positions", "0"], "--positions must be >= 1"),
         (["--teacher", smollm2_dir, "--kd-weight", "0.5"], "loss.kd_weight has no effect"),
         (["--teacher", smollm2_dir, "--student", f"{tiny_llama_dir}-none"], "no config.json"),
-        (["--teacher", smollm2_dir, "--student", tiny_student, "--set", "student_noise=0.1"],
-         "with --student it has no effect"),
+        (
+            ["--teacher", smollm2_dir, "--student", tiny_student, "--set", "student_noise=0.1"],
+            "with --student it has no effect",
+        ),
     ):
         proc = run_cli("fidelity", "--cache", hf_topk_cache, *args)
         assert proc.returncode == 2, proc.stderr[-2000:]

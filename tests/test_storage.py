@@ -196,8 +196,9 @@ def test_every_operation_on_a_store_that_never_answers_ends_within_its_bound(kin
         assert hole.connections  # the client did reach the endpoint, and waited on it
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name, (took, error) in json.loads(proc.stdout.splitlines()[-1]).items():
-        assert error is not None and error.startswith(f"StorageError: {uri}: the store did "
-                                                      f"not answer within {bound:g} s"), error
+        assert error is not None and error.startswith(
+            f"StorageError: {uri}: the store did not answer within {bound:g} s"
+        ), error
         assert took < bound + 0.5, (name, took)
     with pytest.raises(StorageError, match=f"{STORE_TIMEOUT_ENV}='soon'"):
         os.environ[STORE_TIMEOUT_ENV] = "soon"

@@ -60,15 +60,15 @@ def _trainer(student, cache, out, cls=Recording, ds_kw=None, loss_kw=None, **kw)
 
 
 def test_first_step_loss_equals_train_student_and_the_loss_falls(
-    tmp_path, vllm_topk_cache, tiny_student
+    tmp_path, topk12_cache, tiny_student
 ):
-    t = _trainer(tiny_student, vllm_topk_cache, tmp_path / "hf", max_steps=20)
+    t = _trainer(tiny_student, topk12_cache, tmp_path / "hf", max_steps=20)
     t.train()
     assert len(t.losses) == 20 and t.losses[-1] < t.losses[0] - 1.0
     run_cli(
         "train-student",
         "--cache",
-        vllm_topk_cache,
+        topk12_cache,
         "--student",
         tiny_student,
         "--out",
@@ -89,9 +89,9 @@ def test_first_step_loss_equals_train_student_and_the_loss_falls(
     assert t.losses[0] == pytest.approx(first, rel=1e-5)
 
 
-def test_gradient_accumulation_averages_micro_batches(tmp_path, vllm_topk_cache, tiny_student):
+def test_gradient_accumulation_averages_micro_batches(tmp_path, topk12_cache, tiny_student):
     a = _trainer(
-        tiny_student, vllm_topk_cache, tmp_path / "ga", max_steps=2, gradient_accumulation_steps=2
+        tiny_student, topk12_cache, tmp_path / "ga", max_steps=2, gradient_accumulation_steps=2
     )
     a.train()
     logged = [h["loss"] for h in a.state.log_history if "loss" in h]
@@ -107,16 +107,16 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path, vllm_topk_cache,
     ids=["fkl", "taid"],
 )
 def test_resume_from_a_checkpoint_continues_the_data_exactly(
-    tmp_path, vllm_topk_cache, tiny_student, loss_kw
+    tmp_path, topk12_cache, tiny_student, loss_kw
 ):
     kw = dict(max_steps=6, save_strategy="steps", save_steps=3, loss_kw=loss_kw)
-    full = _trainer(tiny_student, vllm_topk_cache, tmp_path / "full", **kw)
+    full = _trainer(tiny_student, topk12_cache, tmp_path / "full", **kw)
     full.train()
-    part = _trainer(tiny_student, vllm_topk_cache, tmp_path / "part", **kw)
+    part = _trainer(tiny_student, topk12_cache, tmp_path / "part", **kw)
     part.train()
     ckpt = tmp_path / "part" / "checkpoint-3"
     assert (ckpt / "sparsekd_data_state-rank-0.json").exists()
-    resumed = _trainer(tiny_student, vllm_topk_cache, tmp_path / "part", **kw)
+    resumed = _trainer(tiny_student, topk12_cache, tmp_path / "part", **kw)
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-6)
     if loss_kw:
@@ -131,7 +131,7 @@ def test_resume_from_a_checkpoint_continues_the_data_exactly(
 
 
 def test_a_student_of_another_tokenizer_is_refused_and_its_own_folder_checked(
-    tmp_path, vllm_topk_cache, tiny_student
+    tmp_path, topk12_cache, tiny_student
 ):
     model = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_student)
@@ -140,7 +140,7 @@ def test_a_student_of_another_tokenizer_is_refused_and_its_own_folder_checked(
         SparseKDTrainer(
             model=model,
             args=_args(tmp_path),
-            train_dataset=CacheDataset(vllm_topk_cache),
+            train_dataset=CacheDataset(topk12_cache),
             data_collator=collate,
             processing_class=tok,
         )
@@ -148,7 +148,7 @@ def test_a_student_of_another_tokenizer_is_refused_and_its_own_folder_checked(
     SparseKDTrainer(
         model=model,
         args=_args(tmp_path),
-        train_dataset=CacheDataset(vllm_topk_cache),
+        train_dataset=CacheDataset(topk12_cache),
         data_collator=collate,
     )
     bare = tmp_path / "weights-only"
@@ -158,7 +158,7 @@ def test_a_student_of_another_tokenizer_is_refused_and_its_own_folder_checked(
         SparseKDTrainer(
             model=model,
             args=_args(tmp_path),
-            train_dataset=CacheDataset(vllm_topk_cache),
+            train_dataset=CacheDataset(topk12_cache),
             data_collator=collate,
         )
 
@@ -189,16 +189,16 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_under_torchrun_each_rank_trains_on_its_own_data(tmp_path, vllm_topk_cache, tiny_student):
+def test_under_torchrun_each_rank_trains_on_its_own_data(tmp_path, topk12_cache, tiny_student):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    proc = run_torchrun(script, vllm_topk_cache, tiny_student, tmp_path)
+    proc = run_torchrun(script, topk12_cache, tiny_student, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = [set(json.loads((tmp_path / f"seen-{r}.json").read_text())) for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 6 and not seen[0] & seen[1]
 
 
-def test_trl_sft_trainer_takes_the_mixin(tmp_path, vllm_topk_cache, tiny_student):
+def test_trl_sft_trainer_takes_the_mixin(tmp_path, topk12_cache, tiny_student):
     trl = pytest.importorskip("trl")
     from sparsekd.integrations.transformers import SparseKDMixin
 
@@ -219,7 +219,7 @@ def test_trl_sft_trainer_takes_the_mixin(tmp_path, vllm_topk_cache, tiny_student
     t = KDSFTTrainer(
         model=model,
         args=args,
-        train_dataset=CacheDataset(vllm_topk_cache),
+        train_dataset=CacheDataset(topk12_cache),
         data_collator=collate,
         processing_class=AutoTokenizer.from_pretrained(tiny_student),
     )

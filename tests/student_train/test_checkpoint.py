@@ -66,12 +66,12 @@ def test_resume_with_changed_data_or_math_is_refused_by_name(
 
 
 def test_resume_on_another_cache_or_student_is_refused(
-    tmp_path, finished, hf_topk_cache, vllm_topk_cache, tiny_student, smollm2_dir
+    tmp_path, finished, hf_topk_cache, topk12_cache, tiny_student, smollm2_dir
 ):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     with pytest.raises(RunError, match=r"cache \(identity\)"):
-        T.run(_cfg(vllm_topk_cache, tiny_student, out, **{"checkpoint.resume": True}))
+        T.run(_cfg(topk12_cache, tiny_student, out, **{"checkpoint.resume": True}))
     other = tmp_path / "wider"
     run_cli(
         "init-student",

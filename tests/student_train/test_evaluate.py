@@ -61,7 +61,7 @@ def test_ece_is_zero_when_calibrated():
 
 
 @pytest.mark.slow
-def test_evaluate_cli_json_has_exactly_the_keys(vllm_topk_cache, tiny_student):
+def test_evaluate_cli_json_has_exactly_the_keys(topk12_cache, tiny_student):
     import json
 
     from tests.helpers import run_cli
@@ -71,7 +71,7 @@ def test_evaluate_cli_json_has_exactly_the_keys(vllm_topk_cache, tiny_student):
         "--model",
         tiny_student,
         "--cache",
-        vllm_topk_cache,
+        topk12_cache,
         "--max-sequences",
         "4",
         "--json",

@@ -48,12 +48,12 @@ def _records(out):
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_lm_loss_falls_clearly(tmp_path, vllm_topk_cache, tiny_student):
-    cache = open_cache(vllm_topk_cache)
+def test_lm_loss_falls_clearly(tmp_path, topk12_cache, tiny_student):
+    cache = open_cache(topk12_cache)
     before = evaluate_model(load_student(tiny_student)[0], cache)
     T.run(
         _cfg(
-            vllm_topk_cache,
+            topk12_cache,
             tiny_student,
             tmp_path / "run",
             steps=40,
@@ -73,11 +73,11 @@ def test_lm_loss_falls_clearly(tmp_path, vllm_topk_cache, tiny_student):
     assert all(0 <= r["data_wait_frac"] < 1 for r in recs)
 
 
-def test_same_loss_curve_with_triton_and_torch(tmp_path, vllm_topk_cache, tiny_student):
+def test_same_loss_curve_with_triton_and_torch(tmp_path, topk12_cache, tiny_student):
     curves = {}
     for backend in ("torch", "triton"):
         cfg = _cfg(
-            vllm_topk_cache,
+            topk12_cache,
             tiny_student,
             tmp_path / backend,
             steps=4,
@@ -92,7 +92,7 @@ def test_same_loss_curve_with_triton_and_torch(tmp_path, vllm_topk_cache, tiny_s
     )
 
 
-def test_activation_checkpointing_and_compile_keep_the_run(tmp_path, vllm_topk_cache, tiny_student):
+def test_activation_checkpointing_and_compile_keep_the_run(tmp_path, topk12_cache, tiny_student):
     """Recomputing each layer in the backward gives the same weights bit for bit; compiled
     layers give the same loss curve to float tolerance."""
     runs = {
@@ -102,7 +102,7 @@ def test_activation_checkpointing_and_compile_keep_the_run(tmp_path, vllm_topk_c
     }
     curves, weights = {}, {}
     for name, par in runs.items():
-        T.run(_cfg(vllm_topk_cache, tiny_student, tmp_path / name, steps=3, parallel=par))
+        T.run(_cfg(topk12_cache, tiny_student, tmp_path / name, steps=3, parallel=par))
         curves[name] = torch.tensor([r["loss"] for r in _records(tmp_path / name)])
         weights[name] = (tmp_path / name / "final" / "model.safetensors").read_bytes()
     assert len(curves["plain"]) == 3 and curves["plain"][-1] < curves["plain"][0]
@@ -114,14 +114,14 @@ def test_activation_checkpointing_and_compile_keep_the_run(tmp_path, vllm_topk_c
 
 
 def test_bf16_mixed_precision_is_refused_where_it_cannot_apply(
-    tmp_path, vllm_topk_cache, tiny_student
+    tmp_path, topk12_cache, tiny_student
 ):
     with pytest.raises(ConfigError, match="needs --fsdp"):
-        _cfg(vllm_topk_cache, tiny_student, tmp_path / "x", parallel={"mixed_precision": "bf16"})
+        _cfg(topk12_cache, tiny_student, tmp_path / "x", parallel={"mixed_precision": "bf16"})
     with pytest.raises(ConfigError, match="bf16 or unset"):
-        _cfg(vllm_topk_cache, tiny_student, tmp_path / "x", parallel={"mixed_precision": "fp8"})
+        _cfg(topk12_cache, tiny_student, tmp_path / "x", parallel={"mixed_precision": "fp8"})
     cfg = _cfg(
-        vllm_topk_cache,
+        topk12_cache,
         tiny_student,
         tmp_path / "x",
         parallel={"mixed_precision": "bf16", "fsdp": True},
@@ -161,7 +161,7 @@ class NoHostSync(TorchFunctionMode):
 
 
 def test_a_training_step_makes_no_host_synchronisation(
-    tmp_path, vllm_topk_cache, tiny_student, monkeypatch
+    tmp_path, topk12_cache, tiny_student, monkeypatch
 ):
     # the mode itself catches what it must
     with pytest.raises(AssertionError, match="item"), NoHostSync():
@@ -178,7 +178,7 @@ def test_a_training_step_makes_no_host_synchronisation(
     monkeypatch.setattr(T.Trainer, "train_step", guarded)
     for kind in ("fkl", "ce", "taid"):
         cfg = _cfg(
-            vllm_topk_cache,
+            topk12_cache,
             tiny_student,
             tmp_path / kind,
             steps=4,
@@ -202,12 +202,12 @@ def _kill_args(cache, student, *loss):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, vllm_topk_cache, tiny_student):
+def uninterrupted(tmp_path_factory, topk12_cache, tiny_student):
     """The uninterrupted run of `_kill_args` (forward KL), once per test run: the reference
     of the kill -9 and the SIGTERM tests (checkpoints never change the weights)."""
 
     def make(d):
-        run_cli(*_kill_args(vllm_topk_cache, tiny_student), "--out", d / "full", check=True)
+        run_cli(*_kill_args(topk12_cache, tiny_student), "--out", d / "full", check=True)
 
     return shared(tmp_path_factory, "uninterrupted-fkl-16", make) / "full"
 
@@ -220,9 +220,9 @@ def uninterrupted(tmp_path_factory, vllm_topk_cache, tiny_student):
     ids=["fkl", "taid"],
 )
 def test_killed_and_resumed_run_is_bitwise_identical(
-    tmp_path, vllm_topk_cache, tiny_student, loss, request
+    tmp_path, topk12_cache, tiny_student, loss, request
 ):
-    args = _kill_args(vllm_topk_cache, tiny_student, *loss)
+    args = _kill_args(topk12_cache, tiny_student, *loss)
     full = tmp_path / "full"
     if loss:
         run_cli(*args, "--out", full, check=True)
@@ -262,13 +262,13 @@ def test_killed_and_resumed_run_is_bitwise_identical(
 
 
 def test_a_kill_during_a_background_save_falls_back_to_the_one_before(
-    tmp_path, vllm_topk_cache, tiny_student
+    tmp_path, topk12_cache, tiny_student
 ):
     """checkpoint.background: the state is written while training goes on and published
     at the next logging step (here every 6) or save; a kill -9 while step 6's is still
     being written leaves it unpublished, and the resume takes step 3's, ending bitwise as
     an uninterrupted run."""
-    args = _train_args(vllm_topk_cache, tiny_student, 16, "--save-every", "3",
+    args = _train_args(topk12_cache, tiny_student, 16, "--save-every", "3",
                        "--set", "log_every=6", "--set", "checkpoint.background=true")  # fmt: skip
     run_cli(*args[2:], "--out", tmp_path / "full", check=True)
     ckpts = tmp_path / "full" / "checkpoints"
@@ -293,7 +293,7 @@ def test_a_kill_during_a_background_save_falls_back_to_the_one_before(
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
-    tmp_path, vllm_topk_cache, tiny_student, fsdp
+    tmp_path, topk12_cache, tiny_student, fsdp
 ):
     out = tmp_path / "ddp"
     args = [
@@ -301,7 +301,7 @@ def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
         "sparsekd",
         "train-student",
         "--cache",
-        str(vllm_topk_cache),
+        str(topk12_cache),
         "--student",
         str(tiny_student),
         "--out",
@@ -311,7 +311,7 @@ def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
         "--batch-size",
         "2",
         "--eval-cache",
-        str(vllm_topk_cache),
+        str(topk12_cache),
         "--eval-every",
         "2",
         "--set",
@@ -334,7 +334,7 @@ def test_two_process_gloo_ranks_see_disjoint_data_and_evaluate(
     evals = [r["eval"] for r in _records(out) if "eval" in r]
     assert len(evals) == 2 and all(e["tokens"] == 6 * 64 for e in evals)
     model, _ = load_student(out / "final")
-    single = evaluate_model(model, open_cache(vllm_topk_cache), max_sequences=6)
+    single = evaluate_model(model, open_cache(topk12_cache), max_sequences=6)
     # the last evaluation ran at step 4 on the final weights, split over two ranks
     assert evals[-1]["lm_loss"] == pytest.approx(single["lm_loss"], rel=1e-4)
 
@@ -371,9 +371,9 @@ def _sigterm_after(args, out, n: int):
 
 
 def test_a_preempted_run_checkpoints_exits_75_and_resumes_bitwise(
-    tmp_path, vllm_topk_cache, tiny_student, uninterrupted
+    tmp_path, topk12_cache, tiny_student, uninterrupted
 ):
-    args = _kill_args(vllm_topk_cache, tiny_student)
+    args = _kill_args(topk12_cache, tiny_student)
     out = tmp_path / "preempted"
     proc, err = _sigterm_after(args, out, 3)
     assert proc.returncode == 75, err[-2000:]
@@ -388,12 +388,12 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_bitwise(
 
 
 def test_a_signal_during_the_final_save_ends_complete_with_the_contracts_status(
-    tmp_path, vllm_topk_cache, tiny_student, uninterrupted
+    tmp_path, topk12_cache, tiny_student, uninterrupted
 ):
     """SIGTERM once the last step is logged (its checkpoint and the final save still to
     come): the run ends complete and marked finished, with exit 75 and its one line; the
     requeued command (--resume) finds nothing left to do and exits 0."""
-    args = _kill_args(vllm_topk_cache, tiny_student)
+    args = _kill_args(topk12_cache, tiny_student)
     out = tmp_path / "late"
     proc, err = _sigterm_after(args, out, 16)
     assert proc.returncode == 75, err[-2000:]
@@ -432,12 +432,12 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(
-    tmp_path, vllm_topk_cache, tiny_student, fsdp
+    tmp_path, topk12_cache, tiny_student, fsdp
 ):
     """SIGTERM reaches rank 1 only: the ranks agree (an all-reduce at a logging step), both
     checkpoint the same step (each rank its own shard of the state) and exit 75; resumed,
     the run ends as an uninterrupted one."""
-    args = _train_args(vllm_topk_cache, tiny_student, 12, *(["--fsdp"] if fsdp else []))
+    args = _train_args(topk12_cache, tiny_student, 12, *(["--fsdp"] if fsdp else []))
     proc = run_torchrun(*args, "--out", tmp_path / "full")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "preempted"
@@ -489,13 +489,13 @@ def _reads(out) -> list[int]:
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_resumed_on_another_number_of_ranks_every_sequence_is_read_once(
-    tmp_path, vllm_topk_cache, tiny_student, fsdp
+    tmp_path, topk12_cache, tiny_student, fsdp
 ):
     """Saved on 2 ranks, resumed on 3, then on 1 (FSDP2: 2 -> 1 -> 3): the state reshards,
     the global batch of 6 stays (3 x 2, then 2 x 3, then 3 x 1 x 2 accumulated), and over
     the 8 steps of the 48-sequence epoch every sequence is trained on exactly once."""
     out = tmp_path / "run"
-    args = _train_args(vllm_topk_cache, tiny_student, 2, "--out", out, "--save-every", "2")
+    args = _train_args(topk12_cache, tiny_student, 2, "--out", out, "--save-every", "2")
     args[args.index("--batch-size") + 1] = "3"
     args += ["--set", "log_every=1", *(["--fsdp"] if fsdp else [])]
     worlds = [(3, ["--batch-size", "2"]), (1, [])]
@@ -510,7 +510,7 @@ def test_resumed_on_another_number_of_ranks_every_sequence_is_read_once(
         note = [ln for ln in proc.stderr.splitlines() if ln.startswith("sparsekd: resumed")]
         assert len(note) == 1 and "the global batch stays 6 sequences" in note[0], note
     reads = _reads(out)
-    everything = {s.seq_id for s in open_cache(vllm_topk_cache)}
+    everything = {s.seq_id for s in open_cache(topk12_cache)}
     assert len(reads) == 48 and set(reads) == everything and len(everything) == 48
     run = json.loads((out / "train_config.json").read_text())
     sizes = [[c for c in r["changed"] if c[0] == "world_size"][0][1:] for r in run["resumes"]]
