@@ -307,6 +307,16 @@ def run(cfg: TrainConfig) -> dict:
     """Train (or resume); returns the last metrics record."""
     owned = not torch.distributed.is_initialized()
     d = parallel.init()
+    try:
+        return _start(cfg, d)
+    finally:  # on success and on an error every rank has agreed on (parallel.agree) alike:
+        # gloo/NCCL's threads stop before the interpreter exits (left running, they could
+        # abort the process while its peers hang up: SIGABRT instead of the exit status)
+        if owned and d.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _start(cfg: TrainConfig, d) -> dict:
     out = Path(cfg.out)
     data = open_data(cfg)
     model, tok = load_student(cfg.student)
@@ -321,13 +331,10 @@ def run(cfg: TrainConfig) -> dict:
     checkpoint.check_out(out)
     lock = checkpoint.RunLock(out) if d.rank == 0 else None  # one run per --out at a time
     try:
-        record = _run(cfg, d, out, data, model, tok, identities)
+        return _run(cfg, d, out, data, model, tok, identities)
     finally:
         if lock is not None:
             lock.release()
-    if owned and d.world > 1:  # stop gloo/NCCL's threads before the interpreter exits
-        torch.distributed.destroy_process_group()
-    return record
 
 
 def _run(cfg: TrainConfig, d, out: Path, data: TrainingData, model, tok, identities) -> dict:
