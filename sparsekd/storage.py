@@ -791,7 +791,7 @@ def open_store(uri: str | os.PathLike) -> Store:
 
 def _gcs_store(uri: str) -> Store:
     """GCS through pyarrow's client (fsspec's gcsfs where pyarrow was built without it),
-    its retries bounded by store_timeout(); STORAGE_EMULATOR_HOST (or
+    its retries limited to half of store_timeout(); STORAGE_EMULATOR_HOST (or
     CLOUD_STORAGE_EMULATOR_ENDPOINT) names an emulator, reached without credentials."""
     import datetime
 
@@ -799,7 +799,9 @@ def _gcs_store(uri: str) -> Store:
         from pyarrow.fs import GcsFileSystem
     except ImportError:
         return FsspecStore(uri)
-    kwargs = {"retry_time_limit": datetime.timedelta(seconds=max(1, int(store_timeout())))}
+    # half the bound: the client gives up, with its own reason, before the bound is reached
+    half = max(1, int(store_timeout() / 2))
+    kwargs = {"retry_time_limit": datetime.timedelta(seconds=half)}
     emulator = os.environ.get("STORAGE_EMULATOR_HOST") or os.environ.get(
         "CLOUD_STORAGE_EMULATOR_ENDPOINT"
     )
