@@ -34,6 +34,7 @@ every row of a drawn group, until `positions` learnt positions (the last row cut
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -172,7 +173,7 @@ def load_models(cfg: FidelityConfig, cache):
         student, stok = load_student(cfg.student)
         check_compatible(student, stok, cache.meta, cache.manifest)
     else:
-        student = near(load_student(cfg.teacher)[0], cfg.student_noise, cfg.seed)
+        student = near(copy.deepcopy(teacher), cfg.student_noise, cfg.seed)  # not loaded twice
     return teacher.eval(), student.eval()
 
 
@@ -190,7 +191,8 @@ def near(model, noise: float, seed: int):
 
 
 class _Stats:
-    """Per-position values of one figure: mean, std, max."""
+    """Per-position values of one figure: mean and std over the finite ones, max, and the
+    fraction that is finite."""
 
     def __init__(self):
         self.values: list[np.ndarray] = []
@@ -198,16 +200,23 @@ class _Stats:
     def add(self, v) -> None:
         self.values.append(np.asarray(v, dtype=np.float64).reshape(-1))
 
+    def _all(self) -> np.ndarray:
+        return np.concatenate(self.values) if self.values else np.zeros(0)
+
     def result(self, name: str) -> dict:
-        v = np.concatenate(self.values) if self.values else np.zeros(0)
+        v = self._all()
         v = v[np.isfinite(v)]
         if not len(v):
             return {name: None, f"{name}_std": None}
         return {name: float(v.mean()), f"{name}_std": float(v.std())}
 
     def max(self) -> float | None:
-        v = np.concatenate(self.values) if self.values else np.zeros(0)
+        v = self._all()
         return float(v.max()) if len(v) else None
+
+    def finite_fraction(self) -> float | None:
+        v = self._all()
+        return float(np.isfinite(v).mean()) if len(v) else None
 
 
 def target_figures(logp_NV, ids_NS, probs_NS) -> dict:
@@ -358,8 +367,7 @@ def measure(cache, teacher, student, cfg: FidelityConfig) -> dict:
         )
     for k, s in figures.items():
         out.update(s.result(k))
-    kl_all = np.concatenate(figures["kl"].values) if figures["kl"].values else np.zeros(0)
-    out["kl_finite_fraction"] = float(np.isfinite(kl_all).mean()) if len(kl_all) else None
+    out["kl_finite_fraction"] = figures["kl"].finite_fraction()
     out.update(
         logprob_mean_error=token_err.result("e")["e"],
         logprob_max_error=token_err.max(),

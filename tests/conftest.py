@@ -141,47 +141,43 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
     return shared(tmp_path_factory, "tiny", make) / "tiny-llama"
 
 
-@pytest.fixture(scope="session")
-def hf_topk_cache(tmp_path_factory, smollm2_dir) -> Path:
-    """A small real SmolLM2 top-8 cache (hf engine): 10 sequences x 64 tokens, 3 shards."""
+def hf_cache(
+    tmp_path_factory, teacher, name: str, encoder: dict, shard_sequences: int = 16, **corpus
+) -> Path:
+    """A real cache of the built-in corpus built in this process by the hf engine (exact,
+    no engine start), once per test run (`shared`): `encoder` and `corpus` settings."""
     from sparsekd.cache_builder.build import run
     from sparsekd.cache_builder.config import BuildConfig
     from sparsekd.config import build
 
     def make(d: Path) -> None:
         cfg = {
-            "teacher": {"path": str(smollm2_dir), "engine": "hf"},
-            "corpus": {"seq_len": 64, "max_sequences": 10},
-            "encoder": {"mode": "topk", "k": 8},
-            "writer": {"out": str(d / "hf-topk"), "shard_sequences": 4},
+            "teacher": {"path": str(teacher), "engine": "hf"},
+            "corpus": corpus,
+            "encoder": encoder,
+            "writer": {"out": str(d / name), "shard_sequences": shard_sequences},
             "progress": False,
         }
         run(build(BuildConfig, cfg))
 
-    return shared(tmp_path_factory, "hf-topk", make) / "hf-topk"
+    return shared(tmp_path_factory, name, make) / name
+
+
+@pytest.fixture(scope="session")
+def hf_topk_cache(tmp_path_factory, smollm2_dir) -> Path:
+    """A small real SmolLM2 top-8 cache (hf engine): 10 sequences x 64 tokens, 3 shards."""
+    return hf_cache(tmp_path_factory, smollm2_dir, "hf-topk", {"mode": "topk", "k": 8},
+                    seq_len=64, max_sequences=10, shard_sequences=4)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def topk12_cache(tmp_path_factory, smollm2_dir) -> Path:
     """A SmolLM2 top-12 cache of 48 sequences x 64 tokens of the built-in corpus, 3 shards:
     the training tests' cache. Built in this process by the hf engine (exact, and no engine
-    start: ~10 s against ~55 s for a vLLM build in a process of its own); the vLLM path
-    feeds training in test_demo and the invariant tests."""
-    from sparsekd.cache_builder.build import run
-    from sparsekd.cache_builder.config import BuildConfig
-    from sparsekd.config import build
-
-    def make(d: Path) -> None:
-        cfg = {
-            "teacher": {"path": str(smollm2_dir), "engine": "hf"},
-            "corpus": {"seq_len": 64, "max_sequences": 48},
-            "encoder": {"mode": "topk", "k": 12},
-            "writer": {"out": str(d / "topk12"), "shard_sequences": 16},
-            "progress": False,
-        }
-        run(build(BuildConfig, cfg))
-
-    return shared(tmp_path_factory, "topk12", make) / "topk12"
+    start: ~24 s in the suite against ~53 s for a vLLM build in a process of its own); the
+    vLLM path feeds training in test_demo and the invariant tests."""
+    return hf_cache(tmp_path_factory, smollm2_dir, "topk12", {"mode": "topk", "k": 12},
+                    seq_len=64, max_sequences=48)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from sparsekd.config import build
 from sparsekd.fidelity import FidelityConfig, draw_rows, measure
 from sparsekd.schemas.cache import open_cache
 from sparsekd.student_train.model import load_student
-from tests.conftest import shared
+from tests.conftest import hf_cache
 from tests.helpers import error_line, run_cli
 
 
@@ -103,22 +103,11 @@ def test_figures_equal_an_independent_float64_computation(
 @pytest.fixture(scope="module")
 def same_rows(tmp_path_factory, smollm2_dir):
     """Top-12 and RS-KD N = 50 caches of the same rows of SmolLM2 (hf engine)."""
-    from sparsekd.cache_builder.build import run
-    from sparsekd.cache_builder.config import BuildConfig
-
-    def make(d, encoder):
-        run(build(BuildConfig, {
-            "teacher": {"path": str(smollm2_dir), "engine": "hf"},
-            "corpus": {"seq_len": 64, "max_sequences": 8},
-            "encoder": encoder,
-            "writer": {"out": str(d / "cache")},
-            "progress": False,
-        }))  # fmt: skip
-
-    top = shared(tmp_path_factory, "fid-top12", lambda d: make(d, {"mode": "topk", "k": 12}))
-    rs = shared(tmp_path_factory, "fid-rs50",
-                lambda d: make(d, {"mode": "sample", "samples": 50}))  # fmt: skip
-    return top / "cache", rs / "cache"
+    rows = {"seq_len": 64, "max_sequences": 8}
+    top = hf_cache(tmp_path_factory, smollm2_dir, "fid-top12", {"mode": "topk", "k": 12}, **rows)
+    rs = hf_cache(tmp_path_factory, smollm2_dir, "fid-rs50",
+                  {"mode": "sample", "samples": 50}, **rows)  # fmt: skip
+    return top, rs
 
 
 def test_rs_kd_carries_the_gradient_of_full_kd_better_than_top_k(same_rows, smollm2_dir):
